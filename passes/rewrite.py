@@ -1,0 +1,179 @@
+"""The rewrite pass: apply keep-sets to a copy of the model, physically (``ApplyPass``) or as the
+reference semantics with unchanged shapes (``MaskPass``). The input model is never modified."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import fx, nn
+
+from structprune_graph.errors import KeepSetError, RewriteError
+from structprune_graph.graph import DependencyGraph
+from structprune_graph.module_attrs import HEAD_ATTRS, fix_layer
+
+from ._infra import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+Keep = Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class RewriteRequest:
+    model: nn.Module
+    graph: DependencyGraph
+    keep: Keep  # group id -> unit indices kept
+
+
+def validate_keep(graph: DependencyGraph, keep: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Check a keep-set against the graph; return it normalised (sorted tuples of ints)."""
+    known = {g.id: g for g in graph.groups}
+    result = {}
+    for gid, kept in keep.items():
+        if gid not in known:
+            close = [k for k in known if k.split(":")[-1] == str(gid).split(":")[-1]][:3]
+            raise KeepSetError(f"keep-set names unknown group {gid!r}" + (f"; did you mean {close}?" if close else
+                               f"; list them with graph.groups (first: {next(iter(known), None)!r})"))
+        group = known[gid]
+        try:
+            indices = tuple(sorted(int(i) for i in kept))
+        except (TypeError, ValueError) as err:
+            raise KeepSetError(f"group {gid!r}: kept indices must be integers ({err})") from None
+        if len(set(indices)) != len(indices):
+            raise KeepSetError(f"group {gid!r}: kept indices contain duplicates")
+        if indices and (indices[0] < 0 or indices[-1] >= group.size):
+            raise KeepSetError(f"group {gid!r} has units 0..{group.size - 1}; got index "
+                               f"{indices[0] if indices[0] < 0 else indices[-1]}")
+        if len(indices) < group.size:
+            if not group.prunable:
+                raise KeepSetError(f"group {gid!r} is not prunable: {group.reason}. Keep all its units or omit it.")
+            if len(indices) < group.min_keep:
+                raise KeepSetError(f"group {gid!r} must keep at least {group.min_keep} unit(s) "
+                                   f"({group.constraint}); got {len(indices)}")
+        result[gid] = indices
+    return result
+
+
+def _set_tensor(model: nn.Module, names: tuple[str, ...], value: torch.Tensor, is_param: bool) -> None:
+    """Assign ``value`` under every alias (tied weights stay tied)."""
+    new = nn.Parameter(value, requires_grad=value.requires_grad) if is_param else value
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if is_param:
+            owner._parameters[attr] = new
+        else:
+            owner._buffers[attr] = new
+
+
+def _removed(graph: DependencyGraph, keep: Keep) -> dict[str, tuple[int, ...]]:
+    return {gid: tuple(sorted(set(range(graph.group(gid).size)) - set(kept))) for gid, kept in keep.items()}
+
+
+class MaskPass(Pass[RewriteRequest, nn.Module]):
+    """Same shapes; every parameter slice of a removed unit is zero (the reference semantics)."""
+
+    def requires(self, state: RewriteRequest) -> None:
+        validate_keep(state.graph, state.keep)
+
+    def call(self, state: RewriteRequest) -> PassResult[nn.Module]:
+        keep = validate_keep(state.graph, state.keep)
+        model = copy.deepcopy(state.model)
+        params = dict(model.named_parameters())
+        modified = False
+        with torch.no_grad():
+            for gid, dropped in _removed(state.graph, keep).items():
+                for member in state.graph.group(gid).members:
+                    if not member.is_param or not dropped:
+                        continue
+                    idx = torch.tensor([i for u in dropped for i in member.indices[u]], dtype=torch.long)
+                    params[member.name].index_fill_(member.dim, idx, 0.0)
+                    modified = True
+        return PassResult(model, modified)
+
+
+class ApplyPass(Pass[RewriteRequest, nn.Module]):
+    """A physically smaller copy: every member parameter and buffer sliced, layer and attention
+    attributes updated, literal reshape sizes of a traced GraphModule rewritten."""
+
+    def requires(self, state: RewriteRequest) -> None:
+        validate_keep(state.graph, state.keep)
+
+    def call(self, state: RewriteRequest) -> PassResult[nn.Module]:
+        graph, keep = state.graph, validate_keep(state.graph, state.keep)
+        model = copy.deepcopy(state.model)
+        kept = graph.kept_indices(keep)
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        by_name: dict[str, list[tuple[int, list[int]]]] = {}
+        for (name, dim), indices in kept.items():
+            by_name.setdefault(name, []).append((dim, indices))
+        touched_modules = set()
+        with torch.no_grad():
+            for name, cuts in by_name.items():
+                value = tensors[name].detach()
+                for dim, indices in cuts:
+                    value = value.index_select(dim, torch.tensor(indices, dtype=torch.long))
+                value = value.clone().requires_grad_(tensors[name].requires_grad) if name in graph.param_shapes else value.clone()
+                _set_tensor(model, graph.aliases.get(name, (name,)), value, name in graph.param_shapes)
+                touched_modules.update(alias.rpartition(".")[0] for alias in graph.aliases.get(name, (name,)))
+        for path in touched_modules:
+            fix_layer(model.get_submodule(path))
+        self._fix_attention_modules(model, graph, keep)
+        if isinstance(model, fx.GraphModule) and graph.captured.frontend == "fx":
+            self._fix_shape_literals(model, graph, keep)
+        return PassResult(model, bool(by_name))
+
+    @staticmethod
+    def _fix_attention_modules(model: nn.Module, graph: DependencyGraph, keep: Keep) -> None:
+        for gid, indices in keep.items():
+            group = graph.group(gid)
+            if group.kind not in ("attention_head", "kv_group") or not group.module or len(indices) == group.size:
+                continue
+            module = model.get_submodule(group.module)
+            for attr in HEAD_ATTRS:
+                old = getattr(module, attr, None)
+                if not isinstance(old, int) or isinstance(old, bool):
+                    continue
+                new, rem = divmod(old * len(indices), group.size)
+                if rem:
+                    raise RewriteError(f"group {gid!r}: {group.module}.{attr}={old} does not scale to "
+                                       f"{len(indices)}/{group.size} units; keep a multiple that divides it")
+                setattr(module, attr, new)
+
+    @staticmethod
+    def _fix_shape_literals(model: fx.GraphModule, graph: DependencyGraph, keep: Keep) -> None:
+        removed = {c for gid, dropped in _removed(graph, keep).items()
+                   for u in dropped for c in (graph.unit_components[gid][u],)}
+        if not removed:
+            return
+        removed_arr = torch.tensor(sorted(removed))
+        nodes = {n.name: n for n in model.graph.nodes}
+        for name, dims in graph.shape_sites.items():
+            node = nodes[name]
+            sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+            packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            changed = False
+            for d, lab in enumerate(dims):
+                if lab is None or d >= len(sizes) or not isinstance(sizes[d], int) or sizes[d] == -1:
+                    continue
+                comps = torch.from_numpy(graph.component[lab.numpy()])
+                new = int((~torch.isin(comps, removed_arr)).sum())
+                if new != sizes[d]:
+                    sizes[d], changed = new, True
+            if changed:
+                node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+        model.recompile()
+
+    def ensures(self, state: RewriteRequest, result: PassResult[nn.Module]) -> None:
+        kept = state.graph.kept_indices(validate_keep(state.graph, state.keep))
+        tensors = dict(result.state.named_parameters())
+        tensors.update(dict(result.state.named_buffers()))
+        for name, shape in {**state.graph.param_shapes, **state.graph.buffer_shapes}.items():
+            want = tuple(len(kept[(name, d)]) if (name, d) in kept else s for d, s in enumerate(shape))
+            if name in tensors and tuple(tensors[name].shape) != want:
+                raise RewriteError(f"rewrite pass: {name} has shape {tuple(tensors[name].shape)}, expected {want}")

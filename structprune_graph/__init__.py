@@ -1,0 +1,15 @@
+"""structprune-graph: structured pruning of arbitrary PyTorch models through a traced dependency graph."""
+
+from .api import apply, apply_plan, mask
+from .errors import (KeepSetError, ModelNotFoundError, PlanMismatchError, RewriteError, StructPruneError,
+                     TraceError)
+from .graph import DependencyGraph, Group, Member, trace
+from .plan import Plan
+from .registry import CouplingRule, ModuleForm, Registry, default_registry
+
+__all__ = [
+    "trace", "mask", "apply", "apply_plan", "Plan", "DependencyGraph", "Group", "Member", "Registry",
+    "CouplingRule", "ModuleForm", "default_registry", "StructPruneError", "TraceError", "KeepSetError",
+    "PlanMismatchError", "RewriteError", "ModelNotFoundError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,359 @@
+"""The dependency graph: coupled groups of channels and heads, found by interpreting a traced graph.
+
+``trace(model, example_inputs)`` captures the model (``tracing.py``), runs every node's coupling rule
+(``registry.py``/``rules.py``) over per-dimension channel labels, resolves the recorded unions into
+units (connected components: the channels that must be removed together) and gathers units that touch
+the same parameter dimensions into ``Group``s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any, Mapping, Optional
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .labels import AtomTable, Labelled, Resolution, Space
+from .registry import CouplingRule, Registry, bind_aten, bind_module, bind_python, default_registry
+from .rules import FlowContext, iter_labelled, unknown
+from .tracing import Captured, ExampleInputs, capture
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("attention_head", "kv_group", "mlp_channel", "conv_channel", "hidden", "channel")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dimension of one parameter (or buffer) of a group, with the indices each unit owns there."""
+
+    name: str  # canonical name (the first of tied aliases)
+    dim: int
+    is_param: bool
+    indices: tuple[tuple[int, ...], ...]  # per unit, sorted
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.dim}]"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units that are removed as a whole; a keep-set for a group lists the unit indices kept."""
+
+    id: str
+    kind: str
+    size: int  # number of units
+    prunable: bool
+    reason: Optional[str]  # why not prunable
+    mask_exact: bool  # False when a norm/softmax/mean reduces over these channels: zeroing != removing
+    members: tuple[Member, ...]
+    unit_params: tuple[int, ...]  # parameters removed with each unit (other dims at full size)
+    heads_per_unit: int = 1  # query heads per unit (kv_group: query heads sharing one KV head)
+    module: str = ""  # the attention module of a head group
+    min_keep: int = 1
+
+    @property
+    def params_per_unit(self) -> int:
+        """Parameters removed per unit (the first unit's count; see ``uniform``)."""
+        return self.unit_params[0] if self.unit_params else 0
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.unit_params)) <= 1
+
+    @property
+    def constraint(self) -> str:
+        if self.kind == "kv_group":
+            return (f"a unit is one KV head with its {self.heads_per_unit} query heads; keep at least "
+                    f"{self.min_keep} unit")
+        return f"keep at least {self.min_keep} unit"
+
+
+@dataclass(frozen=True)
+class DependencyGraph:
+    """What ``trace`` returns: the fx graph, the groups, and a networkx graph of channel spaces."""
+
+    groups: tuple[Group, ...]
+    captured: Captured = field(repr=False)
+    spaces: tuple[Space, ...] = field(repr=False)
+    nx_graph: nx.Graph = field(repr=False)
+    param_shapes: Mapping[str, tuple[int, ...]] = field(repr=False)  # canonical parameter name -> shape
+    buffer_shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
+    aliases: Mapping[str, tuple[str, ...]] = field(repr=False)  # canonical name -> every name of the tensor
+    unsupported: tuple[str, ...] = ()  # ops that had no rule and touched channels
+    fingerprint: str = ""
+    # for rewriting literal sizes of view/reshape/expand in a traced GraphModule: node -> labels per out dim
+    shape_sites: Mapping[str, tuple[Optional[torch.Tensor], ...]] = field(default_factory=dict, repr=False)
+    component: Optional[np.ndarray] = field(default=None, repr=False)  # atom -> unit (component) id
+    unit_components: Mapping[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # group -> unit comps
+
+    @property
+    def fx_graph(self) -> fx.Graph:
+        return self.captured.graph
+
+    def group(self, group_id: str) -> Group:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(f"no group {group_id!r}; known ids look like {self.groups[0].id!r}" if self.groups else
+                       f"no group {group_id!r}: this graph has no groups")
+
+    @property
+    def prunable_groups(self) -> tuple[Group, ...]:
+        return tuple(g for g in self.groups if g.prunable)
+
+    def kept_indices(self, keep: Mapping[str, Any]) -> dict[tuple[str, int], list[int]]:
+        """For every (tensor, dim) a keep-set shrinks: the indices that stay, ascending."""
+        removed: dict[tuple[str, int], set[int]] = {}
+        for gid, kept in keep.items():
+            group = self.group(gid)
+            dropped = set(range(group.size)) - set(int(i) for i in kept)
+            for member in group.members:
+                for unit in dropped:
+                    removed.setdefault((member.name, member.dim), set()).update(member.indices[unit])
+        result = {}
+        for (name, dim), gone in removed.items():
+            size = (self.param_shapes.get(name) or self.buffer_shapes[name])[dim]
+            result[(name, dim)] = [i for i in range(size) if i not in gone]
+        return result
+
+    def param_count(self, keep: Optional[Mapping[str, Any]] = None) -> int:
+        """Parameters of the model after applying ``keep`` (every distinct tensor counted once)."""
+        kept = self.kept_indices(keep or {})
+        total = 0
+        for name, shape in self.param_shapes.items():
+            total += prod(len(kept[(name, d)]) if (name, d) in kept else s for d, s in enumerate(shape))
+        return total
+
+
+# ------------------------------------------------------------------------------------ analysis
+class _Interpreter:
+    """Runs each node's coupling rule over labels, in graph order."""
+
+    def __init__(self, captured: Captured, model: nn.Module, registry: Registry) -> None:
+        self.captured, self.registry = captured, registry
+        self.atoms = AtomTable()
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.is_param: dict[str, bool] = {}
+        self.canonical: dict[str, str] = {}
+        self._register_state(model if captured.frontend == "export" else captured.root)
+        self.state: dict[str, Labelled] = {}
+        self.unsupported: list[str] = []
+        self.shape_sites: dict[str, tuple] = {}
+
+    def _register_state(self, root: nn.Module) -> None:
+        first: dict[int, str] = {}
+        for name, t in root.named_parameters(remove_duplicate=False):
+            self.canonical[name] = first.setdefault(id(t), name)
+            self.tensors.setdefault(first[id(t)], t)
+            self.is_param[first[id(t)]] = True
+        for name, t in root.named_buffers(remove_duplicate=False):
+            self.canonical[name] = first.setdefault(id(t), name)
+            self.tensors.setdefault(first[id(t)], t)
+            self.is_param.setdefault(first[id(t)], False)
+
+    def state_labels(self, name: str) -> Labelled:
+        name = self.canonical.get(name, name)
+        if name not in self.state:
+            t = self.tensors[name]
+            dims = tuple(self.atoms.allocate(name, d, s, self.is_param[name]) if s > 1 else None
+                         for d, s in enumerate(t.shape))
+            self.state[name] = Labelled(tuple(t.shape), dims)
+        return self.state[name]
+
+    def run(self) -> None:
+        env: dict[str, Any] = {}
+        cap = self.captured
+        for node in cap.graph.nodes:
+            plain_out = cap.values.get(node.name)
+            if node.op in ("placeholder", "get_attr"):
+                env[node.name] = self.state_labels(cap.state_of[node.name]) if node.name in cap.state_of else plain_out
+                continue
+            args = fx.node.map_arg(node.args, lambda n: env[n.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            module = cap.module_path.get(node.name, "")
+            if node.op == "output":
+                ctx = FlowContext(self.atoms, node.name, "output", module)
+                ctx.pin_all(args, "channels reach a model output")
+                continue
+            env[node.name] = self.run_node(node, args, kwargs, plain_out, module)
+
+    def resolve_rule(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple[Optional[CouplingRule], dict, str]:
+        if node.op == "call_module":
+            submodule = self.captured.root.get_submodule(node.target)
+            found = self.registry.for_module(submodule)
+            op = type(submodule).__name__
+            if found is None:
+                return None, {"args": args, "kwargs": kwargs}, op
+            rule, form = found
+            bound = bind_module(form, submodule, args, kwargs)
+            for arg, attr in form.attrs:  # parameters/buffers of the module: their labels
+                if isinstance(getattr(submodule, attr), torch.Tensor):
+                    bound[arg] = self.state_labels(f"{node.target}.{attr}")
+            return rule, bound, op
+        if node.op == "call_method":
+            rule = self.registry.for_method(node.target)
+            op = f"Tensor.{node.target}"
+            return (rule, bind_python(rule, args, kwargs), op) if rule else (None, {"args": args, "kwargs": kwargs}, op)
+        op = str(node.target) if isinstance(node.target, torch._ops.OpOverload) else getattr(
+            node.target, "__qualname__", str(node.target))
+        rule = self.registry.for_target(node.target)
+        if rule is None:
+            return None, {"args": args, "kwargs": kwargs}, op
+        if isinstance(node.target, torch._ops.OpOverload):
+            return rule, bind_aten(node.target, args, kwargs), op
+        return rule, bind_python(rule, args, kwargs), op
+
+    def run_node(self, node: fx.Node, args: tuple, kwargs: dict, plain_out: Any, module: str) -> Any:
+        rule, bound, op = self.resolve_rule(node, args, kwargs)
+        ctx = FlowContext(self.atoms, node.name, op, module)
+        if rule is None:
+            if any(t.is_labelled for t in iter_labelled(bound)):
+                self.unsupported.append(f"{op} at node '{node.name}'")
+            return unknown(ctx, bound, plain_out)
+        result = rule.flow(ctx, bound, plain_out)
+        if self.captured.frontend == "fx" and rule.name in ("reshape", "expand") and isinstance(result, Labelled):
+            self.shape_sites[node.name] = result.dims
+        return result
+
+
+def _heads_per_unit(res: Resolution) -> tuple[dict[int, int], dict[int, str]]:
+    heads, module_of = {}, {}
+    for _, atoms, module in res.table.tags:
+        comps = res.of(atoms)
+        per_comp = np.unique(comps, return_counts=True)
+        for comp, count in zip(*per_comp):
+            heads[int(comp)] = max(heads.get(int(comp), 1), int(count))
+            module_of.setdefault(int(comp), module)
+    return heads, module_of
+
+
+def _kind(comps: list[int], members: list[Space], shapes: Mapping[str, tuple], res: Resolution,
+          heads: Mapping[int, int]) -> str:
+    if any(c in heads for c in comps):
+        return "kv_group" if max(heads.get(c, 1) for c in comps) > 1 else "attention_head"
+    convs = sum(1 for m in members if m.is_param and len(shapes[m.name]) >= 3)
+    linears = sum(1 for m in members if m.is_param and len(shapes[m.name]) == 2)
+    embedded = any(c in res.flagged.get("embedding", ()) for c in comps)
+    residual_norm = any(c in res.flagged.get("residual", ()) and c in res.flagged.get("reduced", ()) for c in comps)
+    if embedded or residual_norm:  # the residual stream of a transformer (or a LayerNorm-ed conv net)
+        return "hidden" if linears >= convs else "conv_channel"
+    if convs:
+        return "conv_channel"
+    return "mlp_channel" if linears >= 2 else "channel"
+
+
+def build_groups(interp: _Interpreter, res: Resolution) -> tuple[tuple[Group, ...], dict[str, tuple[int, ...]]]:
+    """Units (components holding parameter atoms) gathered into groups by the dims they touch."""
+    spaces = interp.atoms.spaces
+    if not spaces:
+        return (), {}
+    comp = res.component
+    degree = np.zeros(interp.atoms.size, dtype=np.int64)
+    for a, b in interp.atoms._edges:
+        np.add.at(degree, a.numpy(), 1)
+        np.add.at(degree, b.numpy(), 1)
+    for atoms, _ in interp.atoms.pins:
+        degree[atoms.numpy()] += 1
+    # every atom of a space: (component, space index, index in the dim)
+    atom_ids = np.concatenate([np.arange(s.start, s.start + s.size) for s in spaces])
+    space_idx = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)])
+    local = np.concatenate([np.arange(s.size) for s in spaces])
+    order = np.lexsort((local, space_idx, comp[atom_ids]))
+    atom_ids, space_idx, local = atom_ids[order], space_idx[order], local[order]
+    comps = comp[atom_ids]
+    bounds = np.flatnonzero(np.diff(comps)) + 1
+    units: dict[tuple, list[tuple[int, dict[int, list[int]], int]]] = {}
+    heads, module_of = _heads_per_unit(res)
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(comps)]):
+        c = int(comps[lo])
+        members: dict[int, list[int]] = {}
+        for s, i in zip(space_idx[lo:hi].tolist(), local[lo:hi].tolist()):
+            members.setdefault(s, []).append(i)
+        if not any(spaces[s].is_param for s in members):
+            continue  # buffer-only units (position ids, rotary tables) are not prunable structure
+        if hi - lo == 1 and degree[atom_ids[lo]] == 0:
+            continue  # a dim no rule consumed (e.g. conv kernel taps): not a unit
+        key = (tuple(sorted(members)), c in res.pin_reason)
+        units.setdefault(key, []).append((c, members, int(atom_ids[lo:hi].min())))
+    shapes = {n: tuple(t.shape) for n, t in interp.tensors.items()}
+    groups: list[Group] = []
+    unit_components: dict[str, tuple[int, ...]] = {}
+    seen_ids: dict[str, int] = {}
+    for (signature, pinned), entries in sorted(units.items(), key=lambda kv: min(e[2] for e in kv[1])):
+        entries.sort(key=lambda e: e[2])
+        comp_ids = [e[0] for e in entries]
+        member_spaces = [spaces[s] for s in signature]
+        kind = _kind(comp_ids, member_spaces, shapes, res, heads)
+        members = tuple(Member(sp.name, sp.dim, sp.is_param, tuple(tuple(sorted(e[1][s])) for e in entries))
+                        for s, sp in zip(signature, member_spaces))
+        unit_params = tuple(sum(len(m.indices[u]) * prod(s for d, s in enumerate(shapes[m.name]) if d != m.dim)
+                                for m in members if m.is_param) for u in range(len(entries)))
+        module = module_of.get(comp_ids[0], "") if kind in ("attention_head", "kv_group") else ""
+        anchor = module if module else members[0].label
+        gid = f"{kind}:{anchor}"
+        seen_ids[gid] = seen_ids.get(gid, 0) + 1
+        if seen_ids[gid] > 1:
+            gid = f"{gid}#{seen_ids[gid]}"
+        reason = res.pin_reason.get(comp_ids[0]) if pinned else None
+        if not pinned and len(entries) < 2:
+            reason = "a single unit: removing it would remove the whole dimension"
+        mask_exact = not any(c in res.flagged.get("reduced", ()) for c in comp_ids)
+        groups.append(Group(
+            id=gid, kind=kind, size=len(entries), prunable=reason is None, reason=reason, mask_exact=mask_exact,
+            members=members, unit_params=unit_params, heads_per_unit=max(heads.get(c, 1) for c in comp_ids),
+            module=module))
+        unit_components[gid] = tuple(comp_ids)
+    return tuple(groups), unit_components
+
+
+def _nx_graph(groups: tuple[Group, ...], spaces: list[Space]) -> nx.Graph:
+    g = nx.Graph()
+    for sp in spaces:
+        g.add_node(f"{sp.name}[{sp.dim}]", kind="space", size=sp.size, is_param=sp.is_param)
+    for group in groups:
+        g.add_node(group.id, kind="group", group_kind=group.kind, units=group.size, prunable=group.prunable)
+        for m in group.members:
+            g.add_edge(group.id, m.label, units=group.size, channels=sum(len(u) for u in m.indices))
+    return g
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Identifies a model's structure: class, and every parameter and buffer name, shape and dtype."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional[Registry] = None,
+          frontend: str = "auto") -> DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` (a tuple of positional tensors or a dict of keyword
+    tensors) into a ``DependencyGraph``. Small inputs suffice (e.g. batch 2, 8 tokens): labels are
+    per-dimension, so cost grows with the number of nodes and channels, not with the input size."""
+    captured = capture(model, example_inputs, frontend)
+    interp = _Interpreter(captured, model, registry or default_registry())
+    interp.run()
+    res = interp.atoms.resolve()
+    groups, unit_components = build_groups(interp, res)
+    aliases: dict[str, list[str]] = {}
+    for name, canon in interp.canonical.items():
+        aliases.setdefault(canon, []).append(name)
+    shapes = {name: tuple(t.shape) for name, t in interp.tensors.items()}
+    graph = DependencyGraph(
+        groups=groups, captured=captured, spaces=tuple(interp.atoms.spaces),
+        nx_graph=_nx_graph(groups, interp.atoms.spaces),
+        param_shapes={n: s for n, s in shapes.items() if interp.is_param[n]},
+        buffer_shapes={n: s for n, s in shapes.items() if not interp.is_param[n]},
+        aliases={k: tuple(v) for k, v in aliases.items()}, unsupported=tuple(interp.unsupported),
+        fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites), component=res.component,
+        unit_components=unit_components)
+    logger.info("traced %s: %d groups (%d prunable)", type(model).__name__, len(groups), len(graph.prunable_groups))
+    return graph
