@@ -124,6 +124,18 @@ class DependencyGraph:
             result[(name, dim)] = [i for i in range(size) if i not in gone]
         return result
 
+    def prunable_param_count(self, exclude_kinds: tuple[str, ...] = ("hidden",)) -> int:
+        """Parameters that lie on at least one index of a prunable group (each counted once), i.e. what
+        pruning every such group to nothing would remove. The hidden dim is excluded by default."""
+        covered: dict[tuple[str, int], int] = {}
+        for g in self.prunable_groups:
+            if g.kind in exclude_kinds:
+                continue
+            for m in g.members:
+                covered[(m.name, m.dim)] = covered.get((m.name, m.dim), 0) + sum(len(u) for u in m.indices)
+        return sum(prod(shape) - prod(s - covered.get((name, d), 0) for d, s in enumerate(shape))
+                   for name, shape in self.param_shapes.items())
+
     def param_count(self, keep: Optional[Mapping[str, Any]] = None) -> int:
         """Parameters of the model after applying ``keep`` (every distinct tensor counted once)."""
         kept = self.kept_indices(keep or {})

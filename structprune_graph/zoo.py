@@ -137,11 +137,14 @@ ZOO: tuple[ZooEntry, ...] = (
 
 
 def build_eval(entry: ZooEntry) -> nn.Module:
-    """Build with fixed seeds and give BatchNorm non-trivial running statistics, so that masking tests
-    exercise the statistics too."""
+    """Build with fixed seeds and give BatchNorm non-trivial running statistics and layer scales
+    (ConvNeXt starts them at 1e-6, which would hide every block from an equivalence test)."""
     torch.manual_seed(0)
     model = entry.build()
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.uniform_(0.5, 1.5)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)

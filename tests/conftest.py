@@ -1,0 +1,47 @@
+"""Shared helpers: build zoo models once per session, run models on dict or tuple inputs."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import structprune_graph as sp
+from structprune_graph.zoo import ZOO, ZooEntry, build_eval
+
+ZOO_NAMES = [e.name for e in ZOO]
+
+
+def run(model: torch.nn.Module, inputs) -> torch.Tensor:
+    """The model's main output tensor (logits, hidden states, or the plain output)."""
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def traced(name: str, frontend: str = "auto") -> tuple[ZooEntry, torch.nn.Module, sp.DependencyGraph]:
+    entry = next(e for e in ZOO if e.name == name)
+    model = build_eval(entry)
+    return entry, model, sp.trace(model, entry.inputs(0), frontend=frontend)
+
+
+def random_keep(graph: sp.DependencyGraph, seed: int, only_exact: bool) -> dict[str, list[int]]:
+    """About half of each prunable group, a different random half per group."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for g in graph.prunable_groups:
+        if only_exact and not g.mask_exact:
+            continue
+        count = max(g.min_keep, g.size // 2)
+        keep[g.id] = sorted(torch.randperm(g.size, generator=gen)[:count].tolist())
+    return keep
+
+
+@pytest.fixture(params=ZOO_NAMES)
+def zoo_model(request):
+    return traced(request.param)

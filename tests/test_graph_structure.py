@@ -1,0 +1,91 @@
+"""What the groups are: heads with GQA, fused projections, gated MLPs, concat index maps, grouped and
+depthwise convolutions, the residual hidden dim, and pinned dims with reasons."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from conftest import traced
+
+
+def groups_of(name, kind):
+    return [g for g in traced(name)[2].groups if g.kind == kind]
+
+
+def member(group, label):
+    return next(m for m in group.members if m.label == label)
+
+
+def test_llama_gqa_kv_groups_hold_their_query_heads():
+    kv = groups_of("llama", "kv_group")
+    assert [g.id for g in kv] == ["kv_group:model.layers.0.self_attn", "kv_group:model.layers.1.self_attn"]
+    g = kv[0]
+    assert (g.size, g.heads_per_unit, g.prunable, g.mask_exact) == (2, 2, True, True)
+    # unit 1 = KV head 1 (k/v rows 16..31) with query heads 2 and 3 (q rows 32..63)
+    assert member(g, "model.layers.0.self_attn.k_proj.weight[0]").indices[1] == tuple(range(16, 32))
+    assert member(g, "model.layers.0.self_attn.q_proj.weight[0]").indices[1] == tuple(range(32, 64))
+    assert member(g, "model.layers.0.self_attn.o_proj.weight[1]").indices[1] == tuple(range(32, 64))
+    assert g.params_per_unit == 2 * 16 * 64 + 16 * 64 * 2 + 2 * 16 * 64
+
+
+def test_gated_mlp_is_one_group():
+    g = groups_of("llama", "mlp_channel")[0]
+    assert g.size == 96 and g.params_per_unit == 3 * 64
+    assert [m.label for m in g.members] == ["model.layers.0.mlp.gate_proj.weight[0]",
+                                            "model.layers.0.mlp.up_proj.weight[0]",
+                                            "model.layers.0.mlp.down_proj.weight[1]"]
+
+
+def test_gpt2_fused_qkv_split_into_heads():
+    g = groups_of("gpt2", "attention_head")[0]
+    assert g.size == 4
+    qkv = member(g, "transformer.h.0.attn.c_attn.weight[1]")  # Conv1D weight is (in, out)
+    # head 1: q columns 16..31, k columns 80..95, v columns 144..159 of the fused projection
+    assert qkv.indices[1] == tuple(range(16, 32)) + tuple(range(80, 96)) + tuple(range(144, 160))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "vit"])
+def test_residual_hidden_dim_is_one_group_through_norms(name):
+    hidden = groups_of(name, "hidden")
+    assert len(hidden) == 1
+    assert hidden[0].size == 64 and not hidden[0].mask_exact  # LayerNorm/RMSNorm reduce over it
+
+
+def test_bert_hidden_dim_is_pinned_because_it_is_the_output():
+    hidden = groups_of("bert", "hidden")[0]
+    assert not hidden.prunable and "model output" in hidden.reason
+
+
+def test_densenet_concat_maps_indices():
+    convs = {g.id: g for g in groups_of("densenet_block", "conv_channel")}
+    g1 = convs["conv_channel:conv1.weight[0]"]
+    assert member(g1, "conv2.weight[1]").indices[0] == (8,)  # conv1's output lands after the 8 stem channels
+    assert member(g1, "head.weight[1]").indices[5] == (13,)
+    g2 = convs["conv_channel:conv2.weight[0]"]
+    assert member(g2, "bn3.running_mean[0]").indices[0] == (14,)
+
+
+def test_grouped_conv_units_are_lanes_and_depthwise_follows_its_input():
+    convs = {g.id: g for g in groups_of("grouped_conv", "conv_channel")}
+    stem = convs["conv_channel:stem.weight[0]"]
+    assert member(stem, "dw.weight[0]").indices[3] == (3,)  # depthwise channel 3 belongs to stem channel 3
+    assert member(stem, "proj.weight[0]").indices[3] == (3,)  # residual add couples proj with the stem
+    lanes = convs["conv_channel:grouped.weight[0]"]
+    assert lanes.size == 6 and member(lanes, "grouped.weight[0]").indices[1] == (1, 7, 13, 19)
+
+
+def test_input_and_output_dims_are_pinned_with_reasons():
+    groups = {g.id: g for g in traced("resnet")[2].groups}
+    stem_in = next(g for g in groups.values() if any(m.label == "resnet.embedder.embedder.convolution.weight[1]" for m in g.members))
+    assert not stem_in.prunable and "fixed size" in stem_in.reason and "conv2d" in stem_in.reason
+    head = next(g for g in groups.values() if g.id.startswith("channel:classifier"))
+    assert not head.prunable and "model output" in head.reason
+
+
+def test_networkx_graph_links_groups_to_channel_spaces():
+    graph = traced("llama")[2]
+    g = graph.nx_graph
+    gid = "mlp_channel:model.layers.0.mlp.gate_proj.weight[0]"
+    assert set(g.neighbors(gid)) == {m.label for m in graph.group(gid).members}
+    assert nx.has_path(g, gid, "model.layers.0.mlp.down_proj.weight[1]")
