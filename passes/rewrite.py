@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from structprune_graph.errors import KeepSetError, RewriteError
 from structprune_graph.graph import DependencyGraph
-from structprune_graph.module_attrs import HEAD_ATTRS, fix_layer
+from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer
 
 from ._infra import Pass, PassResult
 
@@ -71,6 +71,7 @@ def _set_tensor(model: nn.Module, names: tuple[str, ...], value: torch.Tensor, i
 
 
 def _removed(graph: DependencyGraph, keep: Keep) -> dict[str, tuple[int, ...]]:
+    """Group id -> the unit indices a keep-set drops."""
     return {gid: tuple(sorted(set(range(graph.group(gid).size)) - set(kept))) for gid, kept in keep.items()}
 
 
@@ -132,12 +133,13 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
     def _fix_attention_modules(model: nn.Module, graph: DependencyGraph, keep: Keep) -> None:
         for gid, indices in keep.items():
             group = graph.group(gid)
-            if group.kind not in ("attention_head", "kv_group") or not group.module or len(indices) == group.size:
+            scaled = HEAD_ATTRS_SCALED_BY_KIND.get(group.kind, ())
+            if not scaled or not group.module or len(indices) == group.size:
                 continue
             module = model.get_submodule(group.module)
-            for attr in HEAD_ATTRS:
+            for attr, category in HEAD_ATTRS.items():
                 old = getattr(module, attr, None)
-                if not isinstance(old, int) or isinstance(old, bool):
+                if category not in scaled or not isinstance(old, int) or isinstance(old, bool):
                     continue
                 new, rem = divmod(old * len(indices), group.size)
                 if rem:
@@ -147,26 +149,24 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
 
     @staticmethod
     def _fix_shape_literals(model: fx.GraphModule, graph: DependencyGraph, keep: Keep) -> None:
-        removed = {c for gid, dropped in _removed(graph, keep).items()
-                   for u in dropped for c in (graph.unit_components[gid][u],)}
+        """Literal sizes of view/reshape/expand count the channels that stay along each labelled dim."""
+        removed: list[torch.Tensor] = []
+        for (name, dim), indices in graph.kept_indices(keep).items():
+            space = graph.space(name, dim)
+            gone = sorted(set(range(space.size)) - set(indices))
+            removed.append(torch.tensor(gone, dtype=torch.long) + space.start)
         if not removed:
             return
-        removed_arr = torch.tensor(sorted(removed))
+        removed_atoms = torch.cat(removed)
         nodes = {n.name: n for n in model.graph.nodes}
         for name, dims in graph.shape_sites.items():
             node = nodes[name]
-            sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
             packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-            changed = False
+            sizes = list(node.args[1]) if packed else list(node.args[1:])
             for d, lab in enumerate(dims):
-                if lab is None or d >= len(sizes) or not isinstance(sizes[d], int) or sizes[d] == -1:
-                    continue
-                comps = torch.from_numpy(graph.component[lab.numpy()])
-                new = int((~torch.isin(comps, removed_arr)).sum())
-                if new != sizes[d]:
-                    sizes[d], changed = new, True
-            if changed:
-                node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+                if lab is not None and d < len(sizes) and isinstance(sizes[d], int) and sizes[d] != -1:
+                    sizes[d] = int((~torch.isin(lab, removed_atoms)).sum())
+            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
         model.recompile()
 
     def ensures(self, state: RewriteRequest, result: PassResult[nn.Module]) -> None:

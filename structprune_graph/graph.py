@@ -26,7 +26,7 @@ from .tracing import Captured, ExampleInputs, capture
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("attention_head", "kv_group", "mlp_channel", "conv_channel", "hidden", "channel")
+KINDS = ("attention_head", "kv_group", "query_head", "mlp_channel", "conv_channel", "hidden", "channel")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Group:
 
     @property
     def constraint(self) -> str:
+        if self.kind == "query_head":
+            return (f"a unit is one query-head slot in every KV group ({self.heads_per_unit} query heads): "
+                    f"query heads are pruned uniformly across KV groups; keep at least {self.min_keep} unit")
         if self.kind == "kv_group":
             return (f"a unit is one KV head with its {self.heads_per_unit} query heads; keep at least "
                     f"{self.min_keep} unit")
@@ -91,8 +94,6 @@ class DependencyGraph:
     fingerprint: str = ""
     # for rewriting literal sizes of view/reshape/expand in a traced GraphModule: node -> labels per out dim
     shape_sites: Mapping[str, tuple[Optional[torch.Tensor], ...]] = field(default_factory=dict, repr=False)
-    component: Optional[np.ndarray] = field(default=None, repr=False)  # atom -> unit (component) id
-    unit_components: Mapping[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # group -> unit comps
 
     @property
     def fx_graph(self) -> fx.Graph:
@@ -104,6 +105,12 @@ class DependencyGraph:
                 return g
         raise KeyError(f"no group {group_id!r}; known ids look like {self.groups[0].id!r}" if self.groups else
                        f"no group {group_id!r}: this graph has no groups")
+
+    def space(self, name: str, dim: int) -> Space:
+        for sp in self.spaces:
+            if sp.name == name and sp.dim == dim:
+                return sp
+        raise KeyError(f"{name}[{dim}] is not a channel space of this graph")
 
     @property
     def prunable_groups(self) -> tuple[Group, ...]:
@@ -127,13 +134,13 @@ class DependencyGraph:
     def prunable_param_count(self, exclude_kinds: tuple[str, ...] = ("hidden",)) -> int:
         """Parameters that lie on at least one index of a prunable group (each counted once), i.e. what
         pruning every such group to nothing would remove. The hidden dim is excluded by default."""
-        covered: dict[tuple[str, int], int] = {}
+        covered: dict[tuple[str, int], set[int]] = {}  # groups may overlap (kv_group and query_head)
         for g in self.prunable_groups:
             if g.kind in exclude_kinds:
                 continue
             for m in g.members:
-                covered[(m.name, m.dim)] = covered.get((m.name, m.dim), 0) + sum(len(u) for u in m.indices)
-        return sum(prod(shape) - prod(s - covered.get((name, d), 0) for d, s in enumerate(shape))
+                covered.setdefault((m.name, m.dim), set()).update(i for u in m.indices for i in u)
+        return sum(prod(shape) - prod(s - len(covered.get((name, d), ())) for d, s in enumerate(shape))
                    for name, shape in self.param_shapes.items())
 
     def param_count(self, keep: Optional[Mapping[str, Any]] = None) -> int:
@@ -262,30 +269,18 @@ def _kind(comps: list[int], members: list[Space], shapes: Mapping[str, tuple], r
     return "mlp_channel" if linears >= 2 else "channel"
 
 
-def build_groups(interp: _Interpreter, res: Resolution) -> tuple[tuple[Group, ...], dict[str, tuple[int, ...]]]:
-    """Units (components holding parameter atoms) gathered into groups by the dims they touch."""
-    spaces = interp.atoms.spaces
-    if not spaces:
-        return (), {}
-    comp = res.component
-    degree = np.zeros(interp.atoms.size, dtype=np.int64)
-    for a, b in interp.atoms._edges:
-        np.add.at(degree, a.numpy(), 1)
-        np.add.at(degree, b.numpy(), 1)
-    for atoms, _ in interp.atoms.pins:
-        degree[atoms.numpy()] += 1
-    # every atom of a space: (component, space index, index in the dim)
+def _units(spaces: list[Space], component: np.ndarray, degree: np.ndarray) -> dict[int, tuple[dict[int, list[int]], int]]:
+    """Component -> (space index -> indices in that dim, smallest atom), for components that hold a
+    parameter and were touched by some rule."""
     atom_ids = np.concatenate([np.arange(s.start, s.start + s.size) for s in spaces])
     space_idx = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)])
     local = np.concatenate([np.arange(s.size) for s in spaces])
-    order = np.lexsort((local, space_idx, comp[atom_ids]))
+    order = np.lexsort((local, space_idx, component[atom_ids]))
     atom_ids, space_idx, local = atom_ids[order], space_idx[order], local[order]
-    comps = comp[atom_ids]
+    comps = component[atom_ids]
     bounds = np.flatnonzero(np.diff(comps)) + 1
-    units: dict[tuple, list[tuple[int, dict[int, list[int]], int]]] = {}
-    heads, module_of = _heads_per_unit(res)
+    units = {}
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(comps)]):
-        c = int(comps[lo])
         members: dict[int, list[int]] = {}
         for s, i in zip(space_idx[lo:hi].tolist(), local[lo:hi].tolist()):
             members.setdefault(s, []).append(i)
@@ -293,37 +288,83 @@ def build_groups(interp: _Interpreter, res: Resolution) -> tuple[tuple[Group, ..
             continue  # buffer-only units (position ids, rotary tables) are not prunable structure
         if hi - lo == 1 and degree[atom_ids[lo]] == 0:
             continue  # a dim no rule consumed (e.g. conv kernel taps): not a unit
-        key = (tuple(sorted(members)), c in res.pin_reason)
-        units.setdefault(key, []).append((c, members, int(atom_ids[lo:hi].min())))
+        units[int(comps[lo])] = (members, int(atom_ids[lo:hi].min()))
+    return units
+
+
+def _make_group(gid: str, kind: str, spaces: list[Space], signature: tuple[int, ...],
+                unit_members: list[dict[int, list[int]]], shapes: Mapping[str, tuple], **fields: Any) -> Group:
+    members = tuple(Member(spaces[s].name, spaces[s].dim, spaces[s].is_param,
+                           tuple(tuple(sorted(u.get(s, ()))) for u in unit_members)) for s in signature)
+    unit_params = tuple(sum(len(m.indices[u]) * prod(n for d, n in enumerate(shapes[m.name]) if d != m.dim)
+                            for m in members if m.is_param) for u in range(len(unit_members)))
+    return Group(id=gid, kind=kind, size=len(unit_members), members=members, unit_params=unit_params, **fields)
+
+
+def build_groups(interp: _Interpreter, res: Resolution) -> tuple[Group, ...]:
+    """Units (components holding parameter atoms) gathered into groups by the dims they touch."""
+    spaces = interp.atoms.spaces
+    if not spaces:
+        return ()
+    degree = interp.atoms.degree()
+    heads, module_of = _heads_per_unit(res)
+    by_signature: dict[tuple, list[tuple[int, dict[int, list[int]], int]]] = {}
+    for c, (members, first) in _units(spaces, res.component, degree).items():
+        by_signature.setdefault((tuple(sorted(members)), c in res.pin_reason), []).append((c, members, first))
     shapes = {n: tuple(t.shape) for n, t in interp.tensors.items()}
+    hard = interp.atoms.resolve(hard_only=True) if interp.atoms.gqa_sites else None
+    hard_units = _units(spaces, hard.component, degree) if hard is not None else {}
     groups: list[Group] = []
-    unit_components: dict[str, tuple[int, ...]] = {}
     seen_ids: dict[str, int] = {}
-    for (signature, pinned), entries in sorted(units.items(), key=lambda kv: min(e[2] for e in kv[1])):
+    for (signature, pinned), entries in sorted(by_signature.items(), key=lambda kv: min(e[2] for e in kv[1])):
         entries.sort(key=lambda e: e[2])
         comp_ids = [e[0] for e in entries]
-        member_spaces = [spaces[s] for s in signature]
-        kind = _kind(comp_ids, member_spaces, shapes, res, heads)
-        members = tuple(Member(sp.name, sp.dim, sp.is_param, tuple(tuple(sorted(e[1][s])) for e in entries))
-                        for s, sp in zip(signature, member_spaces))
-        unit_params = tuple(sum(len(m.indices[u]) * prod(s for d, s in enumerate(shapes[m.name]) if d != m.dim)
-                                for m in members if m.is_param) for u in range(len(entries)))
+        kind = _kind(comp_ids, [spaces[s] for s in signature], shapes, res, heads)
         module = module_of.get(comp_ids[0], "") if kind in ("attention_head", "kv_group") else ""
-        anchor = module if module else members[0].label
-        gid = f"{kind}:{anchor}"
+        gid = f"{kind}:{module or f'{spaces[signature[0]].name}[{spaces[signature[0]].dim}]'}"
         seen_ids[gid] = seen_ids.get(gid, 0) + 1
-        if seen_ids[gid] > 1:
-            gid = f"{gid}#{seen_ids[gid]}"
+        gid = gid if seen_ids[gid] == 1 else f"{gid}#{seen_ids[gid]}"
         reason = res.pin_reason.get(comp_ids[0]) if pinned else None
         if not pinned and len(entries) < 2:
             reason = "a single unit: removing it would remove the whole dimension"
-        mask_exact = not any(c in res.flagged.get("reduced", ()) for c in comp_ids)
-        groups.append(Group(
-            id=gid, kind=kind, size=len(entries), prunable=reason is None, reason=reason, mask_exact=mask_exact,
-            members=members, unit_params=unit_params, heads_per_unit=max(heads.get(c, 1) for c in comp_ids),
-            module=module))
-        unit_components[gid] = tuple(comp_ids)
-    return tuple(groups), unit_components
+        groups.append(_make_group(
+            gid, kind, spaces, signature, [e[1] for e in entries], shapes, prunable=reason is None, reason=reason,
+            mask_exact=not any(c in res.flagged.get("reduced", ()) for c in comp_ids),
+            heads_per_unit=max(heads.get(c, 1) for c in comp_ids), module=module))
+        if kind == "kv_group" and reason is None and hard is not None:
+            lanes = _query_head_group(interp, res, hard, hard_units, set(comp_ids), module, shapes)
+            if lanes is not None:
+                groups.append(lanes)
+    return tuple(groups)
+
+
+def _query_head_group(interp: _Interpreter, full: Resolution, hard: Resolution,
+                      units: Mapping[int, tuple[dict[int, list[int]], int]], kv_units: set[int], module: str,
+                      shapes: Mapping[str, tuple]) -> Optional[Group]:
+    """Grouped-query attention: the query heads of one slot in every KV group form a unit, found from the
+    resolution without the soft (query ~ shared KV head) edges. None when they cannot be separated."""
+    sites = [s for s in interp.atoms.gqa_sites if set(full.of(s.query_heads).tolist()) <= kv_units]
+    if not sites:
+        return None
+    site = sites[0]
+    head_comps = hard.of(site.query_heads)
+    slots = int(site.lanes.max()) + 1
+    lanes = [sorted(set(head_comps[(site.lanes == r).numpy()].tolist())) for r in range(slots)]
+    flat = [c for lane in lanes for c in lane]
+    if slots < 2 or len(flat) != len(set(flat)) or any(c not in units or c in hard.pin_reason for c in flat):
+        return None
+    unit_members = []
+    for lane in lanes:
+        merged: dict[int, list[int]] = {}
+        for c in lane:
+            for s, idx in units[c][0].items():
+                merged.setdefault(s, []).extend(idx)
+        unit_members.append(merged)
+    signature = tuple(sorted({s for u in unit_members for s in u}))
+    return _make_group(f"query_head:{module}", "query_head", interp.atoms.spaces, signature, unit_members, shapes,
+                       prunable=True, reason=None,
+                       mask_exact=not any(c in hard.flagged.get("reduced", ()) for c in flat),
+                       heads_per_unit=len(site.query_heads) // slots, module=module)
 
 
 def _nx_graph(groups: tuple[Group, ...], spaces: list[Space]) -> nx.Graph:
@@ -354,7 +395,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional
     interp = _Interpreter(captured, model, registry or default_registry())
     interp.run()
     res = interp.atoms.resolve()
-    groups, unit_components = build_groups(interp, res)
+    groups = build_groups(interp, res)
     aliases: dict[str, list[str]] = {}
     for name, canon in interp.canonical.items():
         aliases.setdefault(canon, []).append(name)
@@ -365,7 +406,6 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional
         param_shapes={n: s for n, s in shapes.items() if interp.is_param[n]},
         buffer_shapes={n: s for n, s in shapes.items() if not interp.is_param[n]},
         aliases={k: tuple(v) for k, v in aliases.items()}, unsupported=tuple(interp.unsupported),
-        fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites), component=res.component,
-        unit_components=unit_components)
+        fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites))
     logger.info("traced %s: %d groups (%d prunable)", type(model).__name__, len(groups), len(graph.prunable_groups))
     return graph

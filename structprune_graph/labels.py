@@ -35,6 +35,29 @@ class Space:
 
 
 @dataclass(frozen=True)
+class GqaSite:
+    """Where query heads share KV heads: the query-head atoms and each head's slot (lane) in its KV group."""
+
+    query_heads: torch.Tensor  # (heads,) atoms
+    lanes: torch.Tensor  # (heads,) slot of each query head within its KV group
+    module: str
+
+
+def repeat_lanes(heads: torch.Tensor) -> Optional[torch.Tensor]:
+    """For a head label with repeated atoms (a KV head repeated for its query heads), each position's
+    slot among the copies of its atom; None when no atom repeats or the repeat count is not uniform."""
+    _, inverse, counts = torch.unique(heads, return_inverse=True, return_counts=True)
+    if counts.max() == 1 or counts.min() != counts.max():
+        return None
+    lanes = torch.zeros_like(heads)
+    seen: dict[int, int] = {}
+    for i, atom in enumerate(inverse.tolist()):
+        lanes[i] = seen.get(atom, 0)
+        seen[atom] = lanes[i].item() + 1
+    return lanes
+
+
+@dataclass(frozen=True)
 class Labelled:
     """A tensor value during the analysis: its concrete shape and the atoms along each dimension."""
 
@@ -70,9 +93,11 @@ class AtomTable:
         self.size = 0
         self.spaces: list[Space] = []
         self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._soft_edges: list[tuple[torch.Tensor, torch.Tensor]] = []  # GQA: query heads ~ their shared KV head
         self.pins: list[tuple[torch.Tensor, str]] = []
         self.flags: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.tags: list[tuple[str, torch.Tensor, str]] = []  # (kind, atoms along a head dim, node)
+        self.tags: list[tuple[str, torch.Tensor, str]] = []  # (kind, atoms along a head dim, module)
+        self.gqa_sites: list[GqaSite] = []
 
     def allocate(self, name: str, dim: int, size: int, is_param: bool) -> torch.Tensor:
         space = Space(name, dim, size, is_param, self.size)
@@ -80,9 +105,12 @@ class AtomTable:
         self.size += size
         return torch.arange(space.start, space.start + size, dtype=torch.int64)
 
-    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def union(self, a: torch.Tensor, b: torch.Tensor, soft: bool = False) -> None:
+        """``soft`` marks a coupling that only binds when the shared side is removed: grouped-query
+        attention, where removing a KV head removes its query heads but a query head can go alone
+        (uniformly across KV groups). Full resolution uses every edge; ``hard_only`` skips soft ones."""
         a, b = torch.broadcast_tensors(a, b)
-        self._edges.append((a.reshape(-1), b.reshape(-1)))
+        (self._soft_edges if soft else self._edges).append((a.reshape(-1), b.reshape(-1)))
 
     def union_all(self, atoms: torch.Tensor) -> None:
         """Make every atom in ``atoms`` one unit."""
@@ -105,13 +133,24 @@ class AtomTable:
     def flag(self, atoms: torch.Tensor, flag: str) -> None:
         self.flags[flag].append(atoms.reshape(-1))
 
-    def tag(self, kind: str, head_atoms: torch.Tensor, node: str) -> None:
-        self.tags.append((kind, head_atoms.reshape(-1).clone(), node))
+    def tag(self, kind: str, head_atoms: torch.Tensor, module: str) -> None:
+        self.tags.append((kind, head_atoms.reshape(-1).clone(), module))
 
-    def resolve(self) -> "Resolution":
-        if self._edges:
-            src = torch.cat([a for a, _ in self._edges]).numpy()
-            dst = torch.cat([b for _, b in self._edges]).numpy()
+    def degree(self) -> np.ndarray:
+        """How many unions and pins touched each atom (0: no rule ever consumed it)."""
+        degree = np.zeros(self.size, dtype=np.int64)
+        for a, b in self._edges + self._soft_edges:
+            np.add.at(degree, a.numpy(), 1)
+            np.add.at(degree, b.numpy(), 1)
+        for atoms, _ in self.pins:
+            np.add.at(degree, atoms.numpy(), 1)
+        return degree
+
+    def resolve(self, hard_only: bool = False) -> "Resolution":
+        edges = self._edges if hard_only else self._edges + self._soft_edges
+        if edges:
+            src = torch.cat([a for a, _ in edges]).numpy()
+            dst = torch.cat([b for _, b in edges]).numpy()
         else:
             src = dst = np.zeros(0, dtype=np.int64)
         adjacency = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(self.size, self.size))

@@ -76,6 +76,15 @@ HEAD_ATTRS: Mapping[str, str] = MappingProxyType({
     "num_heads": "query_heads", "num_attention_heads": "query_heads", "n_head": "query_heads",
     "n_heads": "query_heads", "num_key_value_heads": "kv_heads", "num_kv_heads": "kv_heads",
     "n_kv_heads": "kv_heads", "all_head_size": "width", "split_size": "width", "inner_dim": "width",
+    "num_key_value_groups": "queries_per_kv",
+})
+
+# which of those scale with the fraction of units a group keeps: a head (MHA) or a KV group takes its
+# KV heads along; a query-head slot of grouped-query attention leaves the KV heads and thins every group
+HEAD_ATTRS_SCALED_BY_KIND: Mapping[str, frozenset[str]] = MappingProxyType({
+    "attention_head": frozenset({"query_heads", "kv_heads", "width"}),
+    "kv_group": frozenset({"query_heads", "kv_heads", "width"}),
+    "query_head": frozenset({"query_heads", "width", "queries_per_kv"}),
 })
 
 

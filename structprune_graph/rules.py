@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .labels import AtomTable, Label, Labelled
+from .labels import AtomTable, GqaSite, Label, Labelled, repeat_lanes
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -65,31 +65,43 @@ def norm_dim(dim: int, ndim: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- engine
-def couple(ctx: FlowContext, operands: Sequence[tuple[Labelled, str]], out: str) -> tuple[Label, ...]:
-    """Couple operands described by letters; return the labels of the ``out`` letters."""
-    entries: dict[str, list[tuple[Label, int]]] = {}
-    for value, letters in operands:
+def couple(ctx: FlowContext, operands: Sequence[tuple[Labelled, str]], out: str,
+           soft: Optional[tuple[int, str]] = None) -> tuple[Label, ...]:
+    """Couple operands described by letters; return the labels of the ``out`` letters.
+
+    ``soft=(operand, letter)``: that operand's channels on that letter couple softly (grouped-query
+    attention: query heads reading a shared KV head), and its labels are the ones the output keeps."""
+    entries: dict[str, list[tuple[Label, int, int]]] = {}
+    for k, (value, letters) in enumerate(operands):
         assert len(letters) == value.ndim, (ctx.where, letters, value.shape)
         for letter, size, label in zip(letters, value.shape, value.dims):
-            entries.setdefault(letter, []).append((label, size))
+            entries.setdefault(letter, []).append((label, size, k))
     result: dict[str, Label] = {}
     for letter, items in entries.items():
-        full = max(size for _, size in items)
-        labelled = [lab for lab, size in items if lab is not None and size == full]
-        for lab, size in items:
+        full = max(size for _, size, _ in items)
+        labelled = [(lab, k) for lab, size, k in items if lab is not None and size == full]
+        for lab, size, _ in items:
             if lab is not None and size != full:
                 ctx.pin(lab, "a channel dimension of size 1 is broadcast")
-        fixed = full > 1 and any(lab is None and size == full for lab, size in items)
+        fixed = full > 1 and any(lab is None and size == full for lab, size, _ in items)
         if labelled and fixed:
-            for lab in labelled:
+            for lab, _ in labelled:
                 ctx.pin(lab, "channels meet a dimension of fixed size that no parameter controls")
             result[letter] = None
-        elif labelled:
-            for lab in labelled[1:]:
-                ctx.atoms.union(labelled[0], lab)
-            result[letter] = labelled[0]
-        else:
+            continue
+        if not labelled:
             result[letter] = None
+            continue
+        is_soft = [soft is not None and (k, letter) == soft for _, k in labelled]
+        hard = [lab for (lab, _), s in zip(labelled, is_soft) if not s]
+        softs = [lab for (lab, _), s in zip(labelled, is_soft) if s]
+        anchor = hard[0] if hard else softs[0]
+        for lab in hard[1:]:
+            ctx.atoms.union(anchor, lab)
+        for lab in softs:
+            if lab is not anchor:
+                ctx.atoms.union(anchor, lab, soft=True)
+        result[letter] = softs[0] if softs else anchor
     return tuple(result.get(letter) for letter in out)
 
 
@@ -230,7 +242,17 @@ def matmul(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     operands = [(x, batch[nb - (x.ndim - 2):] + "xz"), (y, batch[nb - (y.ndim - 2):] + "zy")]
     if isinstance(bias, Labelled) and bias.ndim:
         operands.append((bias, (batch + "xy")[out.ndim - bias.ndim:]))
-    dims = couple(ctx, operands, batch + "xy")
+    soft = None
+    for i in range(nb):  # a batch dim where one side repeats its channels: grouped-query attention
+        lx, ly = operands[0][0].dims[i - nb + x.ndim - 2] if i - nb + x.ndim - 2 >= 0 else None, \
+            operands[1][0].dims[i - nb + y.ndim - 2] if i - nb + y.ndim - 2 >= 0 else None
+        if lx is not None and ly is not None:
+            lanes_x, lanes_y = repeat_lanes(lx), repeat_lanes(ly)
+            if (lanes_x is None) != (lanes_y is None):
+                soft = (0, batch[i]) if lanes_x is None else (1, batch[i])
+                ctx.atoms.gqa_sites.append(GqaSite(lx if lanes_x is None else ly,
+                                                   lanes_y if lanes_x is None else lanes_x, ctx.module))
+    dims = couple(ctx, operands, batch + "xy", soft=soft)
     for lab in dims[:nb]:
         if lab is not None:  # channels as a batch dim of a matmul: attention heads (eager attention)
             ctx.atoms.tag("attention_head", lab, ctx.module)
@@ -293,14 +315,21 @@ def sdpa(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     if isinstance(mask, Labelled):
         couple(ctx, right_aligned([q.with_dims(q.dims[:-1] + (None,), q.shape[:-1] + (mask.shape[-1],)), mask], q.ndim), "")
     heads, kv_heads = q.shape[-3], k.shape[-3]
-    q_heads = q.dims[-3]
-    if heads != kv_heads and q_heads is not None:
-        ctx.atoms.union(q_heads.view(kv_heads, -1), q_heads.view(kv_heads, -1)[:, :1])
-        q_heads = q_heads.view(kv_heads, -1)[:, 0]
+    q_heads, lanes = q.dims[-3], None
+    if heads != kv_heads and q_heads is not None:  # enable_gqa: query head h reads KV head h // (heads/kv)
+        per_kv = q_heads.view(kv_heads, -1)
+        ctx.atoms.union(per_kv, per_kv[:, :1], soft=True)
+        lanes = torch.arange(heads) % (heads // kv_heads)
+        q_heads = per_kv[:, 0]
+    elif q_heads is not None and k.dims[-3] is not None:  # KV heads repeated (repeat_kv) before the call
+        lanes = repeat_lanes(k.dims[-3])
     q_grouped = q.with_dims(q.dims[:-3] + (q_heads,) + q.dims[-2:], q.shape[:-3] + (kv_heads,) + q.shape[-2:])
-    dims = couple(ctx, [(q_grouped, lead + "gtd"), (k, lead + "gsd"), (v, lead + "gse")], lead + "gte")
+    soft = (0, "g") if lanes is not None else None
+    dims = couple(ctx, [(q_grouped, lead + "gtd"), (k, lead + "gsd"), (v, lead + "gse")], lead + "gte", soft=soft)
     if q.dims[-3] is not None:
         ctx.atoms.tag("attention_head", q.dims[-3], ctx.module)
+        if lanes is not None:
+            ctx.atoms.gqa_sites.append(GqaSite(q.dims[-3], lanes, ctx.module))
     return out.with_dims(dims[:-3] + (q.dims[-3],) + dims[-2:])
 
 

@@ -17,7 +17,7 @@ def test_inspect_prints_groups_and_summary(tmp_path, capsys):
     assert "kv_group:model.layers.1.self_attn" in out and "2x2q" in out
     assert "mlp_channel:model.layers.0.mlp.gate_proj.weight[0]" in out
     assert "no: channels reach a model output" in out
-    assert f"LlamaForCausalLM: {sum(p.numel() for p in model.parameters()):,} parameters" in out and "5 prunable (1 hidden, 2 kv_group, 2 mlp_channel)" in out
+    assert f"LlamaForCausalLM: {sum(p.numel() for p in model.parameters()):,} parameters" in out and "7 prunable (1 hidden, 2 kv_group, 2 mlp_channel, 2 query_head)" in out
 
 
 def test_inspect_json(tmp_path, capsys):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import networkx as nx
 import pytest
+import torch
 
+import structprune_graph as sp
 from conftest import traced
 
 
@@ -89,3 +91,49 @@ def test_networkx_graph_links_groups_to_channel_spaces():
     gid = "mlp_channel:model.layers.0.mlp.gate_proj.weight[0]"
     assert set(g.neighbors(gid)) == {m.label for m in graph.group(gid).members}
     assert nx.has_path(g, gid, "model.layers.0.mlp.down_proj.weight[1]")
+
+
+class NativeGqa(torch.nn.Module):
+    """Grouped-query attention through F.scaled_dot_product_attention(enable_gqa=True): 6 query heads
+    read 2 KV heads (head_dim 4) without any repeat in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(12, 24), torch.nn.Linear(12, 8), torch.nn.Linear(12, 8)
+        self.o = torch.nn.Linear(24, 12)
+
+    def forward(self, x):  # (batch, tokens, 12)
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, 4).transpose(1, 2)  # (batch, 6, tokens, 4)
+        k = self.k(x).view(b, t, -1, 4).transpose(1, 2)  # (batch, 2, tokens, 4)
+        v = self.v(x).view(b, t, -1, 4).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_native_gqa_gives_kv_groups_and_query_head_slots(frontend):
+    model, x = NativeGqa().eval(), torch.randn(2, 5, 12)
+    graph = sp.trace(model, (x,), frontend=frontend)
+    kv = next(g for g in graph.groups if g.kind == "kv_group")
+    slots = next(g for g in graph.groups if g.kind == "query_head")
+    assert (kv.size, kv.heads_per_unit) == (2, 3) and (slots.size, slots.heads_per_unit) == (3, 2)
+    # slot 1 = query heads 1 and 4 (head 1 of each KV group): q rows 4..7 and 16..19
+    assert next(m for m in slots.members if m.label == "q.weight[0]").indices[1] == tuple(range(4, 8)) + tuple(range(16, 20))
+    assert {m.label for m in slots.members} == {"q.weight[0]", "q.bias[0]", "o.weight[1]"}
+    keep = {slots.id: [0, 2], kv.id: [1]}
+    torch.testing.assert_close(sp.apply(model, graph, keep)(x), sp.mask(model, graph, keep)(x), atol=1e-6, rtol=0)
+    assert graph.param_count(keep) == sum(p.numel() for p in sp.apply(model, graph, keep).parameters())
+
+
+def test_query_head_slots_thin_every_kv_group():
+    _, model, graph = traced("llama")
+    keep = {"query_head:model.layers.0.self_attn": [1]}
+    pruned = sp.apply(model, graph, keep)
+    attn = pruned.model.layers[0].self_attn
+    assert attn.num_key_value_groups == 1 and attn.q_proj.out_features == 32 and attn.k_proj.out_features == 32
+    kept_q_rows = next(m for m in graph.group("query_head:model.layers.0.self_attn").members
+                       if m.label.endswith("q_proj.weight[0]")).indices[1]
+    assert kept_q_rows == tuple(range(16, 32)) + tuple(range(48, 64))  # heads 1 and 3
+    torch.testing.assert_close(pruned.model.layers[0].self_attn.q_proj.weight,
+                               model.model.layers[0].self_attn.q_proj.weight[list(kept_q_rows)])

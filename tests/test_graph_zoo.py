@@ -83,3 +83,10 @@ def test_prunable_param_count_counts_each_parameter_once():
     # fc1 rows and fc2 rows are prunable, so everything but fc3's 5 bias entries touches a prunable index,
     # fc2's weight counted once although its rows and columns belong to two groups
     assert graph.prunable_param_count() == sum(p.numel() for p in model.parameters()) - 5
+
+
+def test_prunable_param_count_with_overlapping_gqa_groups():
+    _, model, graph = traced("llama")  # kv_group and query_head both cover the q rows
+    per_layer = sum(p.numel() for n, p in model.named_parameters()
+                    if ".layers.0." in n and ("_proj" in n))  # q, k, v, o, gate, up, down
+    assert graph.prunable_param_count() == 2 * per_layer

@@ -36,6 +36,8 @@ def test_smollm2_groups(smollm2):
     kv = [g for g in graph.groups if g.kind == "kv_group"]
     mlp = [g for g in graph.groups if g.kind == "mlp_channel"]
     assert len(kv) == 30 and all(g.size == 3 and g.heads_per_unit == 3 and g.prunable for g in kv)  # 9 q heads
+    slots = [g for g in graph.groups if g.kind == "query_head"]
+    assert len(slots) == 30 and all(g.size == 3 and g.heads_per_unit == 3 and g.mask_exact for g in slots)
     assert len(mlp) == 30 and all(g.size == 1536 and g.prunable and g.mask_exact for g in mlp)
     assert [g.id for g in mlp][5] == "mlp_channel:model.layers.5.mlp.gate_proj.weight[0]"
     (hidden,) = [g for g in graph.groups if g.kind == "hidden"]
