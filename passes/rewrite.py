@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -27,6 +27,7 @@ class RewriteRequest:
     model: nn.Module
     graph: DependencyGraph
     keep: Keep  # group id -> unit indices kept
+    bias_updates: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer path -> added to its bias
 
 
 def validate_keep(graph: DependencyGraph, keep: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -108,6 +109,7 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         graph, keep = state.graph, validate_keep(state.graph, state.keep)
         model = copy.deepcopy(state.model)
         kept = graph.kept_indices(keep)
+        self._add_to_biases(model, graph, kept, state.bias_updates)
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(dict(model.named_buffers(remove_duplicate=False)))
         by_name: dict[str, list[tuple[int, list[int]]]] = {}
@@ -127,7 +129,23 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         self._fix_attention_modules(model, graph, keep)
         if isinstance(model, fx.GraphModule) and graph.captured.frontend == "fx":
             self._fix_shape_literals(model, graph, keep)
-        return PassResult(model, bool(by_name))
+        return PassResult(model, bool(by_name) or bool(state.bias_updates))
+
+    @staticmethod
+    def _add_to_biases(model: nn.Module, graph: DependencyGraph, kept: Mapping, updates: Mapping[str, torch.Tensor]) -> None:
+        """Compensation of removed inputs (FLAP): bias += delta, creating the bias when the layer has none."""
+        for path, delta in updates.items():
+            layer = model.get_submodule(path)
+            bias_name = f"{path}.bias"
+            out_dim = 1 if type(layer).__name__ == "Conv1D" else 0
+            if (f"{path}.weight", out_dim) in kept or (bias_name, 0) in kept:
+                raise RewriteError(f"rewrite pass: bias update of {path} with its output channels pruned too "
+                                   f"is not supported; exclude the group that prunes {path}'s outputs")
+            with torch.no_grad():
+                if getattr(layer, "bias", None) is None:
+                    layer.bias = nn.Parameter(delta.to(layer.weight.dtype).clone())
+                else:
+                    layer.bias.add_(delta.to(layer.bias.dtype))
 
     @staticmethod
     def _fix_attention_modules(model: nn.Module, graph: DependencyGraph, keep: Keep) -> None:

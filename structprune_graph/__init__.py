@@ -5,11 +5,14 @@ from .errors import (KeepSetError, ModelNotFoundError, PlanMismatchError, Rewrit
                      TraceError)
 from .graph import DependencyGraph, Group, Member, trace
 from .plan import Plan
+from .pruning import METHODS, PruneReport, PruneResult, prune
+from .storage import load
 from .registry import CouplingRule, ModuleForm, Registry, default_registry
 
 __all__ = [
     "trace", "mask", "apply", "apply_plan", "Plan", "DependencyGraph", "Group", "Member", "Registry",
     "CouplingRule", "ModuleForm", "default_registry", "StructPruneError", "TraceError", "KeepSetError",
-    "PlanMismatchError", "RewriteError", "ModelNotFoundError",
+    "PlanMismatchError", "RewriteError", "ModelNotFoundError", "prune", "load", "METHODS", "PruneResult",
+    "PruneReport",
 ]
 __version__ = "0.1.0"

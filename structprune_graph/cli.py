@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from collections import Counter
 from math import prod
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import StructPruneError
@@ -49,6 +51,51 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data
+    from .evaluate import flops_per_token, perplexity
+    from .models import load_model, load_tokenizer
+    from .pruning import prune
+    from .storage import check_output_dir
+
+    out = Path(args.out or f"pruned-{Path(str(args.model or 'smollm2')).name}-{args.method}-{args.sparsity:g}")
+    check_output_dir(out, args.overwrite)  # refuse before any work is done
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    calib_tokens = data.tokenize(tokenizer, data.load_text(args.calib, "calibration"))
+    windows = data.calibration_windows(calib_tokens, data.WindowSpec(args.calib_samples, args.seqlen, args.seed))
+    batches = [{"input_ids": windows[i: i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
+    eval_windows = data.evaluation_windows(data.tokenize(tokenizer, data.load_text(args.eval, "evaluation")),
+                                           args.eval_seqlen, args.eval_windows)
+    print(f"calibration: {len(windows)} x {args.seqlen} tokens of {args.calib or 'pydoc'}; evaluation: "
+          f"{len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
+    t_eval = time.perf_counter()
+    ppl_before = perplexity(model, eval_windows)
+    eval_s = time.perf_counter() - t_eval
+    result = prune(model, batches, args.sparsity, args.method)
+    t_eval = time.perf_counter()
+    ppl_after = perplexity(result.model, eval_windows)
+    eval_s += time.perf_counter() - t_eval
+    report = result.report.with_metrics(
+        ppl_before=ppl_before, ppl_after=ppl_after, eval_data=str(args.eval or "pydoc (evaluation half)"),
+        eval_windows=len(eval_windows), eval_seqlen=args.eval_seqlen, calib_tokens=int(windows.numel()),
+        flops_seqlen=128, flops_per_token_before=flops_per_token(model, 128),
+        flops_per_token_after=flops_per_token(result.model, 128), eval_seconds=round(eval_s, 1),
+        total_seconds=round(time.perf_counter() - t0, 1))
+    result = dataclasses.replace(result, report=report)
+    result.save(out, overwrite=args.overwrite, tokenizer=tokenizer)
+    r = result.report
+    print(f"{args.method}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable parameters; "
+          f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
+          f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total {report.metrics['total_seconds']} s")
+    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); load it with structprune_graph.load()")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structprune", description="Structured pruning through a traced "
                                      "dependency graph of coupled channel and head groups.")
@@ -60,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--frontend", choices=("auto", "export", "fx"), default="auto")
     inspect.add_argument("--json", action="store_true", help="print the groups as JSON")
     inspect.set_defaults(func=_inspect)
+
+    from .pruning import DEFAULT_METHOD, METHODS
+
+    prune = sub.add_parser("prune", help="prune a language model and report its perplexity before and after")
+    prune.add_argument("model", nargs="?", default=None, help="as for inspect (default: the embedded SmolLM2-135M)")
+    prune.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
+    prune.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
+    prune.add_argument("--calib", default=None, help="calibration text: .txt file, folder, 'pydoc' (default), "
+                       "'wikitext2' or 'c4'")
+    prune.add_argument("--eval", default=None, help="evaluation text (default: the held-out pydoc half)")
+    prune.add_argument("--calib-samples", type=int, default=32)
+    prune.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    prune.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
+    prune.add_argument("--eval-seqlen", type=int, default=1024)
+    prune.add_argument("--eval-windows", type=int, default=24, help="at most this many evaluation windows")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    prune.add_argument("--out", default=None, help="output folder (default: ./pruned-MODEL-METHOD-SPARSITY)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.set_defaults(func=_prune)
     return parser
 
 

@@ -66,10 +66,14 @@ def _cache_plain_copy(model: nn.Module, target: Path) -> None:
         raise
 
 
+def _default_cache() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def load_default_model() -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    cached = cache_dir() / "smollm2-135m-instruct"
+    cached = _default_cache()
     if (cached / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32).eval()
     model = _load_gguf(smollm2_gguf()).eval()
@@ -78,6 +82,29 @@ def load_default_model() -> nn.Module:
     except OSError as err:  # a read-only home still gets a model, only slower next time
         logger.warning("could not cache the default model in %s: %s", cached, err)
     return model
+
+
+def load_tokenizer(spec: Optional[Union[str, Path]] = None):
+    """The tokenizer belonging to ``load_model(spec)`` (cached next to the default model's copy)."""
+    from transformers import AutoTokenizer
+
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        cached = _default_cache() / "tokenizer"
+        if (cached / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached))
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=_default_cache().parent, prefix=".tokenizer."))
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        except OSError as err:
+            logger.warning("could not cache the default tokenizer in %s: %s", cached, err)
+        return tokenizer
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_model(spec: Optional[Union[str, Path]] = None) -> nn.Module:

@@ -96,3 +96,12 @@ def fix_layer(module: nn.Module) -> None:
             fixup.update(module)
     if not isinstance(module, nn.LayerNorm) and hasattr(module, "normalized_shape"):
         _layer_norm(module)
+
+
+def input_dim(module: nn.Module):
+    """Which dim of ``module.weight`` meets the layer's input channels (None: not a plain layer)."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 1
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers: weight is (in, out)
+        return 0
+    return None

@@ -266,7 +266,7 @@ def conv(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     x, w, b = a["input"], a["weight"], a.get("bias")
     groups = int(a.get("groups", 1) or 1)
     spatial = x.ndim - 2
-    sp_in, sp_k, sp_out = "pqr"[:spatial], "stu"[:spatial], "vwx"[:spatial]
+    sp_in, sp_k = "pqr"[:spatial], "stu"[:spatial]
     c_in, c_out = x.shape[1], w.shape[0]
     x_ch, w_rows, w_cols = x.dims[1], w.dims[0], w.dims[1]
     for lab in x.dims[2:]:

@@ -12,7 +12,7 @@ import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Union
 
 import torch
 from torch import fx, nn
@@ -140,6 +140,6 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, frontend: str = "au
                                 f" failed with {type(err).__name__}: {first}")
     raise TraceError(
         f"could not trace {type(model).__name__}: " + "; ".join(failures) + ". What to do: check that "
-        f"model(*args, **kwargs) runs on these example inputs; pass inputs as keyword tensors matching "
-        f"forward()'s parameter names (e.g. {{'input_ids': ids}}); avoid data-dependent Python control flow "
-        f"in forward (or move it out of the traced part).")
+        "model(*args, **kwargs) runs on these example inputs; pass inputs as keyword tensors matching "
+        "forward()'s parameter names (e.g. {'input_ids': ids}); avoid data-dependent Python control flow "
+        "in forward (or move it out of the traced part).")

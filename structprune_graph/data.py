@@ -1,0 +1,98 @@
+"""Calibration and evaluation text, tokenised into windows.
+
+Sources: ``pydoc`` (the default, offline: ``pydoc_data.topics``, ~465 KB of English documentation that
+ships with Python, split into a calibration half and a disjoint evaluation half), a local ``.txt`` file
+or a folder of them (through ``datasets``' text builder), or a hub dataset name (``wikitext2``, ``c4``
+as in SparseGPT) when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import StructPruneError
+
+
+class DataError(StructPruneError, ValueError):
+    """Text could not be found, or there is too little of it for the request."""
+
+
+Split = Literal["calibration", "evaluation"]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+def _pydoc_text(split: Split) -> str:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    half = len(keys) // 2  # whole topics on each side: the halves share no paragraph
+    chosen = keys[:half] if split == "calibration" else keys[half:]
+    return "\n\n".join(topics[k].strip() for k in chosen)
+
+
+def _hub_text(name: str, split: Split) -> str:
+    import datasets
+
+    sources = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}),
+               "c4": ("allenai/c4", "en", {"calibration": "train", "evaluation": "validation"})}
+    path, config, splits = sources[name]
+    try:
+        ds = datasets.load_dataset(path, config, split=splits[split])
+    except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        raise DataError(f"could not load dataset {name!r} from the hub ({type(err).__name__}: {err}); offline, "
+                        f"use a local .txt file or folder, or the default 'pydoc'") from err
+    return "\n\n".join(t for t in ds["text"][:20000] if t.strip())
+
+
+def load_text(spec: str | Path | None, split: Split) -> str:
+    """The text of a source for one split. A file or folder is used whole for whichever split asks."""
+    if spec is None or str(spec) == "pydoc":
+        return _pydoc_text(split)
+    if str(spec) in ("wikitext2", "c4"):
+        return _hub_text(str(spec), split)
+    path = Path(spec).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise DataError(f"no text at {str(spec)!r}: expected a .txt file, a folder of .txt files, 'pydoc', "
+                        f"'wikitext2' or 'c4'")
+    import datasets
+
+    ds = datasets.load_dataset("text", data_files=[str(f) for f in files], split="train", sample_by="document")
+    return "\n\n".join(ds["text"])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text tokenised at once, without special tokens (no BOS), as in SparseGPT."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # (tokens,)
+
+
+def calibration_windows(tokens: torch.Tensor, spec: WindowSpec) -> torch.Tensor:
+    """``spec.samples`` disjoint windows of ``spec.seqlen`` tokens at random positions (seeded)."""
+    available = tokens.numel() // spec.seqlen
+    if available < spec.samples:
+        raise DataError(f"calibration needs {spec.samples} windows of {spec.seqlen} tokens "
+                        f"({spec.samples * spec.seqlen:,} tokens) but the text has {tokens.numel():,} tokens "
+                        f"({available} windows); use fewer samples, shorter windows or more text")
+    gen = torch.Generator().manual_seed(spec.seed)
+    starts = torch.randperm(available, generator=gen)[: spec.samples].sort().values * spec.seqlen
+    return torch.stack([tokens[s: s + spec.seqlen] for s in starts.tolist()])  # (samples, seqlen)
+
+
+def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the text (SparseGPT's convention)."""
+    count = tokens.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(f"evaluation needs at least one window of {seqlen} tokens; the text has {tokens.numel():,}")
+    return tokens[: count * seqlen].view(count, seqlen)  # (windows, seqlen)

@@ -1,0 +1,88 @@
+"""Quality and cost measurements: perplexity (SparseGPT convention), parameters, FLOPs per token,
+peak memory."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp of the mean next-token loss over non-overlapping windows (each window's first token has no
+    prediction: ``seqlen - 1`` losses per window, all windows weighted equally, as SparseGPT does)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        ids = windows[start: start + batch_size].to(device)  # (batch, seqlen)
+        logits = model(input_ids=ids).logits.float()  # (batch, seqlen, vocab)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1), reduction="none")
+        total += loss.view(ids.shape[0], -1).mean(dim=1).sum().item()
+        count += ids.shape[0]
+    return math.exp(total / count)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def flops_per_token(model: nn.Module, seqlen: int = 128) -> float:
+    """FLOPs of one forward pass per token at ``seqlen`` (matmuls and attention counted by torch's
+    FlopCounterMode on a real forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, seqlen, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids)
+    return counter.get_total_flops() / seqlen
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class PeakMemory:
+    rss_bytes: int = 0
+    cuda_bytes: Optional[int] = None
+    seconds: float = 0.0
+
+
+@contextmanager
+def track_peak_memory(interval_s: float = 0.02) -> Iterator[PeakMemory]:
+    """Peak resident memory (sampled) and peak CUDA allocation over the block, with its wall time."""
+    peak = PeakMemory(rss_bytes=_rss_bytes())
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            peak.rss_bytes = max(peak.rss_bytes, _rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak.rss_bytes = max(peak.rss_bytes, _rss_bytes())
+        peak.seconds = time.perf_counter() - start
+        if torch.cuda.is_available():
+            peak.cuda_bytes = torch.cuda.max_memory_allocated()

@@ -1,0 +1,188 @@
+"""``prune``: choose keep-sets from calibration data with a method, apply them, and report.
+
+The pipeline reads like the product: trace -> calibrate -> score -> allocate -> rewrite. Methods are
+rows of one table (``METHODS``); each names its score, its allocation and what calibration it needs.
+Sparsity is the fraction of the *prunable* parameters removed: the parameters of the selected groups
+(attention heads and MLP channels of a transformer, conv channels of a CNN); embeddings, norms and the
+LM head are not prunable by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from structprune_graph.passes import ApplyPass, RewriteRequest
+from structprune_graph.passes.allocate import AllocatePass, AllocationRequest, prunable_params
+from structprune_graph.passes.calibrate import Calibration, CalibratePass, CalibrationRequest, LossFn
+from structprune_graph.passes.score import ScorePass, ScoreRequest
+
+from .errors import StructPruneError
+from .evaluate import count_params, track_peak_memory
+from .graph import DependencyGraph, Group, trace
+from .plan import Plan
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    score: str  # see passes/score.py
+    allocation: str  # "uniform" (local) or "global"
+    per_param: bool = True  # global ranking by score per parameter
+    input_stats: bool = False
+    gradients: bool = False
+    bias_compensation: bool = False
+    summary: str = ""
+
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
+    Method("magnitude", "magnitude", "uniform", summary="L2 norm of each unit's weights, same fraction per group"),
+    Method("wanda-sp", "wanda-sp", "uniform", input_stats=True,
+           summary="|W| x ||X|| of the consuming layer's input channels, same fraction per group"),
+    Method("flap", "flap", "global", per_param=False, input_stats=True, bias_compensation=True,
+           summary="input-fluctuation metric, standardised per group, ranked globally, bias compensation"),
+    Method("taylor-global", "taylor", "global", gradients=True,
+           summary="first-order Taylor |w * dL/dw| from a full backward pass, ranked globally per parameter"),
+)})
+DEFAULT_METHOD = "flap"
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    method: str
+    sparsity_target: float
+    sparsity_achieved: float  # removed / prunable parameters
+    prunable_params: int
+    params_before: int
+    params_after: int
+    seconds: float
+    peak_rss_bytes: int
+    peak_cuda_bytes: Optional[int]
+    calibration_batches: int
+    kept_fraction: Mapping[str, float]  # group id -> fraction of units kept
+    group_kinds: Mapping[str, str]
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # evaluation added by the caller (ppl, FLOPs, ...)
+
+    def with_metrics(self, **metrics: Any) -> "PruneReport":
+        return PruneReport(**{**asdict(self), "metrics": {**self.metrics, **metrics}})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_groups(graph: DependencyGraph, kinds: Optional[Sequence[str]] = None) -> tuple[Group, ...]:
+    """The groups a method prunes: by default every prunable group except the hidden dim; for
+    grouped-query attention the query-head slots (KV heads stay) rather than whole KV groups."""
+    chosen = [g for g in graph.prunable_groups if (g.kind in kinds if kinds else g.kind != "hidden")]
+    slot_modules = {g.module for g in chosen if g.kind == "query_head"}
+    if not kinds or "kv_group" not in kinds or "query_head" in kinds:
+        chosen = [g for g in chosen if not (g.kind == "kv_group" and g.module in slot_modules)]
+    if not chosen:
+        raise StructPruneError(f"no prunable groups of kinds {list(kinds) if kinds else 'any but hidden'}; "
+                               f"run `structprune inspect` to see the model's groups and why they are pinned")
+    return tuple(chosen)
+
+
+def _bias_compensation(model: nn.Module, groups: Sequence[Group], keep: Mapping[str, Sequence[int]],
+                       inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """FLAP: a removed input channel j of a layer contributes W[:, j] * mean(x_j) on average; add it to
+    the layer's bias so the output keeps its mean."""
+    from .module_attrs import input_dim
+
+    updates: dict[str, torch.Tensor] = {}
+    for g in groups:
+        dropped = [u for u in range(g.size) if u not in set(keep[g.id])]
+        for m in g.members:
+            path, _, attr = m.name.rpartition(".")
+            if attr != "weight" or path not in inputs or not dropped:
+                continue
+            layer = model.get_submodule(path)
+            if not isinstance(layer, nn.Linear) and input_dim(layer) != 0:
+                continue  # convolutions: the mean over a receptive field is not a bias (padding)
+            channels = torch.tensor([i for u in dropped for i in m.indices[u]], dtype=torch.long)
+            mean = inputs[path].mean[channels].to(layer.weight.dtype)  # (removed,)
+            w = layer.weight.detach().index_select(m.dim, channels)
+            delta = w @ mean if m.dim == 1 else mean @ w  # (out,)
+            updates[path] = updates.get(path, 0) + delta
+    return updates
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    model: nn.Module
+    plan: Plan
+    report: PruneReport
+    graph: DependencyGraph = field(repr=False)
+    example_inputs: Any = field(repr=False, default=None)
+    calibration: Optional[Calibration] = field(repr=False, default=None)  # reusable for other sparsities
+
+    def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None) -> Path:
+        from .report import write_report
+        from .storage import save_pruned
+
+        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer,
+                           write_report=write_report)
+
+
+def _as_batches(calibration: Iterable[Any]) -> tuple[Any, ...]:
+    batches = tuple(calibration)
+    if not batches:
+        raise StructPruneError("calibration is empty: pass an iterable of model inputs (tensors or dicts)")
+    return batches
+
+
+def _tracing_inputs(batch: Any) -> Any:
+    """Two examples of the first calibration batch suffice to trace (labels are per dimension)."""
+    if isinstance(batch, Mapping):
+        return {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return (batch[:2],)
+    return tuple(batch)
+
+
+def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method: str = DEFAULT_METHOD, *,
+          kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
+          graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None) -> PruneResult:
+    """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
+    calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
+    ``reuse``: a previous result of the same method and model whose graph and calibration statistics
+    are used again (another sparsity without another calibration pass). The input model is not modified."""
+    if method not in METHODS:
+        raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    spec = METHODS[method]
+    batches = _as_batches(calibration)
+    example_inputs = example_inputs if example_inputs is not None else _tracing_inputs(batches[0])
+    if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):
+        raise StructPruneError("reuse= needs a result of the same method on the same model")
+    with track_peak_memory() as peak:
+        graph = graph or (reuse.graph if reuse is not None else trace(model, example_inputs))
+        groups = select_groups(graph, kinds)
+        calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
+            model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
+        scores = ScorePass()(ScoreRequest(model, groups, spec.score, calib)).state
+        allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, spec.allocation,
+                                                      spec.per_param)).state
+        updates = _bias_compensation(model, groups, allocation.keep, calib.inputs) if spec.bias_compensation else {}
+        pruned = ApplyPass()(RewriteRequest(model, graph, allocation.keep, updates)).state
+    total = prunable_params(groups)
+    by_id = {g.id: g for g in groups}
+    report = PruneReport(
+        method=method, sparsity_target=sparsity, sparsity_achieved=allocation.removed_params / total,
+        prunable_params=total, params_before=count_params(model), params_after=count_params(pruned),
+        seconds=peak.seconds, peak_rss_bytes=peak.rss_bytes, peak_cuda_bytes=peak.cuda_bytes,
+        calibration_batches=len(batches),
+        kept_fraction={gid: len(kept) / by_id[gid].size for gid, kept in allocation.keep.items()},
+        group_kinds={g.id: g.kind for g in groups})
+    plan = Plan.from_keep(graph, model, allocation.keep,
+                          meta={"method": method, "sparsity": sparsity, "bias_compensated": sorted(updates)})
+    return PruneResult(pruned, plan, report, graph, example_inputs, calib)

@@ -1,0 +1,111 @@
+"""Saving a pruned model to a folder and loading it back.
+
+Stock transformers cannot express per-layer head counts or widths, so a folder holds the original
+config, the plan (keep-sets) and the pruned weights; ``load`` rebuilds the architecture from the config,
+re-applies the plan's structure (trace + rewrite) and loads the weights. Folders are written to a
+temporary sibling and renamed at the end: an interrupted run leaves nothing half-written, and an
+existing folder is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+from torch import nn
+
+from .errors import StructPruneError
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+
+
+class OutputExistsError(StructPruneError, FileExistsError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+def check_output_dir(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {directory} exists; pass --overwrite (overwrite=True) to replace "
+                                f"it, or choose another folder")
+
+
+def _input_spec(example_inputs: Any) -> dict:
+    if isinstance(example_inputs, dict):
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+    raise StructPruneError("saving needs keyword example inputs (a dict) so that load() can trace the model again")
+
+
+def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any,
+                write_report: Callable[[Path, Any], None]) -> Path:
+    from safetensors.torch import save_model
+
+    check_output_dir(directory, overwrite)
+    model = result.model
+    config = getattr(model, "config", None)
+    if config is None:
+        raise StructPruneError("save() rebuilds models from a transformers config; for other models save "
+                               "result.plan and result.model.state_dict() yourself and use apply_plan()")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        config.save_pretrained(tmp)
+        result.plan.save(tmp / "plan.json")
+        meta = {"format": FORMAT, "architecture": type(model).__name__,
+                "example_inputs": _input_spec(result.example_inputs),
+                "bias_added": [p for p in result.plan.meta.get("bias_compensated", [])]}
+        (tmp / "structprune.json").write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        write_report(tmp, result.report)
+        if directory.exists():
+            backup = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.replace(directory, backup / "old")
+            os.replace(tmp, directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load(directory: Union[str, Path]) -> nn.Module:
+    """Rebuild a pruned model saved by ``PruneResult.save`` / ``structprune prune``."""
+    import transformers
+    from safetensors.torch import load_model
+
+    from .api import apply
+    from .graph import trace
+    from .plan import Plan
+
+    directory = Path(directory)
+    meta_path = directory / "structprune.json"
+    if not meta_path.is_file():
+        raise StructPruneError(f"{directory} is not a structprune output folder (no structprune.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise StructPruneError(f"{meta_path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    model = getattr(transformers, meta["architecture"])(config).eval()
+    inputs = {k: torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in meta["example_inputs"].items()}
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] += 1
+    plan = Plan.load(directory / "plan.json")
+    graph = trace(model, inputs)
+    pruned = apply(model, graph, plan.keep)  # the structure; the weights come next
+    for path in meta.get("bias_added", []):
+        layer = pruned.get_submodule(path)
+        if getattr(layer, "bias", None) is None:
+            out = layer.weight.shape[1 if type(layer).__name__ == "Conv1D" else 0]
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
+    load_model(pruned, str(directory / WEIGHTS), strict=True)  # raises on any missing or extra tensor
+    return pruned.eval()
