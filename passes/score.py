@@ -3,8 +3,9 @@
 - ``magnitude``: L2 norm of all the unit's weights (group magnitude).
 - ``wanda-sp``: Wanda made structured (as in the FLAP paper's baseline): for each input channel j of a
   consumer layer, sum_i |W_ij| * ||X_j||_2, summed over the unit's channels.
-- ``flap``: FLAP's fluctuation metric: Var(X_j) * ||W_:,j||^2 over the unit's consumer channels,
-  then standardised (z-score) within each group so that groups can be ranked against each other.
+- ``flap``: FLAP's fluctuation metric Var(X_j) * ||W_:,j||^2 per input channel of the consumer layer
+  (squared once more for attention, as FLAP's code does), standardised (z-score) over that layer's
+  channels, and averaged over the unit's channels: comparable across layers and kinds for a global ranking.
 - ``taylor``: first-order Taylor, sum over the unit's weights of |w * dL/dw|.
 """
 
@@ -60,17 +61,15 @@ class ScorePass(Pass[ScoreRequest, Scores]):
                 for m in g.members:
                     if not m.is_param:
                         continue
-                    scores += self._member_scores(state, params, m.name, m.dim, m.indices)
+                    scores += self._member_scores(state, params, m.name, m.dim, m.indices, g.kind)
                 if state.score == "magnitude":  # members returned squared norms: L2 of the whole unit
                     scores = scores.sqrt()
-                if state.score == "flap" and g.size > 1:  # standardise within the group
-                    scores = (scores - scores.mean()) / scores.std().clamp_min(1e-12)
                 per_unit[g.id] = tuple(scores.tolist())
         return PassResult(Scores(per_unit), modified=False)
 
     @staticmethod
     def _member_scores(state: ScoreRequest, params: Mapping[str, torch.Tensor], name: str, dim: int,
-                       indices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+                       indices: tuple[tuple[int, ...], ...], kind: str) -> torch.Tensor:
         w = params[name].detach()
         if state.score == "magnitude":  # squared: rooted once all members are summed
             return torch.tensor([float((s.double() ** 2).sum()) for s in _unit_slices(w, dim, indices)])
@@ -84,6 +83,9 @@ class ScorePass(Pass[ScoreRequest, Scores]):
         per_channel_axes = [d for d in range(w.dim()) if d != dim]
         if state.score == "wanda-sp":
             col = w.abs().double().sum(per_channel_axes) * stats.l2  # (channels,)
-        else:  # flap
-            col = (w.double() ** 2).sum(per_channel_axes) * stats.variance
-        return torch.tensor([float(col[list(u)].sum()) for u in indices])
+            return torch.tensor([float(col[list(u)].sum()) for u in indices])
+        col = (w.double() ** 2).sum(per_channel_axes) * stats.variance  # flap: (channels,)
+        if kind in ("attention_head", "query_head", "kv_group"):
+            col = col ** 2
+        col = (col - col.mean()) / col.std().clamp_min(1e-12)
+        return torch.tensor([float(col[list(u)].mean()) for u in indices])
