@@ -1,7 +1,7 @@
 """Allocation pass: turn unit scores into keep-sets that remove a target number of parameters.
 
-- ``uniform``: every group removes the same fraction of its units (local pruning, as Wanda-sp and
-  magnitude baselines do).
+- ``uniform``: every group removes (as nearly as units allow) the same fraction of its units (local
+  pruning, as the Wanda-sp and magnitude baselines do).
 - ``global``: units of all groups are ranked together and the lowest are removed until the budget is
   met; ``per_param`` ranks by score per parameter removed (units of different cost, e.g. heads and MLP
   channels, compete fairly), otherwise by the raw (e.g. standardised) score as FLAP does.
@@ -85,15 +85,24 @@ class AllocatePass(Pass[AllocationRequest, Allocation]):
 
     @staticmethod
     def _uniform_counts(groups: tuple[Group, ...], sparsity: float, target: int) -> dict[str, int]:
-        """Every group removes floor(sparsity * units); then the groups with the largest remainders give
-        one more unit each while that brings the total closer to the parameter target."""
-        counts = {g.id: min(int(sparsity * g.size), g.size - g.min_keep) for g in groups}
+        """Water-filling: repeatedly take one more unit from the group whose removed fraction would stay
+        the lowest, while that brings the total closer to the parameter target. Every group ends near the
+        same fraction; coarse groups (3 head slots) are cut only when their share is due."""
+        import heapq
+
+        counts = {g.id: 0 for g in groups}
         cost = {g.id: sum(g.unit_params) / g.size for g in groups}
-        total = sum(counts[g.id] * cost[g.id] for g in groups)
-        for g in sorted(groups, key=lambda g: (-(sparsity * g.size - int(sparsity * g.size)), g.id)):
-            if counts[g.id] < g.size - g.min_keep and abs(total + cost[g.id] - target) < abs(total - target):
-                counts[g.id] += 1
-                total += cost[g.id]
+        heap = [(1 / g.size, g.id, g.size, g.size - g.min_keep) for g in groups if g.size > g.min_keep]
+        heapq.heapify(heap)
+        total = 0.0
+        while heap:
+            _, gid, size, room = heapq.heappop(heap)
+            if abs(total + cost[gid] - target) >= abs(total - target):
+                continue  # this group's unit overshoots; a cheaper one may still fit
+            counts[gid] += 1
+            total += cost[gid]
+            if counts[gid] < room:
+                heapq.heappush(heap, ((counts[gid] + 1) / size, gid, size, room))
         return counts
 
     def ensures(self, state: AllocationRequest, result: PassResult[Allocation]) -> None:

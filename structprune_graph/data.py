@@ -32,12 +32,18 @@ class WindowSpec:
 
 
 def _pydoc_text(split: Split) -> str:
+    """Topics sorted by name, first half for calibration, second for evaluation; topics repeat some
+    paragraphs, so the evaluation half drops every paragraph the calibration half also has."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    half = len(keys) // 2  # whole topics on each side: the halves share no paragraph
-    chosen = keys[:half] if split == "calibration" else keys[half:]
-    return "\n\n".join(topics[k].strip() for k in chosen)
+    half = len(keys) // 2
+    calibration = "\n\n".join(topics[k].strip() for k in keys[:half])
+    if split == "calibration":
+        return calibration
+    seen = {p.strip() for p in calibration.split("\n\n")}
+    paragraphs = (p for k in keys[half:] for p in topics[k].strip().split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p.strip() not in seen)
 
 
 def _hub_text(name: str, split: Split) -> str:

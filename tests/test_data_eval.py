@@ -1,0 +1,68 @@
+"""Data windows, perplexity against a direct computation, FLOPs and memory tracking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from structprune_graph import data, evaluate
+from structprune_graph.zoo import ZOO, build_eval
+
+
+def test_perplexity_matches_a_direct_computation():
+    model = build_eval(next(e for e in ZOO if e.name == "llama"))
+    windows = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits, dim=-1)  # (3, 10, vocab)
+    nll = [-logp[w, t, windows[w, t + 1]].item() for w in range(3) for t in range(9)]
+    assert evaluate.perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(
+        math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_calibration_windows_are_disjoint_seeded_and_checked():
+    tokens = torch.arange(1000)
+    a = data.calibration_windows(tokens, data.WindowSpec(samples=5, seqlen=100, seed=1))
+    b = data.calibration_windows(tokens, data.WindowSpec(samples=5, seqlen=100, seed=1))
+    assert torch.equal(a, b) and a.shape == (5, 100)
+    assert len(set(a[:, 0].tolist())) == 5 and all(int(s) % 100 == 0 for s in a[:, 0])
+    with pytest.raises(data.DataError, match=r"needs 11 windows of 100 tokens \(1,100 tokens\) but the text has "
+                                             r"1,000 tokens \(10 windows\)"):
+        data.calibration_windows(tokens, data.WindowSpec(samples=11, seqlen=100))
+
+
+def test_evaluation_windows_follow_sparsegpt():
+    w = data.evaluation_windows(torch.arange(2049), 1024)
+    assert w.shape == (2, 1024) and w[1, 0] == 1024
+    with pytest.raises(data.DataError, match="at least one window of 1024 tokens; the text has 10"):
+        data.evaluation_windows(torch.arange(10), 1024)
+
+
+def test_pydoc_halves_are_disjoint_and_large():
+    calib, held_out = data.load_text("pydoc", "calibration"), data.load_text(None, "evaluation")
+    assert len(calib) > 100_000 and len(held_out) > 100_000
+    assert not {p.strip() for p in calib.split("\n\n")} & {p.strip() for p in held_out.split("\n\n")}
+
+
+def test_text_files_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "b.txt").write_text("second file")
+    assert data.load_text(tmp_path / "a.txt", "calibration") == "first file"
+    assert data.load_text(tmp_path, "evaluation") == "first file\n\nsecond file"
+    with pytest.raises(data.DataError, match="no text at"):
+        data.load_text(tmp_path / "missing.txt", "calibration")
+
+
+def test_flops_per_token_count_the_matmuls():
+    model = build_eval(next(e for e in ZOO if e.name == "llama"))
+    flops = evaluate.flops_per_token(model, seqlen=16)
+    linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
+    assert 2 * linear <= flops <= 2 * linear * 1.2  # attention scores add a little on top of the weights
+
+
+def test_peak_memory_sees_an_allocation():
+    with evaluate.track_peak_memory() as peak:
+        block = torch.ones(64, 2**20)  # 256 MiB
+        del block
+    assert peak.rss_bytes > 256 * 2**20 and peak.seconds > 0
