@@ -19,6 +19,7 @@ from torch import nn
 
 from structprune_graph.errors import StructPruneError
 from structprune_graph.graph import Group
+from structprune_graph.module_attrs import input_dim
 
 from ._infra import Pass, PassResult
 from .calibrate import Calibration
@@ -78,8 +79,8 @@ class ScorePass(Pass[ScoreRequest, Scores]):
             return torch.tensor([float(s.sum()) for s in _unit_slices(sal, dim, indices)])
         path = name.rpartition(".")[0]
         stats = state.calibration.inputs.get(path)
-        if stats is None or not name.endswith(".weight"):
-            return torch.zeros(len(indices), dtype=torch.float64)  # not a consumer side of the unit
+        if stats is None or not name.endswith(".weight") or input_dim(state.model.get_submodule(path)) != dim:
+            return torch.zeros(len(indices), dtype=torch.float64)  # not the input side of a consuming layer
         per_channel_axes = [d for d in range(w.dim()) if d != dim]
         if state.score == "wanda-sp":
             col = w.abs().double().sum(per_channel_axes) * stats.l2  # (channels,)

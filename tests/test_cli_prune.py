@@ -1,0 +1,53 @@
+"""`structprune prune` end to end on a tiny Llama with SmolLM2's tokenizer and a small text file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from structprune_graph.cli import main
+from structprune_graph.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True))
+    root = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    text = " ".join(f"The {i}th sentence of a small corpus talks about pruning and models." for i in range(400))
+    (root / "text.txt").write_text(text)
+    return root
+
+
+def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
+    out = tiny_model_dir / "out"
+    args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "wanda-sp", "--calib",
+            str(tiny_model_dir / "text.txt"), "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
+            "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda-sp" and report["params_after"] < report["params_before"]
+    assert report["metrics"]["eval_windows"] == 2 and report["metrics"]["ppl_after"] > 0
+    assert (out / "kept.png").stat().st_size > 1000 and (out / "tokenizer").is_dir()
+    assert "wrote" in capsys.readouterr().out
+    assert main(args) == 2  # the folder exists now: refused without --overwrite
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_prune_reports_too_little_text(tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "structprune_graph.cli", "prune", str(tiny_model_dir / "model"),
+                             "--calib", str(tiny_model_dir / "text.txt"), "--calib-samples", "10000",
+                             "--out", str(tiny_model_dir / "never")], capture_output=True, text=True)
+    assert result.returncode == 2 and "calibration needs 10000 windows" in result.stderr
+    assert not (tiny_model_dir / "never").exists()
