@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from structprune_graph.errors import KeepSetError, RewriteError
 from structprune_graph.graph import DependencyGraph
+from structprune_graph.verify import verify_rewrite
 from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer
 
 from ._infra import Pass, PassResult
@@ -188,10 +189,4 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         model.recompile()
 
     def ensures(self, state: RewriteRequest, result: PassResult[nn.Module]) -> None:
-        kept = state.graph.kept_indices(validate_keep(state.graph, state.keep))
-        tensors = dict(result.state.named_parameters())
-        tensors.update(dict(result.state.named_buffers()))
-        for name, shape in {**state.graph.param_shapes, **state.graph.buffer_shapes}.items():
-            want = tuple(len(kept[(name, d)]) if (name, d) in kept else s for d, s in enumerate(shape))
-            if name in tensors and tuple(tensors[name].shape) != want:
-                raise RewriteError(f"rewrite pass: {name} has shape {tuple(tensors[name].shape)}, expected {want}")
+        verify_rewrite(state.graph, validate_keep(state.graph, state.keep), result.state, tuple(state.bias_updates))

@@ -407,5 +407,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional
         buffer_shapes={n: s for n, s in shapes.items() if not interp.is_param[n]},
         aliases={k: tuple(v) for k, v in aliases.items()}, unsupported=tuple(interp.unsupported),
         fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites))
+    from .verify import verify_graph
+
+    verify_graph(graph)
     logger.info("traced %s: %d groups (%d prunable)", type(model).__name__, len(groups), len(graph.prunable_groups))
     return graph

@@ -65,3 +65,20 @@ def test_depthwise_conv_groups_follow_channels():
     pruned = sp.apply(model, graph, {"conv_channel:stem.weight[0]": list(range(0, 16, 2))})
     assert pruned.dw.groups == 8 and pruned.dw.in_channels == 8 and pruned.bn0.num_features == 8
     assert pruned.bn0.running_mean.shape == (8,)
+
+
+def test_verify_catches_a_broken_group_and_a_wrong_shape():
+    import dataclasses
+
+    import pytest
+
+    from structprune_graph.verify import InvariantError, verify_graph, verify_rewrite
+
+    _, model, graph = traced("plain_mlp")
+    g = graph.group("mlp_channel:fc1.weight[0]")
+    m = g.members[0]
+    bad = dataclasses.replace(g, members=(dataclasses.replace(m, indices=(m.indices[1],) + m.indices[1:]),) + g.members[1:])
+    with pytest.raises(InvariantError, match="gives one index to two units"):
+        verify_graph(dataclasses.replace(graph, groups=(bad,)))
+    with pytest.raises(InvariantError, match=r"fc1.weight has shape \(32, 12\), expected \(3, 12\)"):
+        verify_rewrite(graph, {g.id: [0, 1, 2]}, model)
