@@ -12,7 +12,8 @@ Every job runs in its own subprocess (so its peak memory is its own); the first 
 the whole pipeline (time and peak RSS are measured there), later sparsities reuse its calibration.
 Writes ``OUT/llm_baselines.json`` and ``OUT/llm_baselines.md``.
 
-Run: ``python examples/llm_baselines.py [--calib-samples 128] [--out results]`` (~1 h on 2 cores).
+Run: ``pip install -e ".[bench]" && python examples/llm_baselines.py [--calib-samples 128] [--out results]``
+(~1.5 h on 2 cores).
 """
 
 from __future__ import annotations

@@ -125,8 +125,17 @@ def load_model(spec: Optional[Union[str, Path]] = None) -> nn.Module:
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = AutoModelForCausalLM if causal else AutoModel
         return cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    elif path.exists():
+        tried.append(f"local folder {path} (no config.json)")
     else:
-        tried.append(f"local folder {path} (no config.json)" if path.exists() else f"path {path} (does not exist)")
+        tried.append(f"path {path} (does not exist)")
+        if "/" in str(spec) and not str(spec).startswith((".", "/", "~")):  # looks like a hub id: org/name
+            try:
+                from transformers import AutoModelForCausalLM
+
+                return AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch.float32).eval()
+            except Exception as err:  # noqa: BLE001 - reported in the error below
+                tried.append(f"hub id {spec} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
     tried.append("the embedded default 'smollm2' (not requested)")
     raise ModelNotFoundError(f"cannot load model {str(spec)!r}; tried: " + "; ".join(tried) +
                              ". Pass a transformers folder (with config.json), a .gguf file, or 'smollm2'.")

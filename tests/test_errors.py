@@ -74,3 +74,12 @@ def test_unknown_model_path_lists_what_was_tried(tmp_path):
         load_model(tmp_path / "missing")
     with pytest.raises(sp.ModelNotFoundError, match=r"no config.json"):
         load_model(tmp_path)
+
+
+def test_unreachable_hub_id_is_reported(monkeypatch, tmp_path):
+    from structprune_graph.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(sp.ModelNotFoundError, match=r"tried: path some-org/some-model \(does not exist\); hub id some-org/some-model"):
+        load_model("some-org/some-model")
