@@ -1,2 +1,5 @@
-"""Exporters of pruned models (installed as ``structprune_graph.exporters``). ONNX export with
-onnxruntime validation is tracked in its own issue; nothing is exported from here yet."""
+"""Exporters of dense or pruned models (installed as ``structprune_graph.exporters``)."""
+
+from .onnx import ExportError, ExportResult, ExportValidationError, export_onnx, validate_onnx
+
+__all__ = ["export_onnx", "validate_onnx", "ExportResult", "ExportError", "ExportValidationError"]

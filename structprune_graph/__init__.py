@@ -7,12 +7,19 @@ from .graph import DependencyGraph, Group, Member, trace
 from .plan import Plan
 from .pruning import METHODS, PruneReport, PruneResult, prune
 from .storage import load
+
+
+def export_onnx(*args, **kwargs):
+    """See ``structprune_graph.exporters.onnx.export_onnx`` (imported lazily: onnx is heavy)."""
+    from structprune_graph.exporters import export_onnx as _export
+
+    return _export(*args, **kwargs)
 from .registry import CouplingRule, ModuleForm, Registry, default_registry
 
 __all__ = [
     "trace", "mask", "apply", "apply_plan", "Plan", "DependencyGraph", "Group", "Member", "Registry",
     "CouplingRule", "ModuleForm", "default_registry", "StructPruneError", "TraceError", "KeepSetError",
     "PlanMismatchError", "RewriteError", "ModelNotFoundError", "prune", "load", "METHODS", "PruneResult",
-    "PruneReport",
+    "PruneReport", "export_onnx",
 ]
 __version__ = "0.1.0"

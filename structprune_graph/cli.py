@@ -93,6 +93,25 @@ def _prune(args: argparse.Namespace) -> int:
           f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
           f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total {report.metrics['total_seconds']} s")
     print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); load it with structprune_graph.load()")
+    if args.onnx:
+        _export_and_report(result.model, out, Path(args.onnx))
+    return 0
+
+
+def _export_and_report(model, folder: Path, onnx_path: Path) -> None:
+    from .exporters import export_onnx
+    from .storage import example_inputs_of
+
+    result = export_onnx(model, example_inputs_of(folder), onnx_path)
+    print(f"wrote {result.path} ({result.file_bytes / 2**20:,.1f} MiB, opset {result.opset}, {result.seconds:.1f} s); "
+          f"onnxruntime ({', '.join(result.providers)}) matches PyTorch on {len(result.checked_shapes)} input shapes, "
+          f"max |diff| {result.max_abs_diff:.2g}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .storage import load
+
+    _export_and_report(load(args.folder), Path(args.folder), Path(args.onnx))
     return 0
 
 
@@ -126,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     prune.add_argument("--out", default=None, help="output folder (default: ./pruned-MODEL-METHOD-SPARSITY)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.add_argument("--onnx", default=None, help="also export the pruned model to this ONNX file (validated)")
     prune.set_defaults(func=_prune)
+
+    export = sub.add_parser("export", help="export a pruned output folder to ONNX, validated with onnxruntime")
+    export.add_argument("folder", help="a folder written by `structprune prune`")
+    export.add_argument("--onnx", required=True, help="path of the .onnx file to write")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -78,6 +78,25 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any,
     return directory
 
 
+def _read_meta(directory: Path) -> dict:
+    meta_path = directory / "structprune.json"
+    if not meta_path.is_file():
+        raise StructPruneError(f"{directory} is not a structprune output folder (no structprune.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise StructPruneError(f"{meta_path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
+    return meta
+
+
+def example_inputs_of(directory: Union[str, Path]) -> dict:
+    """Inputs of the shapes the folder's model was traced with (token ids 0, attention mask 1)."""
+    meta = _read_meta(Path(directory))
+    inputs = {k: torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in meta["example_inputs"].items()}
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] += 1
+    return inputs
+
+
 def load(directory: Union[str, Path]) -> nn.Module:
     """Rebuild a pruned model saved by ``PruneResult.save`` / ``structprune prune``."""
     import transformers
@@ -88,17 +107,10 @@ def load(directory: Union[str, Path]) -> nn.Module:
     from .plan import Plan
 
     directory = Path(directory)
-    meta_path = directory / "structprune.json"
-    if not meta_path.is_file():
-        raise StructPruneError(f"{directory} is not a structprune output folder (no structprune.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise StructPruneError(f"{meta_path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
+    meta = _read_meta(directory)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = getattr(transformers, meta["architecture"])(config).eval()
-    inputs = {k: torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in meta["example_inputs"].items()}
-    if "attention_mask" in inputs:
-        inputs["attention_mask"] += 1
+    inputs = example_inputs_of(directory)
     plan = Plan.load(directory / "plan.json")
     graph = trace(model, inputs)
     pruned = apply(model, graph, plan.keep)  # the structure; the weights come next
