@@ -54,6 +54,19 @@ def latency_ms(path: Path, inputs: dict, threads: int, repeats: int, provider: s
     return statistics.median(times)
 
 
+def measure(name: str, method: str, sparsity: float, model, export_inputs: dict, inputs: dict, label: str,
+            args) -> dict:
+    """Export (validated), then time one input: one table row."""
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    export = sp.export_onnx(model, export_inputs, path)
+    row = {"model": name, "method": method, "sparsity": sparsity, "input": label, "params": count_params(model),
+           "file_mib": round(export.file_bytes / 2**20, 1), "gflops": round(flops(model, inputs) / 1e9, 3),
+           "export_s": round(export.seconds, 1), "validation_max_abs_diff": export.max_abs_diff,
+           "latency_ms": round(latency_ms(path, inputs, args.threads, args.repeats, args.provider), 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def language_model(args) -> list[dict]:
     from structprune_graph import data, models
 
@@ -65,18 +78,12 @@ def language_model(args) -> list[dict]:
     for s in args.sparsities:
         first = sp.prune(model, batches, s, method="flap", reuse=first)
         variants.append(("flap", s, first.model))
+    export_inputs = {"input_ids": windows[:2, :16], "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     rows = []
     for method, s, m in variants:
-        path = Path(tempfile.mkdtemp()) / "model.onnx"
-        export = sp.export_onnx(m, {"input_ids": windows[:2, :16], "attention_mask": torch.ones(2, 16, dtype=torch.long)}, path)
         for seq in (128, 512):
             inputs = {"input_ids": windows[:1, :seq].contiguous(), "attention_mask": torch.ones(1, seq, dtype=torch.long)}
-            rows.append({"model": "SmolLM2-135M", "method": method, "sparsity": s, "input": f"1 x {seq} tokens",
-                         "params": count_params(m), "file_mib": round(export.file_bytes / 2**20, 1),
-                         "gflops": round(flops(m, inputs) / 1e9, 3), "export_s": round(export.seconds, 1),
-                         "validation_max_abs_diff": export.max_abs_diff,
-                         "latency_ms": round(latency_ms(path, inputs, args.threads, args.repeats, args.provider), 2)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(measure("SmolLM2-135M", method, s, m, export_inputs, inputs, f"1 x {seq} tokens", args))
     return rows
 
 
@@ -98,15 +105,8 @@ def vision_models(args) -> list[dict]:
                                                                         example_inputs={"pixel_values": pixels}).model)
                                               for s in args.sparsities]
         for method, s, m in variants:
-            path = Path(tempfile.mkdtemp()) / "model.onnx"
-            export = sp.export_onnx(m, {"pixel_values": pixels}, path)
-            inputs = {"pixel_values": pixels[:1]}
-            rows.append({"model": name, "method": method, "sparsity": s, "input": "1 x 3 x 224 x 224",
-                         "params": count_params(m), "file_mib": round(export.file_bytes / 2**20, 1),
-                         "gflops": round(flops(m, inputs) / 1e9, 3), "export_s": round(export.seconds, 1),
-                         "validation_max_abs_diff": export.max_abs_diff,
-                         "latency_ms": round(latency_ms(path, inputs, args.threads, args.repeats, args.provider), 2)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(measure(name, method, s, m, {"pixel_values": pixels}, {"pixel_values": pixels[:1]},
+                                "1 x 3 x 224 x 224", args))
     return rows
 
 

@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 
 import structprune_graph as sp
+from structprune_graph.evaluate import main_output
 from structprune_graph.zoo import ZOO, build_eval
 
 
-def main_output(model, inputs):
+def run(model, inputs):
     with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return getattr(out, "logits", getattr(out, "last_hidden_state", out))
+        return main_output(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
 
 
 def measure(entry) -> dict:
@@ -35,7 +35,7 @@ def measure(entry) -> dict:
     gen = torch.Generator().manual_seed(0)
     keep = {g.id: sorted(torch.randperm(g.size, generator=gen)[: max(1, g.size // 2)].tolist())
             for g in graph.prunable_groups if g.mask_exact}
-    diff = (main_output(sp.apply(model, graph, keep), x) - main_output(sp.mask(model, graph, keep), x)).abs().max()
+    diff = (run(sp.apply(model, graph, keep), x) - run(sp.mask(model, graph, keep), x)).abs().max()
     dense = sum(p.numel() for p in model.parameters())
     in_groups = graph.prunable_param_count()
     return {"model": entry.name, "class": type(model).__name__, "params": dense, "nodes": len(graph.fx_graph.nodes),

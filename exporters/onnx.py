@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from structprune_graph.errors import StructPruneError
+from structprune_graph.evaluate import main_output
 
 OPSET = 20
 TWO_GB = 2 * 1024**3
@@ -75,13 +76,10 @@ class _MainOutput(nn.Module):
         if "input_ids" in kwargs and _accepts(self.model, "use_cache"):
             kwargs["use_cache"] = False
         out = self.model(**kwargs)
-        for attr in ("logits", "last_hidden_state"):
-            if hasattr(out, attr):
-                return getattr(out, attr)
-        if isinstance(out, torch.Tensor):
-            return out
-        raise ExportError(f"{type(self.model).__name__} returned {type(out).__name__}; export needs a tensor, "
-                          f"logits or last_hidden_state")
+        try:
+            return main_output(out)
+        except TypeError as err:
+            raise ExportError(f"{type(self.model).__name__}: {err}; export needs one tensor out") from None
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

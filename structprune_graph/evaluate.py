@@ -32,6 +32,16 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
     return math.exp(total / count)
 
 
+def main_output(output) -> torch.Tensor:
+    """The tensor a model's output stands for: ``logits``, else ``last_hidden_state``, else the tensor."""
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(output, attr):
+            return getattr(output, attr)
+    if isinstance(output, torch.Tensor):
+        return output
+    raise TypeError(f"{type(output).__name__} has no logits or last_hidden_state and is not a tensor")
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

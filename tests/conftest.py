@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import structprune_graph as sp
+from structprune_graph.evaluate import main_output
 from structprune_graph.zoo import ZOO, ZooEntry, build_eval
 
 ZOO_NAMES = [e.name for e in ZOO]
@@ -16,11 +17,7 @@ ZOO_NAMES = [e.name for e in ZOO]
 def run(model: torch.nn.Module, inputs) -> torch.Tensor:
     """The model's main output tensor (logits, hidden states, or the plain output)."""
     with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr)
-    return out
+        return main_output(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
 
 
 @functools.lru_cache(maxsize=None)
