@@ -136,13 +136,16 @@ def worker(args) -> None:
 
 
 def table(rows: list[dict]) -> str:
+    """One block per sparsity, methods in a fixed order (dense first)."""
+    order = ["dense", *OURS, *PEERS]
+    rows = sorted(rows, key=lambda r: (r["sparsity"], order.index(r["method"]) if r["method"] in order else 99))
     lines = ["| method | sparsity | removed | params | ppl austen | ppl pydoc | prune time (s) | peak RSS (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reuse = " (calibration reused)" if r.get("reused_calibration") else ""
+        timing = f"{r['prune_s']:.0f}{reuse} | {r['peak_rss_gib']:.2f}" if "prune_s" in r else "- | -"
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['achieved']:.1%} | {r['params']:,} | "
-                     f"{r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} | {r.get('prune_s', 0):.0f}{reuse} | "
-                     f"{r.get('peak_rss_gib', float('nan')):.2f} |")
+                     f"{r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} | {timing} |")
     return "\n".join(lines) + "\n"
 
 

@@ -170,11 +170,11 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
             model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
         scores = ScorePass()(ScoreRequest(model, groups, spec.score, calib)).state
-        allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, spec.allocation,
+        allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, graph.param_shapes, spec.allocation,
                                                       spec.per_param)).state
         updates = _bias_compensation(model, groups, allocation.keep, calib.inputs) if spec.bias_compensation else {}
         pruned = ApplyPass()(RewriteRequest(model, graph, allocation.keep, updates)).state
-    total = prunable_params(groups)
+    total = prunable_params(groups, graph.param_shapes)
     by_id = {g.id: g for g in groups}
     report = PruneReport(
         method=method, sparsity_target=sparsity, sparsity_achieved=allocation.removed_params / total,
