@@ -55,10 +55,10 @@ def latency_ms(path: Path, inputs: dict, threads: int, repeats: int, provider: s
 
 
 def measure(name: str, method: str, sparsity: float, model, export_inputs: dict, timed: dict[str, dict], args,
-            atol: float = 1e-4) -> list[dict]:
+            atol: float = 1e-4, rtol: float = 1e-4) -> list[dict]:
     """Export once (validated), then time each input: one table row per input."""
     path = Path(tempfile.mkdtemp()) / "model.onnx"
-    export = sp.export_onnx(model, export_inputs, path, atol=atol)
+    export = sp.export_onnx(model, export_inputs, path, atol=atol, rtol=rtol)
     rows = []
     for label, inputs in timed.items():
         rows.append({"model": name, "method": method, "sparsity": sparsity, "input": label,
@@ -86,8 +86,9 @@ def language_model(args) -> list[dict]:
                                    "attention_mask": torch.ones(1, seq, dtype=torch.long)} for seq in (128, 512)}
     rows = []
     for method, s, m in variants:
-        # 30 fp32 layers in another summation order: logits of magnitude ~20 differ by up to ~7e-4
-        rows += measure("SmolLM2-135M", method, s, m, export_inputs, timed, args, atol=1e-3)
+        # 30 fp32 layers in another summation order: logits differ by up to ~7e-4 (dense) and ~1.5e-2 (the
+        # degraded 50% model), i.e. ~1e-4 of the logit range: validated at 0.1% of it, the measured diff reported
+        rows += measure("SmolLM2-135M", method, s, m, export_inputs, timed, args, atol=1e-3, rtol=1e-3)
     return rows
 
 
@@ -130,11 +131,12 @@ def write(rows: list[dict], out: Path, args) -> None:
                                                        "repeats": args.repeats, "rows": rows}, indent=1))
     lines = [f"onnxruntime {args.provider.upper()}, {args.threads} threads, median of {args.repeats} runs",
              "", "| model | input | pruned | params | file (MiB) | GFLOPs | latency (ms) | speedup | ideal (FLOPs) "
-             "| fraction of ideal |", "|---" * 10 + "|"]
+             "| fraction of ideal | ONNX vs PyTorch max abs diff |", "|---" * 11 + "|"]
     for r in rows:
         pruned = "dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:.0%}"
         lines.append(f"| {r['model']} | {r['input']} | {pruned} | {r['params']:,} | {r['file_mib']} | {r['gflops']} | "
-                     f"{r['latency_ms']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |")
+                     f"{r['latency_ms']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | "
+                     f"{r['validation_max_abs_diff']:.1e} |")
     (out / "onnx_speedup.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -169,9 +171,11 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
+    parser.add_argument("--vision-rows", help="JSON lines of vision rows measured earlier (with --skip-vision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = ([] if args.skip_vision else vision_models(args)) + ([] if args.skip_llm else language_model(args))
+    earlier = [json.loads(line) for line in Path(args.vision_rows).read_text().splitlines()] if args.vision_rows else []
+    rows = earlier + ([] if args.skip_vision else vision_models(args)) + ([] if args.skip_llm else language_model(args))
     write(with_speedups(rows), Path(args.out), args)
     print((Path(args.out) / "onnx_speedup.md").read_text())
 

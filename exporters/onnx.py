@@ -8,8 +8,9 @@ The batch axis is dynamic (exported from a batch of 2: a batch of 1 gets fixed s
 sequence axis of token inputs. Files whose weights exceed 2 GB keep them as external data.
 
 Validation runs onnxruntime (CUDA or TensorRT provider when present, CPU otherwise) and PyTorch on a grid
-of fresh random inputs of several shapes and raises ``ExportValidationError`` listing every output that
-differs by more than ``atol + rtol * |reference|``.
+of fresh random inputs of several shapes and raises ``ExportValidationError`` listing every output whose
+largest difference exceeds ``atol + rtol * max|reference|`` (scale-aware: a deep fp32 model's logits of
+magnitude ~20-100 differ by ~1e-4-1e-3 in another summation order, while a wrong weight moves them by far more).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def validate_onnx(path: Union[str, Path], model: nn.Module, example_inputs: Any,
                 continue
             diff = (got - want).abs()
             worst = max(worst, float(diff.max()))
-            if bool((diff > atol + rtol * want.abs()).any()):
+            if float(diff.max()) > atol + rtol * float(want.abs().max()):  # scale-aware: logits reach ~10^2
                 mismatches.append(Mismatch("output", shapes, float(diff.max())))
     if mismatches:
         raise ExportValidationError(path, mismatches, atol, rtol)
