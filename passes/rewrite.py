@@ -14,7 +14,7 @@ from torch import fx, nn
 from structprune_graph.errors import KeepSetError, RewriteError
 from structprune_graph.graph import DependencyGraph
 from structprune_graph.verify import verify_rewrite
-from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer
+from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer, output_dim
 
 from ._infra import Pass, PassResult
 
@@ -137,9 +137,7 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         """Compensation of removed inputs (FLAP): bias += delta, creating the bias when the layer has none."""
         for path, delta in updates.items():
             layer = model.get_submodule(path)
-            bias_name = f"{path}.bias"
-            out_dim = 1 if type(layer).__name__ == "Conv1D" else 0
-            if (f"{path}.weight", out_dim) in kept or (bias_name, 0) in kept:
+            if (f"{path}.weight", output_dim(layer)) in kept or (f"{path}.bias", 0) in kept:
                 raise RewriteError(f"rewrite pass: bias update of {path} with its output channels pruned too "
                                    f"is not supported; exclude the group that prunes {path}'s outputs")
             with torch.no_grad():

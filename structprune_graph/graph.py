@@ -26,8 +26,6 @@ from .tracing import Captured, ExampleInputs, capture
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("attention_head", "kv_group", "query_head", "mlp_channel", "conv_channel", "hidden", "channel")
-
 
 @dataclass(frozen=True)
 class Member:

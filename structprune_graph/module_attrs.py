@@ -98,10 +98,17 @@ def fix_layer(module: nn.Module) -> None:
         _layer_norm(module)
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers: weight is (in, out)
+
+
 def input_dim(module: nn.Module):
     """Which dim of ``module.weight`` meets the layer's input channels (None: not a plain layer)."""
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return 1
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers: weight is (in, out)
-        return 0
-    return None
+    return 0 if _is_hf_conv1d(module) else None
+
+
+def output_dim(module: nn.Module) -> int:
+    """Which dim of ``module.weight`` holds the layer's output channels (the bias's dim)."""
+    return 1 if _is_hf_conv1d(module) else 0

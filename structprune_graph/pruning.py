@@ -30,8 +30,6 @@ from .plan import Plan
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMAT = 1
-
 
 @dataclass(frozen=True)
 class Method:
@@ -127,11 +125,9 @@ class PruneResult:
     calibration: Optional[Calibration] = field(repr=False, default=None)  # reusable for other sparsities
 
     def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None) -> Path:
-        from .report import write_report
         from .storage import save_pruned
 
-        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer,
-                           write_report=write_report)
+        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer)
 
 
 def _as_batches(calibration: Iterable[Any]) -> tuple[Any, ...]:

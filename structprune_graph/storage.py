@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -42,9 +42,10 @@ def _input_spec(example_inputs: Any) -> dict:
     raise StructPruneError("saving needs keyword example inputs (a dict) so that load() can trace the model again")
 
 
-def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any,
-                write_report: Callable[[Path, Any], None]) -> Path:
+def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any) -> Path:
     from safetensors.torch import save_model
+
+    from .report import write_report
 
     check_output_dir(directory, overwrite)
     model = result.model
@@ -59,8 +60,7 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any,
         config.save_pretrained(tmp)
         result.plan.save(tmp / "plan.json")
         meta = {"format": FORMAT, "architecture": type(model).__name__,
-                "example_inputs": _input_spec(result.example_inputs),
-                "bias_added": [p for p in result.plan.meta.get("bias_compensated", [])]}
+                "example_inputs": _input_spec(result.example_inputs)}
         (tmp / "structprune.json").write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -104,6 +104,7 @@ def load(directory: Union[str, Path]) -> nn.Module:
 
     from .api import apply
     from .graph import trace
+    from .module_attrs import output_dim
     from .plan import Plan
 
     directory = Path(directory)
@@ -114,10 +115,10 @@ def load(directory: Union[str, Path]) -> nn.Module:
     plan = Plan.load(directory / "plan.json")
     graph = trace(model, inputs)
     pruned = apply(model, graph, plan.keep)  # the structure; the weights come next
-    for path in meta.get("bias_added", []):
+    for path in plan.meta.get("bias_compensated", []):  # biases a method created (FLAP): make room for them
         layer = pruned.get_submodule(path)
         if getattr(layer, "bias", None) is None:
-            out = layer.weight.shape[1 if type(layer).__name__ == "Conv1D" else 0]
+            out = layer.weight.shape[output_dim(layer)]
             layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
     load_model(pruned, str(directory / WEIGHTS), strict=True)  # raises on any missing or extra tensor
     return pruned.eval()
