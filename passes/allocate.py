@@ -65,6 +65,18 @@ class ParamLedger:
             self.kept.update(saved)
         return removed
 
+    def restore(self, group: Group, unit: int, dry_run: bool = False) -> int:
+        """Parameters putting a removed unit back adds (the inverse of ``remove``)."""
+        before = {m.name: self.size(m.name) for m in group.members if m.is_param}
+        saved = {n: list(v) for n, v in self.kept.items() if n in before}
+        for m in group.members:
+            if m.is_param:
+                self.kept[m.name][m.dim] += len(m.indices[unit])
+        added = sum(self.size(n) - before[n] for n in before)
+        if dry_run:
+            self.kept.update(saved)
+        return added
+
 
 def prunable_params(groups: tuple[Group, ...], shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Parameters on at least one index of the groups (each counted once)."""

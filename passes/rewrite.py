@@ -29,6 +29,7 @@ class RewriteRequest:
     graph: DependencyGraph
     keep: Keep  # group id -> unit indices kept
     bias_updates: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer path -> added to its bias
+    weight_updates: Mapping[str, torch.Tensor] = field(default_factory=dict)  # parameter -> new full-shape value
 
 
 def validate_keep(graph: DependencyGraph, keep: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -58,18 +59,6 @@ def validate_keep(graph: DependencyGraph, keep: Mapping[str, Any]) -> dict[str, 
                                    f"({group.constraint}); got {len(indices)}")
         result[gid] = indices
     return result
-
-
-def _set_tensor(model: nn.Module, names: tuple[str, ...], value: torch.Tensor, is_param: bool) -> None:
-    """Assign ``value`` under every alias (tied weights stay tied)."""
-    new = nn.Parameter(value, requires_grad=value.requires_grad) if is_param else value
-    for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if is_param:
-            owner._parameters[attr] = new
-        else:
-            owner._buffers[attr] = new
 
 
 def _removed(graph: DependencyGraph, keep: Keep) -> dict[str, tuple[int, ...]]:
@@ -108,29 +97,40 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
 
     def call(self, state: RewriteRequest) -> PassResult[nn.Module]:
         graph, keep = state.graph, validate_keep(state.graph, state.keep)
-        model = copy.deepcopy(state.model)
         kept = graph.kept_indices(keep)
-        self._add_to_biases(model, graph, kept, state.bias_updates)
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        tensors = dict(state.model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(state.model.named_buffers(remove_duplicate=False)))
+        for name, value in state.weight_updates.items():
+            if name not in tensors or tensors[name].shape != value.shape:
+                raise RewriteError(f"rewrite pass: weight update for {name!r} does not match a parameter "
+                                   f"of that shape ({tuple(value.shape)})")
         by_name: dict[str, list[tuple[int, list[int]]]] = {}
         for (name, dim), indices in kept.items():
             by_name.setdefault(name, []).append((dim, indices))
+        # the copy is made with the sliced (and re-fitted) tensors already in place: the full-size
+        # duplicates of the pruned tensors never exist (peak memory: the input plus the pruned copy)
+        memo: dict[int, torch.Tensor] = {}
         touched_modules = set()
         with torch.no_grad():
-            for name, cuts in by_name.items():
-                value = tensors[name].detach()
-                for dim, indices in cuts:
+            for name in set(by_name) | set(state.weight_updates):
+                value = state.weight_updates.get(name, tensors[name]).detach()
+                for dim, indices in by_name.get(name, ()):
                     value = value.index_select(dim, torch.tensor(indices, dtype=torch.long))
-                value = value.clone().requires_grad_(tensors[name].requires_grad) if name in graph.param_shapes else value.clone()
-                _set_tensor(model, graph.aliases.get(name, (name,)), value, name in graph.param_shapes)
-                touched_modules.update(alias.rpartition(".")[0] for alias in graph.aliases.get(name, (name,)))
+                original = tensors[name]
+                value = value.clone()
+                if name in graph.param_shapes or isinstance(original, nn.Parameter):
+                    value = nn.Parameter(value, requires_grad=original.requires_grad)
+                memo[id(original)] = value
+                if name in by_name:
+                    touched_modules.update(alias.rpartition(".")[0] for alias in graph.aliases.get(name, (name,)))
+        model = copy.deepcopy(state.model, memo)
+        self._add_to_biases(model, graph, kept, state.bias_updates)
         for path in touched_modules:
             fix_layer(model.get_submodule(path))
         self._fix_attention_modules(model, graph, keep)
         if isinstance(model, fx.GraphModule) and graph.captured.frontend == "fx":
             self._fix_shape_literals(model, graph, keep)
-        return PassResult(model, bool(by_name) or bool(state.bias_updates))
+        return PassResult(model, bool(by_name) or bool(state.bias_updates) or bool(state.weight_updates))
 
     @staticmethod
     def _add_to_biases(model: nn.Module, graph: DependencyGraph, kept: Mapping, updates: Mapping[str, torch.Tensor]) -> None:

@@ -359,7 +359,10 @@ def _query_head_group(interp: _Interpreter, full: Resolution, hard: Resolution,
                 merged.setdefault(s, []).extend(idx)
         unit_members.append(merged)
     signature = tuple(sorted({s for u in unit_members for s in u}))
-    return _make_group(f"query_head:{module}", "query_head", interp.atoms.spaces, signature, unit_members, shapes,
+    # a flat graph (ExportedProgram.module()) has no attention module: name the group by its first tensor
+    first = interp.atoms.spaces[signature[0]]
+    name = module or f"{first.name}[{first.dim}]"
+    return _make_group(f"query_head:{name}", "query_head", interp.atoms.spaces, signature, unit_members, shapes,
                        prunable=True, reason=None,
                        mask_exact=not any(c in hard.flagged.get("reduced", ()) for c in flat),
                        heads_per_unit=len(site.query_heads) // slots, module=module)

@@ -27,6 +27,7 @@ from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import DependencyGraph, Group, trace
 from .plan import Plan
+from .solver import SolverConfig, SolverResult, SolverState, prepare, solve
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            summary="input-fluctuation metric, standardised per group, ranked globally, bias compensation"),
     Method("taylor-global", "taylor", "global", gradients=True,
            summary="first-order Taylor |w * dL/dw| from a full backward pass, ranked globally per parameter"),
+    Method("structprune", "obs", "softmax",
+           summary="block-wise structured OBS masks + least squares, softmax allocation of one global budget, "
+                   "ADMM across blocks (one block in memory at a time)"),
 )})
 DEFAULT_METHOD = "flap"
 
@@ -70,6 +74,7 @@ class PruneReport:
     kept_fraction: Mapping[str, float]  # group id -> fraction of units kept
     group_kinds: Mapping[str, str]
     metrics: Mapping[str, Any] = field(default_factory=dict)  # evaluation added by the caller (ppl, FLOPs, ...)
+    solver: Mapping[str, Any] = field(default_factory=dict)  # structprune: tau, ADMM errors, excluded groups
 
     def with_metrics(self, **metrics: Any) -> "PruneReport":
         return PruneReport(**{**asdict(self), "metrics": {**self.metrics, **metrics}})
@@ -123,6 +128,8 @@ class PruneResult:
     graph: DependencyGraph = field(repr=False)
     example_inputs: Any = field(repr=False, default=None)
     calibration: Optional[Calibration] = field(repr=False, default=None)  # reusable for other sparsities
+    solver_state: Optional[SolverState] = field(repr=False, default=None)  # structprune's dense sweep, reusable
+    solution: Optional[SolverResult] = field(repr=False, default=None)  # structprune: weights before/after ADMM
 
     def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None) -> Path:
         from .storage import save_pruned
@@ -148,11 +155,13 @@ def _tracing_inputs(batch: Any) -> Any:
 
 def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method: str = DEFAULT_METHOD, *,
           kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
-          graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None) -> PruneResult:
+          graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None,
+          solver: Optional[SolverConfig] = None) -> PruneResult:
     """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
     calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
     ``reuse``: a previous result of the same method and model whose graph and calibration statistics
-    are used again (another sparsity without another calibration pass). The input model is not modified."""
+    are used again (another sparsity without another calibration pass). ``solver``: the structprune
+    method's settings (ablations). The input model is not modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -160,25 +169,36 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     example_inputs = example_inputs if example_inputs is not None else _tracing_inputs(batches[0])
     if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):
         raise StructPruneError("reuse= needs a result of the same method on the same model")
+    solver = solver or SolverConfig()
+    calib, state, solved, details, updates, weights = None, None, None, {}, {}, {}
     with track_peak_memory() as peak:
         graph = graph or (reuse.graph if reuse is not None else trace(model, example_inputs))
         groups = select_groups(graph, kinds)
-        calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
-            model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
-        scores = ScorePass()(ScoreRequest(model, groups, spec.score, calib)).state
-        allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, graph.param_shapes, spec.allocation,
-                                                      spec.per_param)).state
-        updates = _bias_compensation(model, groups, allocation.keep, calib.inputs) if spec.bias_compensation else {}
-        pruned = ApplyPass()(RewriteRequest(model, graph, allocation.keep, updates)).state
+        if spec.score == "obs":
+            state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver)
+            solved = solve(model, state, batches, sparsity, solver, groups)
+            keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
+            details = {"config": solver.label(), "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
+                       "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
+                       "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded)}
+        else:
+            calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
+                model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
+            scores = ScorePass()(ScoreRequest(model, groups, spec.score, calib)).state
+            allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, graph.param_shapes, spec.allocation,
+                                                          spec.per_param)).state
+            keep, removed = allocation.keep, allocation.removed_params
+            updates = _bias_compensation(model, groups, keep, calib.inputs) if spec.bias_compensation else {}
+        pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
     total = prunable_params(groups, graph.param_shapes)
     by_id = {g.id: g for g in groups}
     report = PruneReport(
-        method=method, sparsity_target=sparsity, sparsity_achieved=allocation.removed_params / total,
+        method=method, sparsity_target=sparsity, sparsity_achieved=removed / total,
         prunable_params=total, params_before=count_params(model), params_after=count_params(pruned),
         seconds=peak.seconds, peak_rss_bytes=peak.rss_bytes, peak_cuda_bytes=peak.cuda_bytes,
         calibration_batches=len(batches),
-        kept_fraction={gid: len(kept) / by_id[gid].size for gid, kept in allocation.keep.items()},
-        group_kinds={g.id: g.kind for g in groups})
-    plan = Plan.from_keep(graph, model, allocation.keep,
+        kept_fraction={gid: len(kept) / by_id[gid].size for gid, kept in keep.items()},
+        group_kinds={g.id: g.kind for g in groups}, solver=details)
+    plan = Plan.from_keep(graph, model, keep,
                           meta={"method": method, "sparsity": sparsity, "bias_compensated": sorted(updates)})
-    return PruneResult(pruned, plan, report, graph, example_inputs, calib)
+    return PruneResult(pruned, plan, report, graph, example_inputs, calib, state, solved)

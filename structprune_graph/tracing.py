@@ -61,7 +61,8 @@ def plain(value: Any) -> Any:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Trace in eval mode (no dropout, running BN statistics) and give the model back as it came."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in modes:  # not model.eval(): the module of an ExportedProgram refuses it (its mode is fixed)
+        m.training = False
     try:
         yield
     finally:

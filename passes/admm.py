@@ -1,0 +1,194 @@
+"""ADMM pass: coordinate the separately solved blocks so that the pruned model's *output* (not each block's)
+matches the dense one. See ``docs/structprune_solver.md`` for the derivation; in short, with a_b the
+auxiliary output of block b, u_b its scaled dual, z the dense model's last-block output and f_b the pruned
+block (masks fixed, the residual-exit consumer's kept weights free), each round does
+
+  (i)   block step, b = 0..B-1: re-fit block b's residual-exit consumer (``down_proj``) by least squares so
+        that f_b(a_{b-1}) moves to the target a_b - u_b (z for the last block), then p_b = f_b(a_{b-1});
+  (ii)  auxiliary step, b = 0..B-2, using blocks b and b+1 only, with f_{b+1} linearised as a residual map
+        (f_{b+1}(a) ~ q_b + (a - a_b), q_b = f_{b+1}(a_b)):
+        a_b <- ((p_b + u_b) + (a_b + a_{b+1} - u_{b+1} - q_b)) / 2, and for the last auxiliary
+        a_{B-2} <- (rho (p + u) + 2 (a + z - q)) / (rho + 2);
+  (iii) dual step: u_b <- u_b + p_b - a_b.
+
+A block's residual-exit consumer is found by perturbation: adding delta to its output must add exactly
+delta to the block's output; a block without one only takes part in steps (ii) and (iii). The pass works
+on ``batches`` (a subset of the calibration data); a, u and p live in an ``ActivationStore`` (CPU, then
+disk). After the rounds, the weights of the round with the lowest output error on the subset are kept
+(round 0 is the sequential solution itself). Zero rounds returns the solution unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.graph import Group
+from structprune_graph.verify import InvariantError
+
+from ._infra import Pass, PassResult
+from .blockwise_calibrate import block_module
+from .obs import as_out_in, damped, from_out_in, is_linear
+from .partition import Block, Partition
+from .solve import BlockSolution, block_overrides, relative_error
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RHO = 1.0
+DEFAULT_ROUNDS = 2
+ADMM_DAMPING = 0.1  # stronger than the block solve's: the subset has fewer tokens than the calibration
+
+
+@dataclass(frozen=True)
+class AdmmRequest:
+    model: nn.Module
+    partition: Partition
+    groups: Mapping[str, Group]
+    inputs: Sequence[BlockInput]  # the first block's inputs for the ADMM batches
+    dense_final: torch.Tensor  # (batches, ...) the dense last-block outputs for the same batches
+    solution: BlockSolution
+    store: ActivationStore = field(compare=False)  # holds ("pruned", b): the sequential solution's outputs
+    rounds: int = DEFAULT_ROUNDS
+    rho: float = DEFAULT_RHO
+    damping: float = ADMM_DAMPING
+
+
+@dataclass(frozen=True)
+class AdmmResult:
+    solution: BlockSolution
+    output_errors: tuple[float, ...]  # relative error of the final output on the ADMM batches, per round (0 first)
+    best_round: int
+    coordinated_blocks: int  # blocks with a residual-exit consumer
+
+
+def residual_exit(module: nn.Module, inp: BlockInput, overrides: Mapping[str, torch.Tensor],
+                  candidates: Sequence[str]) -> Optional[str]:
+    """The last candidate layer whose output is added unchanged to the block's output."""
+    with torch.no_grad():
+        base = run_block(module, inp, overrides)
+        for path in reversed(candidates):
+            layer = module.get_submodule(path)
+            delta = torch.randn(layer.weight.shape[0] if isinstance(layer, nn.Linear) else layer.weight.shape[1],
+                                generator=torch.Generator().manual_seed(0)) * float(base.abs().mean())
+            handle = layer.register_forward_hook(lambda m, a, out: out + delta)
+            try:
+                moved = run_block(module, inp, overrides)
+            finally:
+                handle.remove()
+            if torch.allclose(moved - base, delta.expand_as(base), rtol=1e-3, atol=1e-4 * float(delta.abs().max())):
+                return path
+    return None
+
+
+class AdmmPass(Pass[AdmmRequest, AdmmResult]):
+    def call(self, state: AdmmRequest) -> PassResult[AdmmResult]:
+        blocks = state.partition.blocks
+        store = state.store
+        keep, weights = state.solution.keep, dict(state.solution.new_weights)
+        errors = [self._output_error(state, weights)]
+        if state.rounds == 0 or len(blocks) < 2:
+            return PassResult(AdmmResult(state.solution, tuple(errors), 0, 0), modified=False)
+        exits = self._exits(state, weights)
+        for b in range(len(blocks) - 1):
+            store.put(("a", b), store.get(("pruned", b)))
+            store.put(("u", b), torch.zeros_like(store.get(("pruned", b))))
+        best = (errors[0], 0, dict(weights))
+        for k in tqdm(range(1, state.rounds + 1), desc="admm", leave=False):
+            for block in blocks:  # (i) block step
+                target = (store.get(("a", block.index)) - store.get(("u", block.index))
+                          if block.index < len(blocks) - 1 else state.dense_final)
+                if exits.get(block.index):
+                    self._block_step(state, block, exits[block.index], target, keep, weights)
+                p = self._forward(state, block, self._inputs(state, block.index), keep, weights)
+                if block.index < len(blocks) - 1:
+                    store.put(("p", block.index), p)
+            for b in range(len(blocks) - 1):  # (ii) auxiliary step on blocks b and b+1, (iii) dual step
+                a, u, p = store.get(("a", b)), store.get(("u", b)), store.get(("p", b))
+                q = self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep, weights)
+                if b + 1 < len(blocks) - 1:  # a_{b+1} is still the previous round's: a Jacobi sweep
+                    nxt = store.get(("a", b + 1)) - store.get(("u", b + 1))
+                    a_new = ((p + u) + (a + nxt - q)) / 2
+                else:
+                    a_new = (state.rho * (p + u) + 2 * (a + state.dense_final - q)) / (state.rho + 2)
+                store.put(("u", b), u + p - a_new)
+                store.put(("a", b), a_new)
+                del a, u, p, q, a_new
+            errors.append(self._output_error(state, weights))
+            logger.info("admm round %d: output error %.4g", k, errors[-1])
+            if errors[-1] < best[0]:
+                best = (errors[-1], k, dict(weights))
+        solution = BlockSolution(keep, best[2], state.solution.block_errors)
+        return PassResult(AdmmResult(solution, tuple(errors), best[1], len(exits)), modified=best[1] > 0)
+
+    @staticmethod
+    def _inputs(state: AdmmRequest, b: int) -> list[BlockInput]:
+        if b == 0:
+            return list(state.inputs)
+        a = state.store.get(("a", b - 1))
+        return [inp.with_stream(a[i]) for i, inp in enumerate(state.inputs)]
+
+    @staticmethod
+    def _forward(state: AdmmRequest, block: Block, inputs: Sequence[BlockInput], keep, weights) -> torch.Tensor:
+        module = block_module(state.model, block)
+        overrides = block_overrides(state.model, block, state.groups, keep, weights)
+        with torch.no_grad():
+            return torch.stack([run_block(module, inp, overrides) for inp in inputs])
+
+    def _output_error(self, state: AdmmRequest, weights) -> float:
+        inputs = list(state.inputs)
+        out = None
+        for block in state.partition.blocks:
+            out = self._forward(state, block, inputs, state.solution.keep, weights)
+            inputs = [inp.with_stream(out[i]) for i, inp in enumerate(inputs)]
+        return relative_error(list(out), list(state.dense_final))
+
+    @staticmethod
+    def _exits(state: AdmmRequest, weights) -> dict[int, str]:
+        exits = {}
+        for block in state.partition.blocks:
+            module = block_module(state.model, block)
+            prefix = block.path + "." if block.path else ""
+            candidates = [n[len(prefix):].rpartition(".")[0] for n in weights if n.startswith(prefix)]
+            candidates = [c for c in candidates if is_linear(module.get_submodule(c))]
+            overrides = block_overrides(state.model, block, state.groups, state.solution.keep, weights)
+            found = residual_exit(module, state.inputs[0], overrides, candidates) if candidates else None
+            if found:
+                exits[block.index] = found
+            else:
+                logger.info("admm: block %s has no residual-exit consumer; it is not re-fitted", block.path)
+        return exits
+
+    def _block_step(self, state: AdmmRequest, block: Block, path: str, target: torch.Tensor, keep, weights) -> None:
+        """Least squares on the subset: kept columns of ``path`` move so the block output moves by D."""
+        module = block_module(state.model, block)
+        prefix = block.path + "." if block.path else ""
+        name = f"{prefix}{path}.weight"
+        layer = module.get_submodule(path)
+        w = as_out_in(layer, weights[name])  # (out, in)
+        kept = (w != 0).any(0).nonzero().flatten()  # removed columns are exactly zero
+        overrides = block_overrides(state.model, block, state.groups, keep, weights)
+        captured: list[torch.Tensor] = []
+        handle = module.get_submodule(path).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+        h = torch.zeros(len(kept), len(kept), dtype=torch.float64)
+        cross = torch.zeros(len(kept), w.shape[0], dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for i, inp in enumerate(self._inputs(state, block.index)):
+                    out = run_block(module, inp, overrides)
+                    x = captured.pop().reshape(-1, w.shape[1])[:, kept].double()  # (tokens, kept)
+                    d = (target[i] - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
+                    h += x.T @ x
+                    cross += x.T @ d
+        finally:
+            handle.remove()
+        step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, state.damping)))  # (kept, out)
+        w[:, kept] += step.T
+        if not torch.isfinite(w).all():
+            raise InvariantError(f"admm pass: non-finite weights in {name} at the block step; raise damping")
+        weights[name] = from_out_in(layer, w, weights[name])

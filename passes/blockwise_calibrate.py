@@ -1,0 +1,155 @@
+"""Block-wise calibration pass: one sweep of the calibration data through the dense blocks, one block at
+a time, collecting each block's second-order statistics and turning them into per-group error curves.
+
+For every block: H = X^T X of the input of each consumer layer of the block's groups (the layer that reads
+a group's channels: ``down_proj``, ``o_proj``, the next linear layer), from the block's own input (the
+dense trajectory); the greedy structured-OBS order of each group's units and the error of removing the
+first k of them (``passes/obs.py``), divided by the energy of the block's input stream so that blocks
+compare (a relative perturbation of the residual stream). The statistics of one block are dropped before
+the next block runs: only one block's H matrices exist at a time. The model is never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from structprune_graph.blockwise import BlockInput, run_block
+from structprune_graph.errors import StructPruneError
+from structprune_graph.graph import Group
+from structprune_graph.module_attrs import input_dim
+
+from ._infra import Pass, PassResult
+from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, greedy_obs, is_linear
+from .partition import Block, Partition
+
+
+@dataclass(frozen=True)
+class GroupCurve:
+    """The greedy removal order of a group's units and the relative error each removal adds."""
+
+    order: tuple[int, ...]
+    increments: tuple[float, ...]  # error added by order[i], relative to the block input energy
+
+    def error(self, k: int) -> float:
+        return float(sum(self.increments[:k]))
+
+
+@dataclass(frozen=True)
+class BlockCalibrationRequest:
+    model: nn.Module
+    partition: Partition
+    groups: Mapping[str, Group]
+    inputs: Sequence[BlockInput]  # the first block's inputs, one per calibration batch
+    max_remove: Mapping[str, int]  # group id -> most units the allocator may remove
+    damping: float = DEFAULT_DAMPING
+    keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
+
+
+@dataclass(frozen=True)
+class BlockCalibration:
+    curves: Mapping[str, GroupCurve]
+    input_energy: tuple[float, ...]  # per block: sum of x^2 over the calibration tokens of its input
+    final_outputs: Mapping[int, torch.Tensor] = field(default_factory=dict)  # batch -> dense last-block output
+
+
+def block_module(model: nn.Module, block: Block) -> nn.Module:
+    return model.get_submodule(block.path) if block.path else model
+
+
+def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]:
+    """(path inside the block, column indices per unit) of every layer reading the group's channels."""
+    found = []
+    for m in group.members:
+        path, _, attr = m.name.rpartition(".")
+        local = path[len(block.path) + 1:] if block.path else path
+        if not m.is_param or attr != "weight":
+            continue
+        layer = module.get_submodule(local)
+        if input_dim(layer) == m.dim:
+            found.append((local, [torch.tensor(u, dtype=torch.long) for u in m.indices]))
+    return found
+
+
+class StatsCollector:
+    """Forward pre-hooks accumulating H = X^T X (linear layers) or per-channel sum x^2 (others)."""
+
+    def __init__(self, module: nn.Module, paths: Sequence[str]) -> None:
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.energies: dict[str, torch.Tensor] = {}
+        self._handles = [module.get_submodule(p).register_forward_pre_hook(self._hook(p)) for p in set(paths)]
+
+    def _hook(self, path: str):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if is_linear(layer):
+                flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+                h = (flat.T @ flat).double()  # (in, in)
+                self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
+            else:
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (channels, positions)
+                e = (flat ** 2).sum(1)
+                self.energies[path] = self.energies[path] + e if path in self.energies else e
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsCollector, damping: float,
+                    weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[Consumer]:
+    out = []
+    for path, columns in consumers_of(block, module, group):
+        layer = module.get_submodule(path)
+        w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight)
+        h = stats.hessians.get(path)
+        out.append(Consumer(path, w.clone(), damped(h, damping) if h is not None else None, columns,
+                            energy=stats.energies.get(path)))
+    return out
+
+
+def stream_energy(inputs: Sequence[BlockInput]) -> float:
+    return float(sum(float((i.stream.double() ** 2).sum()) for i in inputs if i.args))
+
+
+class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
+    def requires(self, state: BlockCalibrationRequest) -> None:
+        if not state.inputs:
+            raise StructPruneError("block-wise calibration pass: no calibration batches reached the first block")
+
+    def call(self, state: BlockCalibrationRequest) -> PassResult[BlockCalibration]:
+        curves: dict[str, GroupCurve] = {}
+        energies = []
+        finals = {}
+        inputs = list(state.inputs)
+        blocks = state.partition.blocks
+        for block in tqdm(blocks, desc="calibrate blocks", leave=False):
+            module = block_module(state.model, block)
+            paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
+            stats = StatsCollector(module, paths)
+            outputs = []
+            try:
+                with torch.no_grad():
+                    for inp in inputs:
+                        outputs.append(run_block(module, inp))
+            finally:
+                stats.close()
+            energy = stream_energy(inputs) if block.path else 1.0
+            energies.append(energy)
+            for gid in block.group_ids:
+                group = state.groups[gid]
+                consumers = build_consumers(block, module, group, stats, state.damping)
+                if not consumers:
+                    continue  # no consumer layer: the allocator treats the group with a reason
+                order, inc = greedy_obs(consumers, group.size, state.max_remove[gid])
+                curves[gid] = GroupCurve(tuple(order), tuple(i / energy for i in inc))
+            del stats
+            if block.index == len(blocks) - 1:
+                finals = {i: outputs[i] for i in state.keep_final}
+            inputs = [inp.with_stream(out) for inp, out in zip(inputs, outputs)] if block.path else inputs
+        return PassResult(BlockCalibration(curves, tuple(energies), finals), modified=False)

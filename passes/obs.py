@@ -1,0 +1,157 @@
+"""Closed-form structured masks: the structured Optimal Brain Surgeon and its least-squares update.
+
+A unit of a group reaches its *consumer* layer (``y = W x``, ``W``: (out, in)) as a set C of input
+columns. With H = X^T X over the calibration tokens (damped: H + lambda * mean(diag H) * I), removing
+columns C and optimally re-fitting the others costs
+
+    err(C) = tr( W_C  [H^-1]_CC^-1  W_C^T )                               (structured OBS)
+
+and the surviving weights move by  dW = -W_C [H^-1]_CC^-1 [H^-1]_C,: . Units are removed greedily, a
+few per step, with H^-1 down-dated after each step (as ZipLM/SlimGPT do); a group with several consumers
+sums their errors. The final weights are the least-squares fit on the kept columns K,
+
+    W_K' = argmin ||X_K W_K'^T - T||^2 = (H_KK)^-1 (X_K^T T),  T = X W^T (+ D, a target shift)
+
+solved in float64 with a Cholesky factorisation (the damping makes H_KK positive definite: never a NaN).
+Consumers that are not linear layers (convolutions) get the cheap Wanda-style saliency
+(||W_:,C||^2 * ||X_C||^2) and no update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from structprune_graph.module_attrs import input_dim
+
+DEFAULT_DAMPING = 0.01
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (input_dim(module) == 0 and getattr(module, "weight", None) is not None
+                                             and module.weight.dim() == 2)
+
+
+def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a float64 matrix whose columns are the layer's input channels: (out, in) for a
+    linear layer (HF Conv1D stores (in, out)); (out * kernel, in) for a convolution."""
+    w = weight.detach().double()
+    if input_dim(module) == 0:
+        return w.T.contiguous()
+    if w.dim() > 2:
+        return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
+    return w.clone()
+
+
+def from_out_in(module: nn.Module, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``as_out_in``, in ``like``'s dtype and layout."""
+    if input_dim(module) == 0:
+        w = w.T
+    elif like.dim() > 2:
+        w = w.T.reshape(like.shape[1], like.shape[0], *like.shape[2:]).transpose(0, 1)
+    return w.to(like.dtype).contiguous()
+
+
+def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """H + damping * mean(diag H) * I; dead inputs (never non-zero) get a unit diagonal."""
+    h = h.double().clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damping * float(diag.mean())
+    return h
+
+
+def _inverse(h: torch.Tensor) -> torch.Tensor:
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+@dataclass
+class Consumer:
+    """One consumer layer of a group: its weight (out, in), damped H, and the columns of each unit."""
+
+    path: str
+    weight: torch.Tensor  # (out, in) float64
+    hessian: Optional[torch.Tensor]  # (in, in) float64, damped; None: no second-order statistics
+    columns: Sequence[torch.Tensor]  # per unit, LongTensor of input columns
+    energy: Optional[torch.Tensor] = None  # (in,) sum of x^2, for the fallback saliency
+    hinv: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+def _unit_errors(c: Consumer, units: Sequence[int]) -> torch.Tensor:
+    if c.hessian is None:  # Wanda-style: ||W_:,C||^2 ||X_C||^2 (squared, on the scale of the OBS error)
+        col = (c.weight ** 2).sum(0) * (c.energy if c.energy is not None else 1.0)  # (in,)
+        return torch.stack([col[c.columns[u]].sum() for u in units])
+    sizes = {len(c.columns[u]) for u in units}
+    if sizes == {1}:
+        cols = torch.cat([c.columns[u] for u in units])
+        return (c.weight[:, cols] ** 2).sum(0) / c.hinv.diagonal()[cols]
+    out = []
+    for u in units:  # a head: tr(W_C M^-1 W_C^T), M = [H^-1]_CC
+        cols = c.columns[u]
+        w_c = c.weight[:, cols]  # (out, |C|)
+        m = c.hinv[cols][:, cols]  # (|C|, |C|)
+        out.append((w_c.T * torch.linalg.solve(m, w_c.T)).sum())
+    return torch.stack(out)
+
+
+def _remove(c: Consumer, cols: torch.Tensor) -> float:
+    """OBS step: drop columns, update the rest and down-date H^-1; returns the error it costs."""
+    if c.hessian is None:
+        err = float(((c.weight[:, cols] ** 2).sum(0) * (c.energy[cols] if c.energy is not None else 1.0)).sum())
+        c.weight[:, cols] = 0.0
+        return err
+    m_inv = _inverse(c.hinv[cols][:, cols])  # (|S|, |S|)
+    w_s = c.weight[:, cols]  # (out, |S|)
+    err = float((w_s @ m_inv * w_s).sum())
+    c.weight -= (w_s @ m_inv) @ c.hinv[cols, :]  # (out, in)
+    c.hinv -= c.hinv[:, cols] @ m_inv @ c.hinv[cols, :]
+    c.weight[:, cols] = 0.0
+    return err
+
+
+def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16
+               ) -> tuple[list[int], list[float]]:
+    """Remove ``n_remove`` of ``n_units`` units greedily; returns the removal order and, per removed unit,
+    its share of the error of the step it was removed in (a step's error split by the units' own errors).
+    The consumers' weights are updated in place (OBS reconstruction)."""
+    for c in consumers:
+        if c.hessian is not None:
+            c.hinv = _inverse(c.hessian)
+    remaining = list(range(n_units))
+    order: list[int] = []
+    increments: list[float] = []
+    for step in range(steps):
+        left = n_remove - len(order)
+        if left <= 0:
+            break
+        k = ceil(left / (steps - step))
+        errs = sum(_unit_errors(c, remaining) for c in consumers)  # (remaining,)
+        picked_pos = torch.argsort(errs, stable=True)[:k].tolist()
+        picked = [remaining[p] for p in picked_pos]
+        own = errs[picked_pos].clamp_min(0.0)
+        total = sum(_remove(c, torch.cat([c.columns[u] for u in picked])) for c in consumers)
+        share = own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1.0 / len(own))
+        increments += (share * total).tolist()
+        order += picked
+        remaining = [u for u in remaining if u not in set(picked)]
+    return order, increments
+
+
+def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor,
+                  cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kept columns re-fitted: argmin ||X_K V^T - (X W^T + D)||^2 with H = X^T X (damped), cross = X_K^T D
+    (in_kept, out); removed columns are zero. weight: (out, in) float64; returns (out, in) float64."""
+    h_kk = hessian[keep_cols][:, keep_cols]  # (k, k)
+    rhs = hessian[keep_cols, :] @ weight.T  # (k, out)
+    if cross is not None:
+        rhs = rhs + cross
+    chol = torch.linalg.cholesky(h_kk)
+    v = torch.cholesky_solve(rhs, chol)  # (k, out)
+    out = torch.zeros_like(weight)
+    out[:, keep_cols] = v.T
+    return out

@@ -1,0 +1,152 @@
+"""Block solve pass: prune each block on its own, in order, with the units the allocator gave it.
+
+For block b, on the *pruned* trajectory (the outputs of the already pruned blocks 0..b-1): collect H of
+the block's consumer layers from the dense block; pick each group's units by greedy structured OBS
+(``passes/obs.py``); re-fit the consumers' kept columns by least squares on the same inputs
+(``reconstruct``; otherwise they keep their values); run the pruned block to get the next block's input.
+Only one block is being solved at a time. The model is never modified: the result is a keep-set plus
+the consumers' new weights, applied by the rewrite pass (``new_weights``) and, while solving, through
+``torch.func.functional_call``. Zero ADMM rounds after this pass is sequential local pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.graph import Group
+from structprune_graph.verify import InvariantError
+
+from ._infra import Pass, PassResult
+from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumers_of
+from .obs import DEFAULT_DAMPING, from_out_in, greedy_obs, least_squares
+from .partition import Block, Partition
+
+
+ERROR_BATCHES = 8  # batches the per-block error is measured on
+
+
+@dataclass(frozen=True)
+class BlockSolveRequest:
+    model: nn.Module
+    partition: Partition
+    groups: Mapping[str, Group]
+    inputs: Sequence[BlockInput]  # the first block's inputs, one per calibration batch
+    counts: Mapping[str, int]  # group id -> units to remove
+    damping: float = DEFAULT_DAMPING
+    reconstruct: bool = True
+    keep_boundaries: tuple[int, ...] = ()  # batches whose block outputs are stored (ADMM)
+    store: Optional[ActivationStore] = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BlockSolution:
+    keep: Mapping[str, tuple[int, ...]]  # group id -> kept units
+    new_weights: Mapping[str, torch.Tensor]  # parameter name -> re-fitted value (full shape, removed columns 0)
+    block_errors: tuple[float, ...]  # per block: ||pruned - dense||^2 / ||dense||^2 on the first inputs
+
+
+def block_overrides(model: nn.Module, block: Block, groups: Mapping[str, Group], keep: Mapping[str, tuple[int, ...]],
+                    new_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block-local parameter values of the pruned block: re-fitted weights, removed slices zeroed
+    (the mask semantics: a removed unit contributes nothing)."""
+    module = block_module(model, block)
+    prefix = block.path + "." if block.path else ""
+    params = dict(module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for gid in block.group_ids:
+        g = groups[gid]
+        dropped = sorted(set(range(g.size)) - set(keep.get(gid, range(g.size))))
+        for m in g.members:
+            local = m.name[len(prefix):]
+            if not m.is_param or local not in params:
+                continue
+            value = out.get(local)
+            if value is None:
+                value = new_weights[m.name].clone() if m.name in new_weights else params[local].detach().clone()
+            if dropped:
+                value.index_fill_(m.dim, torch.tensor([i for u in dropped for i in m.indices[u]]), 0.0)
+            out[local] = value
+    for name, value in new_weights.items():  # consumers of groups owned by other blocks do not occur
+        local = name[len(prefix):]
+        if name.startswith(prefix) and local in params and local not in out:
+            out[local] = value
+    return out
+
+
+def relative_error(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) -> float:
+    num = sum(float(((p.double() - d.double()) ** 2).sum()) for p, d in zip(pruned, dense))
+    den = sum(float((d.double() ** 2).sum()) for d in dense)
+    return num / max(den, 1e-30)
+
+
+class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
+    def call(self, state: BlockSolveRequest) -> PassResult[BlockSolution]:
+        keep: dict[str, tuple[int, ...]] = {}
+        new_weights: dict[str, torch.Tensor] = {}
+        errors = []
+        inputs = list(state.inputs)
+        for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
+            module = block_module(state.model, block)
+            paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
+            stats = StatsCollector(module, paths)
+            dense = []  # kept for the first batches only: the block error
+            try:
+                with torch.no_grad():
+                    for i, inp in enumerate(inputs):
+                        out = run_block(module, inp)
+                        if i < ERROR_BATCHES:
+                            dense.append(out)
+            finally:
+                stats.close()
+            self._solve_block(state, block, module, stats, keep, new_weights)
+            overrides = block_overrides(state.model, block, state.groups, keep, new_weights)
+            with torch.no_grad():
+                pruned = [run_block(module, inp, overrides) for inp in inputs]
+            errors.append(relative_error(pruned[:ERROR_BATCHES], dense))
+            del dense
+            if state.store is not None and state.keep_boundaries:
+                state.store.put(("pruned", block.index), torch.stack([pruned[i] for i in state.keep_boundaries]))
+            if block.path:
+                inputs = [inp.with_stream(out) for inp, out in zip(inputs, pruned)]
+        return PassResult(BlockSolution(keep, new_weights, tuple(errors)), modified=False)
+
+    @staticmethod
+    def _solve_block(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
+                     keep: dict, new_weights: dict) -> None:
+        prefix = block.path + "." if block.path else ""
+        dropped_cols: dict[str, set[int]] = {}
+        current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) float64, updated group by group
+        for gid in block.group_ids:
+            group = state.groups[gid]
+            n = state.counts.get(gid, 0)
+            consumers = build_consumers(block, module, group, stats, state.damping, weights=current)
+            if not consumers or n == 0:
+                keep[gid] = tuple(range(group.size))
+                continue
+            originals = {c.path: c.weight.clone() for c in consumers}
+            order, _ = greedy_obs(consumers, group.size, n)
+            removed = set(order[:n])
+            keep[gid] = tuple(u for u in range(group.size) if u not in removed)
+            for c in consumers:
+                gone = dropped_cols.setdefault(c.path, set())
+                gone.update(int(i) for u in removed for i in c.columns[u])
+                w = originals[c.path]
+                if state.reconstruct and c.hessian is not None:
+                    kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
+                    w = least_squares(w, c.hessian, kept_cols)
+                else:
+                    w = w.clone()
+                    w[:, sorted(gone)] = 0.0
+                if not torch.isfinite(w).all():
+                    raise InvariantError(f"block solve pass: non-finite weights in {prefix}{c.path} after the "
+                                         f"solve of group {gid}; raise damping (now {state.damping})")
+                current[c.path] = w
+        for path, w in current.items():
+            layer = module.get_submodule(path)
+            new_weights[f"{prefix}{path}.weight"] = from_out_in(layer, w, layer.weight)

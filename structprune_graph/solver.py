@@ -1,0 +1,230 @@
+"""The StructPrune solver as one pipeline of passes:
+
+    partition -> block-wise calibrate (score: structured OBS curves) -> softmax allocate
+              -> block solve (masks + least squares) -> ADMM -> (rewrite, verify: in ``pruning.prune``)
+
+Global-quality allocation with the memory of one block: the dense model is only ever run one block at a
+time (two for the ADMM coupling step), and every block's statistics are dropped before the next block.
+``docs/structprune_solver.md`` has the equations and the defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, DEFAULT_ROUNDS, AdmmPass, AdmmRequest
+from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
+                                                       SoftmaxAllocationRequest)
+from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, BlockCalibration,
+                                                          BlockCalibrationRequest, block_module, consumers_of)
+from structprune_graph.passes.calibrate import CalibrationError, default_loss
+from structprune_graph.passes.obs import DEFAULT_DAMPING
+from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
+from structprune_graph.passes.solve import BlockSolution, BlockSolvePass, BlockSolveRequest
+
+from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
+from .errors import StructPruneError
+from .evaluate import main_output
+from .graph import DependencyGraph, Group
+
+logger = logging.getLogger(__name__)
+
+MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Every default of the method (see docs/structprune_solver.md for why)."""
+
+    allocation: str = "softmax"  # "softmax", "uniform" or "global-threshold"
+    taus: tuple[float, ...] = DEFAULT_TAUS
+    tau_batches: int = 8  # calibration batches the tau grid is evaluated on
+    max_prune: float = 0.8  # most of a group's units the allocator may remove
+    damping: float = DEFAULT_DAMPING
+    reconstruct: bool = True  # least-squares update of the surviving weights
+    rounds: int = DEFAULT_ROUNDS  # ADMM rounds (0: sequential local pruning)
+    rho: float = DEFAULT_RHO
+    admm_damping: float = ADMM_DAMPING
+    admm_batches: int = 16
+    memory_budget: Optional[int] = None  # bytes for one block (two when coupled) + its batch of activations
+    buffer_budget: int = 256 * 2**20  # bytes of ADMM buffers kept in memory; the rest go to temporary files
+
+    def label(self) -> str:
+        return (f"{self.allocation}, rounds={self.rounds}, " + ("reconstruct" if self.reconstruct else "no reconstruction"))
+
+
+@dataclass(frozen=True)
+class SolverState:
+    """What the dense sweep learnt; reusable across sparsities and ablations of the same model and data."""
+
+    partition: Partition
+    groups: Mapping[str, Group]
+    inputs: tuple[BlockInput, ...]
+    calibration: BlockCalibration
+    excluded: Mapping[str, str]  # group id -> reason the solver leaves it whole
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    keep: Mapping[str, tuple[int, ...]]
+    new_weights: Mapping[str, torch.Tensor] = field(repr=False)
+    tau: Optional[float] = None
+    tau_losses: Mapping[float, float] = field(default_factory=dict)
+    block_errors: tuple[float, ...] = ()
+    admm_errors: tuple[float, ...] = ()
+    admm_best_round: int = 0
+    removed_params: int = 0
+    target_params: int = 0
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    sequential_weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # before ADMM
+
+
+def _max_remove(group: Group, max_prune: float) -> int:
+    return max(0, min(group.size - group.min_keep, math.floor(max_prune * group.size)))
+
+
+def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], batches: Sequence[Any],
+            config: SolverConfig) -> SolverState:
+    """Partition the model and run the dense block-wise sweep (shared by every sparsity)."""
+    groups = tuple(groups)
+    list_path = find_block_list(model, groups)
+    problem = chains(model, model.get_submodule(list_path), batches[0]) if list_path else "no block list"
+    if list_path and not problem and _coverage(model, list_path, groups) < MIN_BLOCK_COVERAGE:
+        problem = f"its blocks hold less than {MIN_BLOCK_COVERAGE:.0%} of the prunable parameters"
+    if list_path and problem:
+        logger.warning("the blocks of %s are not used (%s): the model is solved as one block", list_path, problem)
+    if list_path and not problem:
+        inputs = capture_block_inputs(model, model.get_submodule(list_path), batches)
+        stream_bytes = inputs[0].stream.numel() * inputs[0].stream.element_size()
+    else:
+        inputs = [BlockInput((), b) if isinstance(b, Mapping) else BlockInput(b if isinstance(b, tuple) else (b,))
+                  for b in batches]
+        stream_bytes = max(t.numel() * t.element_size() for t in _tensors(batches[0]))
+    partition = PartitionPass()(PartitionRequest(model, graph, groups, stream_bytes, config.memory_budget,
+                                                 coupled=config.rounds > 0, chain_problem=problem)).state
+    by_id = {g.id: g for g in groups}
+    placed = [gid for b in partition.blocks for gid in b.group_ids]
+    calib = BlockCalibratePass()(BlockCalibrationRequest(
+        model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
+        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))))).state
+    excluded = dict(partition.excluded)
+    excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
+                     if gid not in calib.curves})
+    return SolverState(partition, by_id, tuple(inputs), calib, excluded)
+
+
+def _coverage(model: nn.Module, list_path: str, groups: tuple[Group, ...]) -> float:
+    """Fraction of the groups' parameters in groups that lie inside one child of the block list."""
+    prefixes = [f"{list_path}.{i}." for i in range(len(model.get_submodule(list_path)))]
+    inside = sum(sum(g.unit_params) for g in groups
+                 if len({p for m in g.members for p in prefixes if m.name.startswith(p)}) == 1
+                 and all(any(m.name.startswith(p) for p in prefixes) for m in g.members))
+    return inside / max(sum(sum(g.unit_params) for g in groups), 1)
+
+
+def _takes_labels(model: nn.Module, batch: Any) -> bool:
+    """A keyword batch of a model whose forward accepts ``labels`` (transformers LMs)."""
+    if not isinstance(batch, Mapping):
+        return False
+    params = inspect.signature(model.forward).parameters
+    return "labels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple) else (batch,)
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
+    """counts -> calibration loss of the model with those units masked (first units of each greedy order;
+    a removed unit's channels are zeroed at its consumers' inputs). The LM loss when the model gives one,
+    else the relative error of its main output against the dense model's."""
+    with torch.no_grad():
+        dense = None
+        try:
+            if not _takes_labels(model, batches[0]):
+                raise CalibrationError("the model takes no labels")
+            default_loss(model, batches[0])
+        except CalibrationError:
+            dense = [main_output(run_model(model, b)) for b in batches]
+
+    def evaluate(counts: Mapping[str, int]) -> float:
+        masks: dict[str, torch.Tensor] = {}
+        for block in state.partition.blocks:
+            module = block_module(model, block)
+            prefix = block.path + "." if block.path else ""
+            for gid in block.group_ids:
+                n = counts.get(gid, 0)
+                if not n:
+                    continue
+                removed = state.calibration.curves[gid].order[:n]
+                for path, columns in consumers_of(block, module, state.groups[gid]):
+                    full = prefix + path
+                    layer = model.get_submodule(full)
+                    width = layer.weight.shape[1] if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) else layer.weight.shape[0]
+                    mask = masks.setdefault(full, torch.ones(width))
+                    mask[torch.cat([columns[u] for u in removed])] = 0.0
+        handles = []
+        for full, mask in masks.items():
+            layer = model.get_submodule(full)
+            dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
+            shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
+            handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s, *a[1:])))
+        try:
+            with torch.no_grad():
+                if dense is None:
+                    return float(sum(float(default_loss(model, b)) for b in batches) / len(batches))
+                outs = [main_output(run_model(model, b)) for b in batches]
+                return sum(float(((o - d) ** 2).sum()) for o, d in zip(outs, dense)) / \
+                    max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
+        finally:
+            for h in handles:
+                h.remove()
+    return evaluate
+
+
+def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
+          budget_groups: Sequence[Group]) -> SolverResult:
+    """Allocate the budget, solve the blocks and coordinate them; the model is not modified."""
+    groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
+    if not groups:
+        raise StructPruneError("structprune: every selected group is excluded: " +
+                               "; ".join(f"{k}: {v}" for k, v in list(state.excluded.items())[:3]))
+    evaluate = _tau_loss(model, state, batches[:config.tau_batches]) if config.allocation == "softmax" else None
+    alloc = SoftmaxAllocatePass()(SoftmaxAllocationRequest(
+        groups, state.calibration.curves, sparsity, _shapes(model, tuple(budget_groups) + groups), config.allocation,
+        config.taus,
+        evaluate, budget_of=tuple(budget_groups))).state
+    admm_idx = tuple(range(min(config.admm_batches, len(state.inputs)))) if config.rounds else ()
+    buffers = config.buffer_budget if config.memory_budget is None else \
+        min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
+    store = ActivationStore(budget_bytes=buffers)
+    try:
+        solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
+            model, state.partition, state.groups, state.inputs, alloc.counts, config.damping, config.reconstruct,
+            admm_idx, store)).state
+        sequential = solution.new_weights
+        admm_errors, best = (), 0
+        if config.rounds and len(state.partition.blocks) > 1:
+            finals = torch.stack([state.calibration.final_outputs[i] for i in admm_idx])
+            result = AdmmPass()(AdmmRequest(model, state.partition, state.groups, [state.inputs[i] for i in admm_idx],
+                                            finals, solution, store, config.rounds, config.rho,
+                                            config.admm_damping)).state
+            solution, admm_errors, best = result.solution, result.output_errors, result.best_round
+    finally:
+        store.close()
+    keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
+    return SolverResult(keep, solution.new_weights, alloc.tau, alloc.losses, solution.block_errors, admm_errors,
+                        best, alloc.removed_params, alloc.target_params, dict(state.excluded), sequential)
+
+
+def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {m.name: tuple(params[m.name].shape) for g in groups for m in g.members if m.is_param}
