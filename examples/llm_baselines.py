@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
-OURS = ("magnitude", "wanda-sp", "flap", "taylor-global")
+OURS = ("magnitude", "wanda-sp", "flap", "taylor-global", "structprune")
+# structprune ablations, each changing one setting of the default (run in the structprune job, reusing
+# its dense block-wise sweep); "structprune (no ADMM)" is the default run's own sequential solution
+ABLATIONS = {"structprune (uniform)": {"allocation": "uniform"},
+             "structprune (global-threshold)": {"allocation": "global-threshold"},
+             "structprune (no reconstruction)": {"reconstruct": False}}
 PEERS = ("tp-magnitude-local", "tp-magnitude-global", "tp-taylor-local", "tp-taylor-global")
 
 
@@ -60,20 +65,54 @@ def evaluate(model, evals) -> dict:
     return out
 
 
+def _row(name, s, result, reused) -> dict:
+    r = result.report
+    return {"method": name, "sparsity": s, "achieved": round(r.sparsity_achieved, 4), "params": r.params_after,
+            "prune_s": round(r.seconds, 1), "peak_rss_gib": round(r.peak_rss_bytes / 2**30, 2),
+            "reused_calibration": reused}
+
+
+def _sequential_model(model, result):
+    """The structprune run's solution before ADMM (zero rounds: sequential local pruning)."""
+    from structprune_graph.passes import ApplyPass, RewriteRequest
+
+    return ApplyPass()(RewriteRequest(model, result.graph, result.plan.keep,
+                                      weight_updates=result.solution.sequential_weights)).state
+
+
 def run_ours(job, args, model, batches, evals) -> list[dict]:
     import structprune_graph as sp
+    from structprune_graph.solver import SolverConfig
 
     rows, first = [], None
-    for s in args.sparsities:
-        result = sp.prune(model, batches, s, method=job, reuse=first)
-        r = result.report
-        row = {"method": job, "sparsity": s, "achieved": round(r.sparsity_achieved, 4),
-               "params": r.params_after, "prune_s": round(r.seconds, 1),
-               "peak_rss_gib": round(r.peak_rss_bytes / 2**30, 2), "reused_calibration": first is not None}
-        first = first or result
-        row.update(evaluate(result.model, evals))
+
+    def emit(row, pruned):
+        row.update(evaluate(pruned, evals))
         print(json.dumps(row), flush=True)
         rows.append(row)
+
+    if job == "structprune":  # the wall-time target is relative to one forward pass of the calibration data
+        t = time.perf_counter()
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch, use_cache=False)
+        forward_s = round(time.perf_counter() - t, 1)
+    for s in args.sparsities:
+        result = sp.prune(model, batches, s, method=job, reuse=first)
+        row = _row(job, s, result, first is not None)
+        if job == "structprune":
+            row.update(forward_s=forward_s, tau=result.report.solver["tau"],
+                       admm_output_errors=result.report.solver["admm_output_errors"])
+        emit(row, result.model)
+        if job == "structprune":
+            emit({**_row("structprune (no ADMM)", s, result, first is not None), "derived": True},
+                 _sequential_model(model, result))
+        first = first or result
+    if job == "structprune":
+        for s in args.ablation_sparsities:
+            for name, change in ABLATIONS.items():
+                result = sp.prune(model, batches, s, method=job, reuse=first, solver=SolverConfig(**change))
+                emit({**_row(name, s, result, True), "tau": result.report.solver["tau"]}, result.model)
     return rows
 
 
@@ -137,12 +176,13 @@ def worker(args) -> None:
 
 def table(rows: list[dict]) -> str:
     """One block per sparsity, methods in a fixed order (dense first)."""
-    order = ["dense", *OURS, *PEERS]
+    order = ["dense", *OURS, "structprune (no ADMM)", *ABLATIONS, *PEERS]
     rows = sorted(rows, key=lambda r: (r["sparsity"], order.index(r["method"]) if r["method"] in order else 99))
     lines = ["| method | sparsity | removed | params | ppl austen | ppl pydoc | prune time (s) | peak RSS (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reuse = " (calibration reused)" if r.get("reused_calibration") else ""
+        reuse = " (same run as above)" if r.get("derived") else reuse
         timing = f"{r['prune_s']:.0f}{reuse} | {r['peak_rss_gib']:.2f}" if "prune_s" in r else "- | -"
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['achieved']:.1%} | {r['params']:,} | "
                      f"{r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} | {timing} |")
@@ -156,6 +196,7 @@ def main() -> None:
     parser.add_argument("--pydoc-windows", type=int, default=16)
     parser.add_argument("--austen-windows", type=int, default=40)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--ablation-sparsities", type=float, nargs="*", default=[0.5])
     parser.add_argument("--jobs", nargs="+", default=["dense", *OURS, *PEERS])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -171,7 +212,7 @@ def main() -> None:
         os.close(fd)
         cmd = [sys.executable, __file__, "--worker", job, "--rows", rows_path, "--calib-samples",
                str(args.calib_samples), "--pydoc-windows", str(args.pydoc_windows), "--austen-windows", str(args.austen_windows), "--threads", str(args.threads),
-               "--sparsities", *map(str, args.sparsities)]
+               "--sparsities", *map(str, args.sparsities), "--ablation-sparsities", *map(str, args.ablation_sparsities)]
         print(f"== {job}", flush=True)
         subprocess.run(cmd, check=True)
         rows += json.loads(Path(rows_path).read_text())

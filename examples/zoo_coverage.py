@@ -1,0 +1,211 @@
+"""Coverage over a zoo of transformers architectures, side by side with Torch-Pruning, in one run.
+
+Each model class is built from a small random-init config (no download). Ours, stage by stage: trace ->
+prune 30% with ``structprune`` on random calibration inputs -> apply == mask of the same keep-set on the
+original weights (mask-exact groups only; 1e-4) -> ONNX export validated in onnxruntime. Torch-Pruning:
+``DependencyGraph`` + ``MetaPruner`` (magnitude, 30%, attention heads pruned where it knows the module,
+LM head / classifier ignored) -> a forward pass. The first failing stage and its error are recorded.
+Writes ``OUT/zoo_coverage.json`` and ``OUT/zoo_coverage.md``.
+
+Run: ``pip install -e ".[bench]" && python examples/zoo_coverage.py [--out results] [--only NAME ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from structprune_graph.zoo import ZooEntry, _hf, _pixels, _tokens, build_eval
+
+DEC = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+ENC = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=32)
+VIT = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+           num_attention_heads=4, num_labels=5)
+
+
+def _entry(name: str, model_cls: str, config_cls: str, inputs: Callable[[int], Any] = _tokens, **config) -> ZooEntry:
+    return ZooEntry(name, _hf(model_cls, config_cls, **config), inputs)
+
+
+BENCH: tuple[ZooEntry, ...] = (
+    _entry("llama", "LlamaForCausalLM", "LlamaConfig", **DEC, num_key_value_heads=2),
+    _entry("mistral", "MistralForCausalLM", "MistralConfig", **DEC, num_key_value_heads=2, head_dim=16),
+    _entry("qwen2", "Qwen2ForCausalLM", "Qwen2Config", **DEC, num_key_value_heads=2),
+    _entry("qwen3", "Qwen3ForCausalLM", "Qwen3Config", **DEC, num_key_value_heads=2, head_dim=16),
+    _entry("gemma", "GemmaForCausalLM", "GemmaConfig", **DEC, num_key_value_heads=2, head_dim=16),
+    _entry("gemma2", "Gemma2ForCausalLM", "Gemma2Config", **DEC, num_key_value_heads=2, head_dim=16),
+    _entry("phi", "PhiForCausalLM", "PhiConfig", **DEC),
+    _entry("phi3", "Phi3ForCausalLM", "Phi3Config", **DEC, num_key_value_heads=2, pad_token_id=0),
+    _entry("stablelm", "StableLmForCausalLM", "StableLmConfig", **DEC, num_key_value_heads=2),
+    _entry("olmo", "OlmoForCausalLM", "OlmoConfig", **DEC, pad_token_id=0),
+    _entry("gpt2", "GPT2LMHeadModel", "GPT2Config", vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32),
+    _entry("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", **DEC),
+    _entry("gptj", "GPTJForCausalLM", "GPTJConfig", vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+           rotary_dim=8),
+    _entry("opt", "OPTForCausalLM", "OPTConfig", vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+           num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=64),
+    _entry("falcon", "FalconForCausalLM", "FalconConfig", vocab_size=96, hidden_size=64, num_hidden_layers=2,
+           num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2),
+    _entry("bloom", "BloomForCausalLM", "BloomConfig", vocab_size=96, hidden_size=64, n_layer=2, n_head=4),
+    _entry("bert", "BertModel", "BertConfig", **ENC),
+    _entry("roberta", "RobertaModel", "RobertaConfig", **{**ENC, "max_position_embeddings": 40}, pad_token_id=1),
+    _entry("distilbert", "DistilBertModel", "DistilBertConfig", vocab_size=96, dim=64, hidden_dim=96, n_layers=2,
+           n_heads=4, max_position_embeddings=32),
+    _entry("albert", "AlbertModel", "AlbertConfig", **ENC, embedding_size=32),
+    _entry("electra", "ElectraModel", "ElectraConfig", **ENC, embedding_size=32),
+    _entry("vit", "ViTForImageClassification", "ViTConfig", _pixels, **VIT),
+    _entry("deit", "DeiTForImageClassification", "DeiTConfig", _pixels, **VIT),
+    _entry("dinov2", "Dinov2Model", "Dinov2Config", _pixels, **{k: v for k, v in VIT.items() if k != "num_labels"},
+           mlp_ratio=2),
+    _entry("swin", "SwinForImageClassification", "SwinConfig", _pixels, image_size=32, patch_size=4, embed_dim=16,
+           depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5),
+    _entry("convnext", "ConvNextForImageClassification", "ConvNextConfig", _pixels, num_stages=2,
+           hidden_sizes=[16, 32], depths=[1, 1], num_labels=5),
+    _entry("resnet", "ResNetForImageClassification", "ResNetConfig", _pixels, embedding_size=16,
+           hidden_sizes=[16, 32], depths=[1, 1], num_labels=5),
+    _entry("regnet", "RegNetForImageClassification", "RegNetConfig", _pixels, embedding_size=16,
+           hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=5),
+    _entry("mobilenet_v2", "MobileNetV2ForImageClassification", "MobileNetV2Config", _pixels, image_size=32,
+           depth_multiplier=0.35, num_labels=5),
+    _entry("efficientnet", "EfficientNetForImageClassification", "EfficientNetConfig", _pixels, image_size=32,
+           width_coefficient=0.25, depth_coefficient=0.25, num_labels=5),
+)
+
+
+def _main(output):
+    from structprune_graph.evaluate import main_output
+
+    return main_output(output)
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return _main(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
+
+
+def ours(entry: ZooEntry) -> dict:
+    import structprune_graph as sp
+
+    row: dict[str, Any] = {"stage": "build"}
+    try:
+        model = build_eval(entry)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["stage"] = "trace"
+        t = time.perf_counter()
+        graph = sp.trace(model, entry.inputs(0))
+        row["trace_s"] = round(time.perf_counter() - t, 2)
+        row["stage"] = "prune"
+        result = sp.prune(model, [entry.inputs(s) for s in range(4)], 0.3, method="structprune", graph=graph,
+                          example_inputs=entry.inputs(0))
+        row["params_after"] = result.report.params_after
+        row["sparsity"] = round(result.report.sparsity_achieved, 3)
+        row["stage"] = "apply == mask"
+        exact = {gid: kept for gid, kept in result.plan.keep.items() if graph.group(gid).mask_exact}
+        diff = float((_run(sp.apply(model, graph, exact), entry.inputs(9))
+                      - _run(sp.mask(model, graph, exact), entry.inputs(9))).abs().max())
+        row["apply_vs_mask"] = diff
+        if diff > 1e-4:
+            raise AssertionError(f"apply differs from mask by {diff:.2e}")
+        row["stage"] = "onnx"
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = sp.export_onnx(result.model, entry.inputs(0), Path(tmp) / "m.onnx")
+        row["onnx_max_diff"] = exported.max_abs_diff
+        row["stage"] = "ok"
+    except Exception as err:  # the benchmark records the first failing stage and goes on
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        row["trace"] = traceback.format_exc(limit=-2)[-600:]
+    return row
+
+
+PEER_TIMEOUT_S = 60  # Torch-Pruning's graph search never ends on some models (Llama's RoPE path, #527)
+
+
+def _timeout(signum, frame):
+    raise TimeoutError(f"no result within {PEER_TIMEOUT_S} s")
+
+
+def peer(entry: ZooEntry) -> dict:
+    import torch_pruning as tp
+
+    row: dict[str, Any] = {"stage": "build"}
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(PEER_TIMEOUT_S)
+    try:
+        model = build_eval(entry)
+        inputs = entry.inputs(0)
+        heads = {}
+        for m in model.modules():  # attention modules Torch-Pruning can prune as heads, when it knows them
+            q = getattr(m, "q_proj", None) or getattr(m, "query", None)
+            n = getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None)
+            if isinstance(q, torch.nn.Linear) and isinstance(n, int):
+                heads[q] = n
+        ignored = [m for name, m in model.named_modules()
+                   if name.split(".")[-1] in ("lm_head", "classifier", "pooler")]
+        row["stage"] = "prune"
+        pruner = tp.pruner.MetaPruner(model, example_inputs=inputs,
+                                      importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.3,
+                                      ignored_layers=ignored, num_heads=heads, prune_head_dims=False,
+                                      prune_num_heads=bool(heads), head_pruning_ratio=0.3,
+                                      forward_fn=lambda m, x: _main(m(**x) if isinstance(x, dict) else m(*x)))
+        before = sum(p.numel() for p in model.parameters())
+        pruner.step()
+        row["params"], row["params_after"] = before, sum(p.numel() for p in model.parameters())
+        row["stage"] = "forward"
+        out = _run(model, entry.inputs(9))
+        if not torch.isfinite(out).all():
+            raise AssertionError("non-finite output")
+        row["stage"] = "ok" if row["params_after"] < before else "no-op"
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    finally:
+        signal.alarm(0)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | ours | params ours (before -> after) | Torch-Pruning | params TP | reason |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        o, p = r["ours"], r["torch_pruning"]
+        ours_cell = "pass" if o["stage"] == "ok" else f"fails at {o['stage']}"
+        tp_cell = {"ok": "pass", "no-op": "runs, prunes nothing"}.get(p["stage"], f"fails at {p['stage']}")
+        reason = "; ".join(x for x in (o.get("error") and f"ours: {o['error']}", p.get("error") and f"TP: {p['error']}") if x)
+        fmt = lambda d: f"{d['params']:,} -> {d['params_after']:,}" if "params_after" in d else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {ours_cell} | {fmt(o)} | {tp_cell} | {fmt(p)} | {reason.replace('|', '/')} |")
+    ok = sum(r["ours"]["stage"] == "ok" for r in rows)
+    tp_ok = sum(r["torch_pruning"]["stage"] == "ok" for r in rows)
+    lines.append(f"\nCoverage: ours {ok}/{len(rows)} ({ok / len(rows):.0%}), Torch-Pruning {tp_ok}/{len(rows)} "
+                 f"({tp_ok / len(rows):.0%}) pass every stage.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    entries = [e for e in BENCH if not args.only or e.name in args.only]
+    rows = []
+    for entry in entries:
+        rows.append({"model": entry.name, "ours": ours(entry), "torch_pruning": peer(entry)})
+        print(json.dumps({k: (v if k == "model" else {kk: vv for kk, vv in v.items() if kk != "trace"})
+                          for k, v in rows[-1].items()}), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo_coverage.json").write_text(json.dumps(rows, indent=1))
+    (out / "zoo_coverage.md").write_text(table(rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
