@@ -56,7 +56,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            summary="block-wise structured OBS masks + least squares, softmax allocation of one global budget, "
                    "ADMM across blocks (one block in memory at a time)"),
 )})
-DEFAULT_METHOD = "flap"
+DEFAULT_METHOD = "structprune"
 
 
 @dataclass(frozen=True)
