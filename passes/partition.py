@@ -14,7 +14,7 @@ pass holds two neighbouring blocks. A budget below the largest footprint is an e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from torch import nn
 
@@ -139,7 +139,3 @@ class PartitionPass(Pass[PartitionRequest, Partition]):
                 f"activations of one batch; {_human(part.peak_bytes)} with its neighbour for the coupling step). "
                 f"Raise --memory-budget to at least {_human(part.peak_bytes)} or use smaller calibration batches.")
 
-
-def describe(partition: Partition) -> Mapping[str, Any]:
-    return {"blocks": len(partition.blocks), "list": partition.list_path, "peak_bytes": partition.peak_bytes,
-            "excluded": dict(partition.excluded)}

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -188,6 +188,3 @@ class ActivationStore:
             self._tmp.cleanup()
             self._tmp = None
 
-
-def stack_streams(inputs: Sequence[BlockInput]) -> torch.Tensor:
-    return torch.stack([i.stream for i in inputs])  # (batches, batch, tokens, hidden)
