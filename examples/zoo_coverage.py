@@ -77,7 +77,7 @@ BENCH: tuple[ZooEntry, ...] = (
     _entry("mobilenet_v2", "MobileNetV2ForImageClassification", "MobileNetV2Config", _pixels, image_size=32,
            depth_multiplier=0.35, num_labels=5),
     _entry("efficientnet", "EfficientNetForImageClassification", "EfficientNetConfig", _pixels, image_size=32,
-           width_coefficient=0.25, depth_coefficient=0.25, num_labels=5),
+           width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5),
 )
 
 
@@ -195,16 +195,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     entries = [e for e in BENCH if not args.only or e.name in args.only]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for entry in entries:
         rows.append({"model": entry.name, "ours": ours(entry), "torch_pruning": peer(entry)})
         print(json.dumps({k: (v if k == "model" else {kk: vv for kk, vv in v.items() if kk != "trace"})
                           for k, v in rows[-1].items()}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo_coverage.json").write_text(json.dumps(rows, indent=1))
-    (out / "zoo_coverage.md").write_text(table(rows))
+        _write(out / "zoo_coverage.json", json.dumps(rows, indent=1))  # after every model: a long run can stop
+        _write(out / "zoo_coverage.md", table(rows))
     print(table(rows))
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
 from structprune_graph.graph import Group
+from structprune_graph.streaming import resident
 from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
@@ -57,6 +58,7 @@ class AdmmRequest:
     rounds: int = DEFAULT_ROUNDS
     rho: float = DEFAULT_RHO
     damping: float = ADMM_DAMPING
+    resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
 
     @staticmethod
     def _forward(state: AdmmRequest, block: Block, inputs: Sequence[BlockInput], keep, weights) -> torch.Tensor:
-        module = block_module(state.model, block)
+        module = state.resident(block_module(state.model, block))
         overrides = block_overrides(state.model, block, state.groups, keep, weights)
         with torch.no_grad():
             return torch.stack([run_block(module, inp, overrides) for inp in inputs])
@@ -152,7 +154,7 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
     def _exits(state: AdmmRequest, weights) -> dict[int, str]:
         exits = {}
         for block in state.partition.blocks:
-            module = block_module(state.model, block)
+            module = state.resident(block_module(state.model, block))
             prefix = block.path + "." if block.path else ""
             candidates = [n[len(prefix):].rpartition(".")[0] for n in weights if n.startswith(prefix)]
             candidates = [c for c in candidates if is_linear(module.get_submodule(c))]
@@ -166,7 +168,7 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
 
     def _block_step(self, state: AdmmRequest, block: Block, path: str, target: torch.Tensor, keep, weights) -> None:
         """Least squares on the subset: kept columns of ``path`` move so the block output moves by D."""
-        module = block_module(state.model, block)
+        module = state.resident(block_module(state.model, block))
         prefix = block.path + "." if block.path else ""
         name = f"{prefix}{path}.weight"
         layer = module.get_submodule(path)

@@ -12,7 +12,7 @@ the next block runs: only one block's H matrices exist at a time. The model is n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,9 +22,10 @@ from structprune_graph.blockwise import BlockInput, run_block
 from structprune_graph.errors import StructPruneError
 from structprune_graph.graph import Group
 from structprune_graph.module_attrs import input_dim
+from structprune_graph.streaming import resident
 
 from ._infra import Pass, PassResult
-from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, greedy_obs, is_linear
+from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, greedy_obs, is_linear, kernel_size, unfold, unfoldable
 from .partition import Block, Partition
 
 
@@ -48,6 +49,7 @@ class BlockCalibrationRequest:
     max_remove: Mapping[str, int]  # group id -> most units the allocator may remove
     damping: float = DEFAULT_DAMPING
     keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
+    resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
         if not m.is_param or attr != "weight":
             continue
         layer = module.get_submodule(local)
+        if getattr(layer, "groups", 1) > 1:
+            continue  # a grouped convolution maps each channel group on its own: not columns of one matrix
         if input_dim(layer) == m.dim:
             found.append((local, [torch.tensor(u, dtype=torch.long) for u in m.indices]))
     return found
@@ -86,8 +90,8 @@ class StatsCollector:
     def _hook(self, path: str):
         def hook(layer: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            if is_linear(layer):
-                flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if is_linear(layer) or unfoldable(layer):
+                flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
                 h = (flat.T @ flat).double()  # (in, in)
                 self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
             else:
@@ -108,8 +112,12 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
         layer = module.get_submodule(path)
         w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight)
         h = stats.hessians.get(path)
-        out.append(Consumer(path, w.clone(), damped(h, damping) if h is not None else None, columns,
-                            energy=stats.energies.get(path)))
+        energy = stats.energies.get(path)
+        k = kernel_size(layer)
+        if k > 1:  # a channel of a convolution is its k kernel columns (see as_out_in)
+            columns = [(c[:, None] * k + torch.arange(k)).reshape(-1) for c in columns]
+            energy = energy.repeat_interleave(k) if energy is not None else None
+        out.append(Consumer(path, w.clone(), damped(h, damping) if h is not None else None, columns, energy=energy))
     return out
 
 
@@ -129,7 +137,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
         inputs = list(state.inputs)
         blocks = state.partition.blocks
         for block in tqdm(blocks, desc="calibrate blocks", leave=False):
-            module = block_module(state.model, block)
+            module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
             stats = StatsCollector(module, paths)
             outputs = []

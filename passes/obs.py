@@ -13,8 +13,10 @@ sums their errors. The final weights are the least-squares fit on the kept colum
     W_K' = argmin ||X_K W_K'^T - T||^2 = (H_KK)^-1 (X_K^T T),  T = X W^T (+ D, a target shift)
 
 solved in float64 with a Cholesky factorisation (the damping makes H_KK positive definite: never a NaN).
-Consumers that are not linear layers (convolutions) get the cheap Wanda-style saliency
-(||W_:,C||^2 * ||X_C||^2) and no update.
+A 2-D convolution (one group of filters, zero padding) is a linear layer on unfolded patches: W is
+(out, in * kh * kw), H is taken over the unfolded input (``F.unfold``: one row per output position), and a
+channel is its kh * kw columns. Other consumers (grouped, 1-D/3-D or padded-mode convolutions) get the
+cheap Wanda-style saliency (||W_:,C||^2 * ||X_C||^2) and no update.
 """
 
 from __future__ import annotations
@@ -36,24 +38,38 @@ def is_linear(module: nn.Module) -> bool:
                                              and module.weight.dim() == 2)
 
 
+def unfoldable(module: nn.Module) -> bool:
+    """A convolution that is a linear layer on ``F.unfold`` patches: 2-D, one group, numeric zero padding."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def kernel_size(module: nn.Module) -> int:
+    """Columns per input channel in ``as_out_in``: kh * kw for a convolution, 1 for a linear layer."""
+    w = getattr(module, "weight", None)
+    return int(w[0, 0].numel()) if isinstance(module, nn.modules.conv._ConvNd) else 1
+
+
+def unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(batch, in, h, w) -> (positions, in * kh * kw): the patches the convolution multiplies."""
+    cols = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as a float64 matrix whose columns are the layer's input channels: (out, in) for a
-    linear layer (HF Conv1D stores (in, out)); (out * kernel, in) for a convolution."""
+    """The weight as a float64 matrix (out, in * kernel) whose column c * kernel + j is input channel c at
+    kernel position j: (out, in) for a linear layer (HF Conv1D stores (in, out))."""
     w = weight.detach().double()
     if input_dim(module) == 0:
         return w.T.contiguous()
-    if w.dim() > 2:
-        return w.transpose(0, 1).reshape(w.shape[1], -1).T.contiguous()
-    return w.clone()
+    return w.reshape(w.shape[0], -1).clone()
 
 
 def from_out_in(module: nn.Module, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The inverse of ``as_out_in``, in ``like``'s dtype and layout."""
     if input_dim(module) == 0:
         w = w.T
-    elif like.dim() > 2:
-        w = w.T.reshape(like.shape[1], like.shape[0], *like.shape[2:]).transpose(0, 1)
-    return w.to(like.dtype).contiguous()
+    return w.reshape(like.shape).to(like.dtype).contiguous()
 
 
 def damped(h: torch.Tensor, damping: float) -> torch.Tensor:

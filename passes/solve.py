@@ -12,7 +12,7 @@ the consumers' new weights, applied by the rewrite pass (``new_weights``) and, w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
 from structprune_graph.graph import Group
+from structprune_graph.streaming import resident
 from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
@@ -42,6 +43,8 @@ class BlockSolveRequest:
     reconstruct: bool = True
     keep_boundaries: tuple[int, ...] = ()  # batches whose block outputs are stored (ADMM)
     store: Optional[ActivationStore] = field(default=None, compare=False)
+    resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
+    weights_out: Optional[MutableMapping[str, torch.Tensor]] = field(default=None, compare=False)  # e.g. on disk
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,11 @@ def relative_error(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]
 class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
     def call(self, state: BlockSolveRequest) -> PassResult[BlockSolution]:
         keep: dict[str, tuple[int, ...]] = {}
-        new_weights: dict[str, torch.Tensor] = {}
+        new_weights = state.weights_out if state.weights_out is not None else {}
         errors = []
         inputs = list(state.inputs)
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
-            module = block_module(state.model, block)
+            module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
             stats = StatsCollector(module, paths)
             dense = []  # kept for the first batches only: the block error

@@ -1,6 +1,7 @@
 """structprune-graph: structured pruning of arbitrary PyTorch models through a traced dependency graph."""
 
 from .api import apply, apply_plan, mask
+from .checkpoint import CheckpointPruneResult, prune_checkpoint, streamed
 from .errors import (KeepSetError, ModelNotFoundError, PlanMismatchError, RewriteError, StructPruneError,
                      TraceError)
 from .graph import DependencyGraph, Group, Member, trace
@@ -20,6 +21,6 @@ __all__ = [
     "trace", "mask", "apply", "apply_plan", "Plan", "DependencyGraph", "Group", "Member", "Registry",
     "CouplingRule", "ModuleForm", "default_registry", "StructPruneError", "TraceError", "KeepSetError",
     "PlanMismatchError", "RewriteError", "ModelNotFoundError", "prune", "load", "METHODS", "PruneResult",
-    "PruneReport", "export_onnx",
+    "PruneReport", "export_onnx", "prune_checkpoint", "streamed", "CheckpointPruneResult",
 ]
 __version__ = "0.1.0"

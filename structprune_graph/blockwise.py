@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Optional
 
 import torch
 from torch import nn
@@ -54,6 +54,8 @@ def run_model(model: nn.Module, batch: Any) -> Any:
 
 def stream_of(output: Any) -> torch.Tensor:
     """A block's residual-stream output (decoder layers return a tensor or a tuple led by it)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
     return output if isinstance(output, torch.Tensor) else main_output(output)
 
 
@@ -102,12 +104,18 @@ def chains(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> Optional[str]
     problem: list[str] = []
     previous: list[torch.Tensor] = []
     handles = []
+    others: list[tuple] = []  # block 0's arguments after the stream: every block must get the same
     for i, block in enumerate(blocks):
         def hook(module, args, kwargs, output, i=i):
             first = args[0] if args else next(iter(kwargs.values()), None)
             if previous and (not isinstance(first, torch.Tensor) or first.shape != previous[0].shape
                              or not torch.equal(first, previous[0])) and not problem:
                 problem.append(f"block {i}'s first argument is not block {i - 1}'s output")
+            rest = (args[1:], {k: v for k, v in kwargs.items() if not _is_cache(v)})
+            if not others:
+                others.append(rest)
+            elif not _same(rest, others[0]) and not problem:
+                problem.append(f"block {i} is called with other arguments than block 0 (not only the stream)")
             order.append(i)
             previous[:] = [stream_of(output)]
             if i == len(blocks) - 1:
@@ -126,6 +134,21 @@ def chains(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> Optional[str]
     return problem[0] if problem else None
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal call arguments: tensors by shape and value, containers element-wise, the rest by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable == (masks, configs): compare identity
+        return a is b
+
+
 def run_block(block: nn.Module, inp: BlockInput, overrides: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
     """The block's residual-stream output, with some parameters replaced (the block is not modified)."""
     if overrides:
@@ -133,9 +156,10 @@ def run_block(block: nn.Module, inp: BlockInput, overrides: Optional[Mapping[str
     return stream_of(block(*inp.args, **inp.kwargs))
 
 
-class ActivationStore:
-    """Boundary activations by key: kept in CPU memory until ``budget_bytes`` is used, then written to
-    files in a private temporary folder and memory-mapped back when read (never all on the device)."""
+class ActivationStore(MutableMapping):
+    """Tensors by key (boundary activations, re-fitted weights): kept in CPU memory until ``budget_bytes``
+    is used, then written to files in a private temporary folder and memory-mapped back when read (never
+    all on the device). A mapping: ``store[key] = t`` puts, ``store[key]`` reads, ``del store[key]`` drops."""
 
     def __init__(self, budget_bytes: Optional[int] = None, directory: Optional[Path] = None) -> None:
         self.budget = budget_bytes
@@ -167,10 +191,30 @@ class ActivationStore:
         self._files[key] = path
         self.bytes_on_disk += size
 
-    def get(self, key: Any) -> torch.Tensor:
+    def __getitem__(self, key: Any) -> torch.Tensor:
         if key in self._memory:
             return self._memory[key]
         return torch.load(self._files[key], mmap=True, weights_only=True)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._memory or key in self._files
+
+    def __setitem__(self, key: Any, value: torch.Tensor) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.drop(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([*self._memory, *self._files])
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._files)
 
     def drop(self, key: Any) -> None:
         if key in self._memory:

@@ -153,3 +153,20 @@ def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 8) -> dic
     vocab = getattr(config, "vocab_size", 1000)
     return {"input_ids": torch.randint(0, vocab, (batch, length), generator=g),
             "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+def checkpoint_folder(spec: Optional[Union[str, Path]] = None) -> Path:
+    """The safetensors folder behind ``spec`` for streaming (``--stream``): the default model's cached
+    plain copy (made once from the GGUF file) or a transformers folder; GGUF files cannot be streamed."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        if not (_default_cache() / "config.json").is_file():
+            load_default_model()  # writes the cached copy (once; 135M parameters)
+        if (_default_cache() / "config.json").is_file():
+            return _default_cache()
+        raise ModelNotFoundError(f"streaming the default model needs its cached copy in {_default_cache()}, "
+                                 f"which could not be written; set STRUCTPRUNE_CACHE to a writable folder")
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    raise ModelNotFoundError(f"--stream needs a transformers folder with safetensors weights; {path} is not one "
+                             f"(for a .gguf file or a .bin checkpoint: load it once and save_pretrained it)")

@@ -137,6 +137,26 @@ class PruneResult:
         return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer)
 
 
+def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Group], graph: DependencyGraph,
+                keep: Mapping[str, Sequence[int]], params_before: int, params_after: int, peak: Any, batches: int,
+                solver: Mapping[str, Any]) -> PruneReport:
+    total = prunable_params(groups, graph.param_shapes)
+    by_id = {g.id: g for g in groups}
+    return PruneReport(
+        method=method, sparsity_target=sparsity, sparsity_achieved=removed / total,
+        prunable_params=total, params_before=params_before, params_after=params_after,
+        seconds=peak.seconds, peak_rss_bytes=peak.rss_bytes, peak_cuda_bytes=peak.cuda_bytes,
+        calibration_batches=batches,
+        kept_fraction={gid: len(kept) / by_id[gid].size for gid, kept in keep.items()},
+        group_kinds={g.id: g.kind for g in groups}, solver=dict(solver))
+
+
+def solver_details(config: SolverConfig, solved: SolverResult) -> dict:
+    return {"config": config.label(), "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
+            "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
+            "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded)}
+
+
 def _as_batches(calibration: Iterable[Any]) -> tuple[Any, ...]:
     batches = tuple(calibration)
     if not batches:
@@ -178,9 +198,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver)
             solved = solve(model, state, batches, sparsity, solver, groups)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
-            details = {"config": solver.label(), "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
-                       "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
-                       "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded)}
+            details = solver_details(solver, solved)
         else:
             calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
                 model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
@@ -190,15 +208,8 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             keep, removed = allocation.keep, allocation.removed_params
             updates = _bias_compensation(model, groups, keep, calib.inputs) if spec.bias_compensation else {}
         pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
-    total = prunable_params(groups, graph.param_shapes)
-    by_id = {g.id: g for g in groups}
-    report = PruneReport(
-        method=method, sparsity_target=sparsity, sparsity_achieved=removed / total,
-        prunable_params=total, params_before=count_params(model), params_after=count_params(pruned),
-        seconds=peak.seconds, peak_rss_bytes=peak.rss_bytes, peak_cuda_bytes=peak.cuda_bytes,
-        calibration_batches=len(batches),
-        kept_fraction={gid: len(kept) / by_id[gid].size for gid, kept in keep.items()},
-        group_kinds={g.id: g.kind for g in groups}, solver=details)
+    report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
+                         peak, len(batches), details)
     plan = Plan.from_keep(graph, model, keep,
                           meta={"method": method, "sparsity": sparsity, "bias_compensated": sorted(updates)})
     return PruneResult(pruned, plan, report, graph, example_inputs, calib, state, solved)

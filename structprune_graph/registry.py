@@ -246,6 +246,7 @@ def default_registry() -> Registry:
         CouplingRule("permute", r.permute, aten=("aten.permute",), functions=(torch.permute,), methods=("permute",)),
         CouplingRule("transpose", r.permute, aten=("aten.transpose", "aten.t", "aten.swapaxes"),
                      functions=(torch.transpose, torch.t), methods=("transpose", "t"), signature=_sig_transpose),
+        CouplingRule("numpy_T", r.reverse_dims, aten=("aten.numpy_T",)),  # x.T (Falcon's linear layers)
         CouplingRule("unsqueeze", r.unsqueeze, aten=("aten.unsqueeze",), functions=(torch.unsqueeze,),
                      methods=("unsqueeze",)),
         CouplingRule("squeeze", r.squeeze, aten=("aten.squeeze",), functions=(torch.squeeze,), methods=("squeeze",)),

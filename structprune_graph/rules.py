@@ -445,6 +445,12 @@ def permute(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     return out.with_dims([x.dims[i] for i in order])
 
 
+def reverse_dims(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
+    """``x.T``: every dimension reversed."""
+    x: Labelled = a["self"]
+    return out.with_dims(tuple(reversed(x.dims)))
+
+
 def unsqueeze(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     x: Labelled = a["self"]
     d = norm_dim(a["dim"], out.ndim)

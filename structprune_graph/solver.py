@@ -14,7 +14,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains
 from .errors import StructPruneError
 from .evaluate import main_output
 from .graph import DependencyGraph, Group
+from .streaming import resident as in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,13 @@ def _max_remove(group: Group, max_prune: float) -> int:
     return max(0, min(group.size - group.min_keep, math.floor(max_prune * group.size)))
 
 
+Resident = Callable[[nn.Module], nn.Module]
+
+
 def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], batches: Sequence[Any],
-            config: SolverConfig) -> SolverState:
-    """Partition the model and run the dense block-wise sweep (shared by every sparsity)."""
+            config: SolverConfig, resident: Resident = in_memory) -> SolverState:
+    """Partition the model and run the dense block-wise sweep (shared by every sparsity). ``resident``
+    makes a block's weights available before a pass reads them (a ``WeightStreamer`` for weights on disk)."""
     groups = tuple(groups)
     list_path = find_block_list(model, groups)
     problem = chains(model, model.get_submodule(list_path), batches[0]) if list_path else "no block list"
@@ -115,7 +120,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     placed = [gid for b in partition.blocks for gid in b.group_ids]
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))))).state
+        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident)).state
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
                      if gid not in calib.curves})
@@ -193,8 +198,10 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
 
 
 def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
-          budget_groups: Sequence[Group]) -> SolverResult:
-    """Allocate the budget, solve the blocks and coordinate them; the model is not modified."""
+          budget_groups: Sequence[Group], resident: Resident = in_memory,
+          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None) -> SolverResult:
+    """Allocate the budget, solve the blocks and coordinate them; the model is not modified.
+    ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk)."""
     groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
     if not groups:
         raise StructPruneError("structprune: every selected group is excluded: " +
@@ -211,14 +218,14 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, alloc.counts, config.damping, config.reconstruct,
-            admm_idx, store)).state
+            admm_idx, store, resident, weights_out)).state
         sequential = solution.new_weights
         admm_errors, best = (), 0
         if config.rounds and len(state.partition.blocks) > 1:
             finals = torch.stack([state.calibration.final_outputs[i] for i in admm_idx])
             result = AdmmPass()(AdmmRequest(model, state.partition, state.groups, [state.inputs[i] for i in admm_idx],
                                             finals, solution, store, config.rounds, config.rho,
-                                            config.admm_damping)).state
+                                            config.admm_damping, resident)).state
             solution, admm_errors, best = result.solution, result.output_errors, result.best_round
     finally:
         store.close()

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from .errors import StructPruneError
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # written by the streaming pruner: one shard per block
 
 
 class OutputExistsError(StructPruneError, FileExistsError):
@@ -42,6 +44,32 @@ def _input_spec(example_inputs: Any) -> dict:
     raise StructPruneError("saving needs keyword example inputs (a dict) so that load() can trace the model again")
 
 
+@contextmanager
+def atomic_folder(directory: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write into; renamed to ``directory`` when the block ends without an
+    error (replacing it only with ``overwrite``), removed otherwise."""
+    check_output_dir(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        yield tmp
+        if directory.exists():
+            backup = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.replace(directory, backup / "old")
+            os.replace(tmp, directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_meta(folder: Path, architecture: str, example_inputs: Any) -> None:
+    meta = {"format": FORMAT, "architecture": architecture, "example_inputs": _input_spec(example_inputs)}
+    (folder / "structprune.json").write_text(json.dumps(meta, indent=1))
+
+
 def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any) -> Path:
     from safetensors.torch import save_model
 
@@ -53,29 +81,37 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any) -
     if config is None:
         raise StructPruneError("save() rebuilds models from a transformers config; for other models save "
                                "result.plan and result.model.state_dict() yourself and use apply_plan()")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    _input_spec(result.example_inputs)  # fails before anything is written
+    with atomic_folder(directory, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         config.save_pretrained(tmp)
         result.plan.save(tmp / "plan.json")
-        meta = {"format": FORMAT, "architecture": type(model).__name__,
-                "example_inputs": _input_spec(result.example_inputs)}
-        (tmp / "structprune.json").write_text(json.dumps(meta, indent=1))
+        write_meta(tmp, type(model).__name__, result.example_inputs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         write_report(tmp, result.report)
-        if directory.exists():
-            backup = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
-            os.replace(directory, backup / "old")
-            os.replace(tmp, directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load ``model.safetensors`` or the shards of ``model.safetensors.index.json`` into ``model``; any
+    missing or extra tensor is an error (tied weights are stored once)."""
+    from safetensors.torch import load_file, load_model
+
+    index = directory / SHARD_INDEX
+    if not index.is_file():
+        load_model(model, str(directory / WEIGHTS), strict=True)  # raises on any missing or extra tensor
+        return
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(directory / shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[n]) for n in state if n in params}
+    missing = [n for n in missing if not (n in params and id(params[n]) in loaded)]
+    if missing or unexpected:
+        raise StructPruneError(f"{directory}: weights do not fit the rebuilt model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
 
 
 def _read_meta(directory: Path) -> dict:
@@ -100,7 +136,6 @@ def example_inputs_of(directory: Union[str, Path]) -> dict:
 def load(directory: Union[str, Path]) -> nn.Module:
     """Rebuild a pruned model saved by ``PruneResult.save`` / ``structprune prune``."""
     import transformers
-    from safetensors.torch import load_model
 
     from .api import apply
     from .graph import trace
@@ -120,5 +155,5 @@ def load(directory: Union[str, Path]) -> nn.Module:
         if getattr(layer, "bias", None) is None:
             out = layer.weight.shape[output_dim(layer)]
             layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
-    load_model(pruned, str(directory / WEIGHTS), strict=True)  # raises on any missing or extra tensor
+    load_weights(pruned, directory)
     return pruned.eval()

@@ -63,3 +63,39 @@ def test_dead_and_duplicated_inputs_stay_finite():
     greedy_obs([consumer], 12, 9)
     assert torch.isfinite(consumer.weight).all()
     assert torch.isfinite(least_squares(w, h, torch.tensor([0, 5, 6, 9]))).all()
+
+
+def test_a_convolution_is_refit_on_its_unfolded_patches():
+    """Channel c of a 3x3 conv is 9 columns of the unfolded problem; removing it and re-fitting gives the
+    conv whose output error, computed by running the conv, is the OBS error."""
+    from structprune_graph.passes.blockwise_calibrate import StatsCollector, build_consumers
+    from structprune_graph.passes.obs import as_out_in, from_out_in
+    from structprune_graph.passes.partition import Block
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1).double()
+    x = torch.randn(8, 6, 7, 7, generator=g, dtype=torch.float64)  # (batch, in, h, w)
+    module = torch.nn.Sequential(conv)
+    stats = StatsCollector(module, ["0"])
+    with torch.no_grad():
+        module(x)
+    stats.close()
+
+    class _Member:  # the group of conv 0's input channels, as the graph lists it
+        name, dim, is_param = "0.weight", 1, True
+        indices = [(c,) for c in range(6)]
+
+    class _Group:
+        members = [_Member()]
+
+    [consumer] = build_consumers(Block(0, "", 0, 0, ()), module, _Group(), stats, 1e-9)
+    assert consumer.weight.shape == (4, 54) and consumer.columns[2].tolist() == list(range(18, 27))
+    order, increments = greedy_obs([consumer], 6, 1)
+    refit = from_out_in(conv, consumer.weight, conv.weight)  # (4, 6, 3, 3), channel order[0] zero
+    assert refit[:, order[0]].abs().max() == 0
+    with torch.no_grad():
+        dense = conv(x)
+        pruned = torch.nn.functional.conv2d(x, refit, conv.bias, padding=1)
+    err = float(((dense - pruned) ** 2).sum())
+    assert abs(increments[0] - err) <= 1e-5 * err
+    torch.testing.assert_close(as_out_in(conv, refit), consumer.weight)

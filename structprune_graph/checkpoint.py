@@ -1,0 +1,179 @@
+"""Prune a checkpoint on disk without ever holding the model: the streaming form of ``prune``.
+
+    skeleton (meta) -> trace -> partition -> block-wise calibrate -> allocate -> block solve
+                    -> write the pruned blocks one shard at a time
+
+The skeleton is the checkpoint's architecture with no weights; a ``WeightStreamer`` materialises the
+part outside the blocks once and each block when a pass needs it; the solver's re-fitted weights go to
+a disk-backed store as each block is solved; the output folder gets one safetensors shard per block,
+each read, re-fitted and sliced on its own. Peak memory: the resident part, two blocks, the calibration
+activations and one block's statistics, whatever the depth. ``structprune_graph.load`` reads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from structprune_graph.passes import ApplyPass, RewriteRequest
+from structprune_graph.passes.partition import find_block_list
+
+from .blockwise import ActivationStore
+from .errors import StructPruneError
+from .evaluate import count_params, track_peak_memory
+from .graph import DependencyGraph, trace
+from .plan import Plan
+from .pruning import PruneReport, make_report, select_groups, solver_details
+from .solver import SolverConfig, prepare, solve
+from .report import write_report
+from .storage import SHARD_INDEX, atomic_folder, write_meta
+from .streaming import CheckpointWeights, WeightStreamer, empty_model, meta_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointPruneResult:
+    directory: Path
+    plan: Plan
+    report: PruneReport
+    graph: DependencyGraph = field(repr=False)
+    weight_loads: int = 0  # blocks materialised from disk over the run
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
+def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str, torch.Tensor]], sparsity: float,
+                     output: Union[str, Path], *, solver: Optional[SolverConfig] = None,
+                     kinds: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
+                     overwrite: bool = False, tokenizer: Any = None) -> CheckpointPruneResult:
+    """``prune(method="structprune")`` for a transformers checkpoint folder that is never loaded whole:
+    writes the pruned model to ``output`` (shards, config, plan, report), loadable with ``load``."""
+    folder, output, device = Path(folder), Path(output), torch.device(device)
+    batches = tuple(_to(b, device) for b in calibration)
+    if not batches or not isinstance(batches[0], Mapping):
+        raise StructPruneError("prune_checkpoint needs calibration batches as dicts of keyword tensors "
+                               "(input_ids, attention_mask)")
+    if output.resolve() == folder.resolve():
+        raise StructPruneError(f"the output folder {output} is the input checkpoint; choose another folder "
+                               f"(inputs are never overwritten)")
+    solver = solver or SolverConfig()
+    source = CheckpointWeights(folder)
+    start = time.perf_counter()
+    with track_peak_memory() as peak:
+        skeleton = empty_model(folder, meta_buffers=True)  # traced and rewritten: shapes only
+        graph = trace(skeleton, meta_inputs(batches[0]))
+        model = empty_model(folder)  # run: parameters streamed in
+        groups = select_groups(graph, kinds)
+        list_path = find_block_list(model, groups)
+        if list_path is None:
+            raise StructPruneError(f"{type(model).__name__} has no block list holding its groups: streaming "
+                                   f"needs one; load the model and use prune() instead")
+        refitted = ActivationStore(budget_bytes=0)  # re-fitted weights go to disk as each block is solved
+        try:
+            with WeightStreamer(model, list_path, source, device) as streamer:
+                state = prepare(model, graph, groups, batches, solver, streamer)
+                solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted)
+                loads = streamer.loads
+            pruned = ApplyPass()(RewriteRequest(skeleton, graph, solved.keep)).state  # shapes and attributes
+            plan = Plan.from_keep(graph, skeleton, solved.keep, meta={"method": "structprune", "sparsity": sparsity,
+                                                                     "bias_compensated": [], "streamed": True})
+            with atomic_folder(output, overwrite) as tmp:
+                write_shards(tmp, pruned, graph, solved.keep, solved.new_weights, source, list_path)
+                peak.seconds = time.perf_counter() - start  # the report covers the writing too
+                report = make_report("structprune", sparsity, solved.removed_params, groups, graph, solved.keep,
+                                     count_params(skeleton), count_params(pruned), peak, len(batches),
+                                     solver_details(solver, solved))
+                write_report(tmp, report)
+                pruned.config.save_pretrained(tmp)
+                plan.save(tmp / "plan.json")
+                write_meta(tmp, type(skeleton).__name__, {k: v.cpu() for k, v in batches[0].items()
+                                                          if isinstance(v, torch.Tensor)})
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / "tokenizer")
+        finally:
+            refitted.close()
+    return CheckpointPruneResult(output, plan, report, graph, loads)
+
+
+def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: Mapping[str, Sequence[int]],
+                 refitted: Mapping[str, torch.Tensor], source: CheckpointWeights, list_path: str) -> None:
+    """One safetensors shard per block (and one for the rest): each tensor read from ``source`` (or its
+    re-fitted value), sliced to the kept indices and written before the next shard is read."""
+    from safetensors.torch import save_file
+
+    kept: dict[str, list[tuple[int, list[int]]]] = {}
+    for (tensor, dim), indices in graph.kept_indices(keep).items():
+        kept.setdefault(tensor, []).append((dim, indices))
+    names = [n for n, _ in pruned.named_parameters()]  # tied weights once, as save_pretrained stores them
+    names += [n for n, _ in pruned.named_buffers() if n in source]
+    shards: dict[str, list[str]] = {}
+    for name in names:
+        rest = name[len(list_path) + 1:] if name.startswith(list_path + ".") else None
+        shards.setdefault(f"block-{int(rest.split('.')[0]):05d}" if rest else "rest", []).append(name)
+    aliases = {a: canon for canon, names_ in graph.aliases.items() for a in names_}
+    weight_map = {}
+    for shard, shard_names in tqdm(sorted(shards.items()), desc="write shards", leave=False):
+        stored = {n: _stored_name(n, aliases, source) for n in shard_names}
+        values = source.read(set(stored.values()) - set(refitted))
+        tensors = {}
+        for name in shard_names:
+            value = refitted[name] if name in refitted else values[stored[name]]
+            for dim, indices in kept.get(aliases.get(name, name), ()):
+                value = value.index_select(dim, torch.tensor(indices, dtype=torch.long))
+            tensors[name] = value.contiguous()
+        file = f"model-{shard}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in shard_names})
+        del tensors, values
+    total = sum(p.numel() * p.element_size() for p in pruned.parameters())
+    (folder / SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=1))
+
+
+def _stored_name(name: str, aliases: Mapping[str, str], source: CheckpointWeights) -> str:
+    """The checkpoint's name for a parameter (a tied weight may be stored under another alias)."""
+    canon = aliases.get(name, name)
+    for candidate in (name, canon, *(a for a, c in aliases.items() if c == canon)):
+        if candidate in source:
+            return candidate
+    raise StructPruneError(f"no tensor for {name!r} in the checkpoint {source.folder}")
+
+
+def block_list_path(model: nn.Module) -> str:
+    """The ``nn.ModuleList`` (two or more children) holding the most parameters: the blocks to stream."""
+    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise StructPruneError(f"{type(model).__name__} has no nn.ModuleList of blocks to stream; load it whole")
+    return max(lists)[1]
+
+
+@contextmanager
+def streamed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Iterator[nn.Module]:
+    """A model backed by a checkpoint folder (or a folder written by the pruner) whose blocks are read from
+    disk as they run: evaluate a model larger than memory (perplexity, outputs) one block at a time."""
+    from .api import apply
+    from .storage import example_inputs_of
+
+    folder = Path(folder)
+    model = empty_model(folder)
+    if (folder / "structprune.json").is_file():  # a pruned folder: its shapes come from the plan
+        plan = Plan.load(folder / "plan.json")
+        graph = trace(empty_model(folder, meta_buffers=True), meta_inputs(example_inputs_of(folder)))
+        model = apply(model, graph, plan.keep)
+    with WeightStreamer(model, block_list_path(model), CheckpointWeights(folder), device):
+        yield model

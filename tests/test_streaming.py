@@ -1,0 +1,126 @@
+"""Streaming a checkpoint: blocks read from disk one at a time give exactly the in-memory pruning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import transformers
+
+import structprune_graph as sp
+from structprune_graph.checkpoint import prune_checkpoint, streamed
+from structprune_graph.cli import parse_bytes
+from structprune_graph.errors import StructPruneError
+from structprune_graph.pruning import select_groups
+from structprune_graph.passes.partition import MemoryBudgetError
+from structprune_graph.solver import SolverConfig, prepare
+from structprune_graph.streaming import CheckpointError, CheckpointWeights, WeightStreamer, empty_model
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny tied-embedding Llama saved with save_pretrained, its calibration batches and the model."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(4)]
+    return folder, batches, model
+
+
+def _weights(model):
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_streamed_pruning_equals_in_memory_pruning(checkpoint, tmp_path):
+    folder, batches, model = checkpoint
+    before = {k: v.clone() for k, v in _weights(model).items()}
+    reference = sp.prune(model, batches, 0.3, method="structprune")
+    result = prune_checkpoint(folder, batches, 0.3, tmp_path / "out")
+    assert result.plan.keep == reference.plan.keep
+    shards = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(shards.values())) == LAYERS + 1  # one shard per block and one for the rest
+    loaded = sp.load(tmp_path / "out")
+    want, got = _weights(reference.model), _weights(loaded)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    for name, value in _weights(model).items():  # the input model is untouched
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_a_small_budget_gives_the_plan_and_weights_of_an_unlimited_one(checkpoint, tmp_path):
+    """With ADMM on, the tightest budget that fits the blocks spills every buffer to disk: same result."""
+    folder, batches, model = checkpoint
+    graph = sp.trace(model, {"input_ids": batches[0]["input_ids"]})
+    groups = select_groups(graph)
+    tight = prepare(model, graph, groups, batches, SolverConfig(rounds=1)).partition.peak_bytes
+    small = prune_checkpoint(folder, batches, 0.3, tmp_path / "small", solver=SolverConfig(rounds=1, memory_budget=tight))
+    free = prune_checkpoint(folder, batches, 0.3, tmp_path / "free", solver=SolverConfig(rounds=1))
+    assert small.plan.keep == free.plan.keep
+    a, b = _weights(sp.load(tmp_path / "small")), _weights(sp.load(tmp_path / "free"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_budget_below_one_block_names_the_block(checkpoint, tmp_path):
+    folder, batches, _ = checkpoint
+    with pytest.raises(MemoryBudgetError, match=r"below block 'model\.layers\.\d', which needs .*MiB"):
+        prune_checkpoint(folder, batches, 0.3, tmp_path / "out", solver=SolverConfig(memory_budget=1024))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_the_streamer_holds_at_most_two_blocks_and_computes_the_dense_output(checkpoint):
+    folder, batches, model = checkpoint
+    skeleton = empty_model(folder)
+    blocks = skeleton.model.layers
+    assert all(p.device.type == "meta" for p in blocks.parameters())
+    resident = []
+    hooks = [b.register_forward_hook(lambda m, a, o: resident.append(
+        sum(any(p.device.type != "meta" for p in blk.parameters()) for blk in blocks))) for b in blocks]
+    with WeightStreamer(skeleton, "model.layers", CheckpointWeights(folder)) as streamer:
+        with torch.no_grad():
+            got = skeleton(**batches[0]).logits
+        assert streamer.loads == LAYERS
+    for h in hooks:
+        h.remove()
+    assert max(resident) == 2
+    assert all(p.device.type == "meta" for p in blocks.parameters())  # closed: every block dropped
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(**batches[0]).logits)
+
+
+def test_a_streamed_pruned_folder_runs_like_the_loaded_model(checkpoint, tmp_path):
+    folder, batches, _ = checkpoint
+    prune_checkpoint(folder, batches, 0.5, tmp_path / "out")
+    loaded = sp.load(tmp_path / "out")
+    with streamed(tmp_path / "out") as model, torch.no_grad():
+        torch.testing.assert_close(model(**batches[1]).logits, loaded(**batches[1]).logits)
+
+
+def test_bad_inputs_get_clear_errors(checkpoint, tmp_path):
+    folder, batches, _ = checkpoint
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
+        CheckpointWeights(tmp_path)
+    with pytest.raises(StructPruneError, match="is the input checkpoint"):
+        prune_checkpoint(folder, batches, 0.3, folder)
+    with pytest.raises(StructPruneError, match="dicts of keyword tensors"):
+        prune_checkpoint(folder, [batches[0]["input_ids"]], 0.3, tmp_path / "out")
+
+
+def test_memory_budget_sizes_parse():
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_bytes("two gigs")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
+        parse_bytes("0MiB")
