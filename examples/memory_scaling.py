@@ -167,6 +167,22 @@ def child(method: str, folder: Path, device: str) -> dict:
             "peak_cuda": cuda, "seconds": round(seconds, 1), "params_before": before, "params_after": after}
 
 
+def _measure(method: str, folder: Path, device: str) -> dict:
+    """One run in a fresh subprocess; its JSON line, or the error it ended with."""
+    proc = subprocess.run([sys.executable, __file__, "--device", device, "--child", method, str(folder)],
+                          capture_output=True, text=True, env={**os.environ, **ALLOCATOR})
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode == 0 and last.startswith("{"):
+        return json.loads(last)
+    return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}"}
+
+
+def _params(folder: Path) -> int:
+    from structprune_graph.streaming import empty_model
+
+    return sum(p.numel() for p in empty_model(folder, meta_buffers=True).parameters())
+
+
 def fit_exponent(points: list[tuple[int, int]]) -> float | None:
     """Least-squares slope of log(memory) against log(N)."""
     if len(points) < 2:
@@ -189,7 +205,8 @@ def table(rows: list[dict], fits: dict) -> str:
         cells = ([_gib(m["peak_rss"]), _gib(m["net_rss"]), _gib(m.get("peak_cuda")),
                   f"{weights / m['peak_rss']:.2f}x", f"{m['seconds']:.0f}"] if "peak_rss" in m
                  else [m.get("skipped") or m.get("error", "failed")[:80], "-", "-", "-", "-"])
-        lines.append(f"| {r['size']} | {r['params']:,} | {r['block_params']:,} | {_gib(weights)} | {r['method']} | "
+        block = f"{r['block_params']:,}" if r.get("block_params") else "-"
+        lines.append(f"| {r['size']} | {r['params']:,} | {block} | {_gib(weights)} | {r['method']} | "
                      + " | ".join(cells) + " |")
     lines.append("")
     for method, fit in fits.items():
@@ -206,10 +223,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("structprune", "o"), ("taylor-global", "s")):
-        pts = [(r["params"], r["result"]["net_rss"]) for r in rows if r["method"] == method and "net_rss" in r["result"]]
+        pts = [(r["params"], r["result"]["net_rss"]) for r in rows
+               if r["method"] == method and "net_rss" in r["result"] and not r.get("extra")]
         if pts:
             ax.loglog(*zip(*pts), marker=marker, label=f"{method} (net peak RSS)")
-    sizes = sorted({r["params"] for r in rows})
+    sizes = sorted({r["params"] for r in rows if not r.get("extra")})
     ax.loglog(sizes, [4 * n for n in sizes], "k--", lw=0.8, label="fp32 weights (N x 4 B)")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("bytes")
@@ -229,6 +247,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--limit-gib", type=float, default=20.0, help="skip a run predicted to exceed this")
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--checkpoint", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="also measure these checkpoints (e.g. the cached SmolLM2); not in the fit")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -252,18 +272,20 @@ def main() -> None:
             if predicted > args.limit_gib * 2**30:
                 row["result"] = {"skipped": f"skipped: predicted {predicted / 2**30:.0f} GiB > {args.limit_gib:g}"}
             else:
-                proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", method, str(folder)],
-                                      capture_output=True, text=True, env={**os.environ, **ALLOCATOR})
-                last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-                row["result"] = json.loads(last) if proc.returncode == 0 and last.startswith("{") else \
-                    {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}"}
+                row["result"] = _measure(method, folder, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
         if not args.keep_checkpoints and args.cache is None:
             shutil.rmtree(folder, ignore_errors=True)
+    for spec in args.checkpoint:
+        name, _, path = spec.partition("=")
+        for method in args.methods:
+            rows.append({"size": name, "params": _params(Path(path)), "layers": None, "hidden": None, "block_params": None,
+                         "method": method, "extra": True, "result": _measure(method, Path(path), args.device)})
+            print(json.dumps(rows[-1]), flush=True)
     fits = {}
     for method in args.methods:
-        ok = [r for r in rows if r["method"] == method and "net_rss" in r["result"]]
+        ok = [r for r in rows if r["method"] == method and "net_rss" in r["result"] and not r.get("extra")]
         if len(ok) >= 2:
             fits[method] = {"net": fit_exponent([(r["params"], r["result"]["net_rss"]) for r in ok]),
                             "total": fit_exponent([(r["params"], r["result"]["peak_rss"]) for r in ok]),

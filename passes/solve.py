@@ -70,15 +70,17 @@ def block_overrides(model: nn.Module, block: Block, groups: Mapping[str, Group],
             if not m.is_param or local not in params:
                 continue
             value = out.get(local)
-            if value is None:
-                value = new_weights[m.name].clone() if m.name in new_weights else params[local].detach().clone()
+            if value is None:  # re-fitted values may come back from a CPU or disk store: on the block's device
+                value = (new_weights[m.name].to(params[local].device, copy=True) if m.name in new_weights
+                         else params[local].detach().clone())
             if dropped:
-                value.index_fill_(m.dim, torch.tensor([i for u in dropped for i in m.indices[u]]), 0.0)
+                value.index_fill_(m.dim, torch.tensor([i for u in dropped for i in m.indices[u]], device=value.device),
+                                  0.0)
             out[local] = value
-    for name, value in new_weights.items():  # consumers of groups owned by other blocks do not occur
+    for name in new_weights:  # keys only: a disk-backed store reads just this block's tensors
         local = name[len(prefix):]
         if name.startswith(prefix) and local in params and local not in out:
-            out[local] = value
+            out[local] = new_weights[name].to(params[local].device)
     return out
 
 

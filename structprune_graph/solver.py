@@ -183,7 +183,7 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
             layer = model.get_submodule(full)
             dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
             shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
-            handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s, *a[1:])))
+            handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s.to(a[0].device), *a[1:])))
         try:
             with torch.no_grad():
                 if dense is None:
