@@ -154,7 +154,7 @@ def child(method: str, folder: Path, device: str) -> dict:
     if method == "structprune":
         with tempfile.TemporaryDirectory(dir=folder.parent) as out:
             result = prune_checkpoint(folder, batches, SPARSITY, Path(out) / "pruned", device=device,
-                                      solver=SolverConfig(tau_batches=2))
+                                      solver=SolverConfig(tau_batches=1))
         before, after = result.report.params_before, result.report.params_after
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)

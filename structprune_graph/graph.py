@@ -12,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import networkx as nx
 import numpy as np
@@ -23,6 +23,7 @@ from .labels import AtomTable, Labelled, Resolution, Space
 from .registry import CouplingRule, Registry, bind_aten, bind_module, bind_python, default_registry
 from .rules import FlowContext, iter_labelled, unknown
 from .tracing import Captured, ExampleInputs, capture
+from .units import UnitIndices, UnitTable
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Member:
     name: str  # canonical name (the first of tied aliases)
     dim: int
     is_param: bool
-    indices: tuple[tuple[int, ...], ...]  # per unit, sorted
+    indices: Sequence[tuple[int, ...]]  # per unit, sorted (a compact UnitIndices; any sequence of tuples works)
 
     @property
     def label(self) -> str:
@@ -267,36 +268,14 @@ def _kind(comps: list[int], members: list[Space], shapes: Mapping[str, tuple], r
     return "mlp_channel" if linears >= 2 else "channel"
 
 
-def _units(spaces: list[Space], component: np.ndarray, degree: np.ndarray) -> dict[int, tuple[dict[int, list[int]], int]]:
-    """Component -> (space index -> indices in that dim, smallest atom), for components that hold a
-    parameter and were touched by some rule."""
-    atom_ids = np.concatenate([np.arange(s.start, s.start + s.size) for s in spaces])
-    space_idx = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)])
-    local = np.concatenate([np.arange(s.size) for s in spaces])
-    order = np.lexsort((local, space_idx, component[atom_ids]))
-    atom_ids, space_idx, local = atom_ids[order], space_idx[order], local[order]
-    comps = component[atom_ids]
-    bounds = np.flatnonzero(np.diff(comps)) + 1
-    units = {}
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(comps)]):
-        members: dict[int, list[int]] = {}
-        for s, i in zip(space_idx[lo:hi].tolist(), local[lo:hi].tolist()):
-            members.setdefault(s, []).append(i)
-        if not any(spaces[s].is_param for s in members):
-            continue  # buffer-only units (position ids, rotary tables) are not prunable structure
-        if hi - lo == 1 and degree[atom_ids[lo]] == 0:
-            continue  # a dim no rule consumed (e.g. conv kernel taps): not a unit
-        units[int(comps[lo])] = (members, int(atom_ids[lo:hi].min()))
-    return units
-
-
 def _make_group(gid: str, kind: str, spaces: list[Space], signature: tuple[int, ...],
-                unit_members: list[dict[int, list[int]]], shapes: Mapping[str, tuple], **fields: Any) -> Group:
-    members = tuple(Member(spaces[s].name, spaces[s].dim, spaces[s].is_param,
-                           tuple(tuple(sorted(u.get(s, ()))) for u in unit_members)) for s in signature)
-    unit_params = tuple(sum(len(m.indices[u]) * prod(n for d, n in enumerate(shapes[m.name]) if d != m.dim)
-                            for m in members if m.is_param) for u in range(len(unit_members)))
-    return Group(id=gid, kind=kind, size=len(unit_members), members=members, unit_params=unit_params, **fields)
+                member_indices: Sequence[UnitIndices], shapes: Mapping[str, tuple], **fields: Any) -> Group:
+    members = tuple(Member(spaces[s].name, spaces[s].dim, spaces[s].is_param, idx)
+                    for s, idx in zip(signature, member_indices))
+    per_unit = sum((m.indices.sizes() * prod(n for d, n in enumerate(shapes[m.name]) if d != m.dim)
+                    for m in members if m.is_param), np.zeros(len(member_indices[0]), dtype=np.int64))
+    return Group(id=gid, kind=kind, size=len(member_indices[0]), members=members,
+                 unit_params=tuple(per_unit.tolist()), **fields)
 
 
 def build_groups(interp: _Interpreter, res: Resolution) -> tuple[Group, ...]:
@@ -306,17 +285,18 @@ def build_groups(interp: _Interpreter, res: Resolution) -> tuple[Group, ...]:
         return ()
     degree = interp.atoms.degree()
     heads, module_of = _heads_per_unit(res)
-    by_signature: dict[tuple, list[tuple[int, dict[int, list[int]], int]]] = {}
-    for c, (members, first) in _units(spaces, res.component, degree).items():
-        by_signature.setdefault((tuple(sorted(members)), c in res.pin_reason), []).append((c, members, first))
+    table = UnitTable.build(spaces, res.component, degree)
+    by_signature: dict[tuple, list[int]] = {}  # (spaces, pinned) -> unit positions in the table
+    for i, c in enumerate(table.comp.tolist()):
+        by_signature.setdefault((table.signature(i), c in res.pin_reason), []).append(i)
     shapes = {n: tuple(t.shape) for n, t in interp.tensors.items()}
     hard = interp.atoms.resolve(hard_only=True) if interp.atoms.gqa_sites else None
-    hard_units = _units(spaces, hard.component, degree) if hard is not None else {}
+    hard_units = UnitTable.build(spaces, hard.component, degree) if hard is not None else None
     groups: list[Group] = []
     seen_ids: dict[str, int] = {}
-    for (signature, pinned), entries in sorted(by_signature.items(), key=lambda kv: min(e[2] for e in kv[1])):
-        entries.sort(key=lambda e: e[2])
-        comp_ids = [e[0] for e in entries]
+    for (signature, pinned), positions in sorted(by_signature.items(), key=lambda kv: int(table.first_atom[kv[1]].min())):
+        entries = np.array(positions)[np.argsort(table.first_atom[positions], kind="stable")]
+        comp_ids = table.comp[entries].tolist()
         kind = _kind(comp_ids, [spaces[s] for s in signature], shapes, res, heads)
         module = module_of.get(comp_ids[0], "") if kind in ("attention_head", "kv_group") else ""
         gid = f"{kind}:{module or f'{spaces[signature[0]].name}[{spaces[signature[0]].dim}]'}"
@@ -326,7 +306,8 @@ def build_groups(interp: _Interpreter, res: Resolution) -> tuple[Group, ...]:
         if not pinned and len(entries) < 2:
             reason = "a single unit: removing it would remove the whole dimension"
         groups.append(_make_group(
-            gid, kind, spaces, signature, [e[1] for e in entries], shapes, prunable=reason is None, reason=reason,
+            gid, kind, spaces, signature, [table.member(entries, k) for k in range(len(signature))], shapes,
+            prunable=reason is None, reason=reason,
             mask_exact=not any(c in res.flagged.get("reduced", ()) for c in comp_ids),
             heads_per_unit=max(heads.get(c, 1) for c in comp_ids), module=module))
         if kind == "kv_group" and reason is None and hard is not None:
@@ -337,7 +318,7 @@ def build_groups(interp: _Interpreter, res: Resolution) -> tuple[Group, ...]:
 
 
 def _query_head_group(interp: _Interpreter, full: Resolution, hard: Resolution,
-                      units: Mapping[int, tuple[dict[int, list[int]], int]], kv_units: set[int], module: str,
+                      units: UnitTable, kv_units: set[int], module: str,
                       shapes: Mapping[str, tuple]) -> Optional[Group]:
     """Grouped-query attention: the query heads of one slot in every KV group form a unit, found from the
     resolution without the soft (query ~ shared KV head) edges. None when they cannot be separated."""
@@ -349,20 +330,22 @@ def _query_head_group(interp: _Interpreter, full: Resolution, hard: Resolution,
     slots = int(site.lanes.max()) + 1
     lanes = [sorted(set(head_comps[(site.lanes == r).numpy()].tolist())) for r in range(slots)]
     flat = [c for lane in lanes for c in lane]
-    if slots < 2 or len(flat) != len(set(flat)) or any(c not in units or c in hard.pin_reason for c in flat):
+    position = {c: i for i, c in enumerate(units.comp.tolist()) if c in set(flat)}
+    if slots < 2 or len(flat) != len(set(flat)) or any(c not in position or c in hard.pin_reason for c in flat):
         return None
     unit_members = []
     for lane in lanes:
         merged: dict[int, list[int]] = {}
         for c in lane:
-            for s, idx in units[c][0].items():
+            for s, idx in units.members(position[c]).items():
                 merged.setdefault(s, []).extend(idx)
         unit_members.append(merged)
     signature = tuple(sorted({s for u in unit_members for s in u}))
+    member_indices = [UnitIndices.of([sorted(u.get(s, ())) for u in unit_members]) for s in signature]
     # a flat graph (ExportedProgram.module()) has no attention module: name the group by its first tensor
     first = interp.atoms.spaces[signature[0]]
     name = module or f"{first.name}[{first.dim}]"
-    return _make_group(f"query_head:{name}", "query_head", interp.atoms.spaces, signature, unit_members, shapes,
+    return _make_group(f"query_head:{name}", "query_head", interp.atoms.spaces, signature, member_indices, shapes,
                        prunable=True, reason=None,
                        mask_exact=not any(c in hard.flagged.get("reduced", ()) for c in flat),
                        heads_per_unit=len(site.query_heads) // slots, module=module)
