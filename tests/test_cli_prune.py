@@ -51,3 +51,19 @@ def test_prune_reports_too_little_text(tiny_model_dir):
                              "--out", str(tiny_model_dir / "never")], capture_output=True, text=True)
     assert result.returncode == 2 and "calibration needs 10000 windows" in result.stderr
     assert not (tiny_model_dir / "never").exists()
+
+
+def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, capsys):
+    common = [str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
+              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "32",
+              "--eval-seqlen", "64", "--eval-windows", "2"]
+    assert main(["prune", *common, "--out", str(tiny_model_dir / "mem")]) == 0
+    memory_line = capsys.readouterr().out
+    assert main(["prune", *common, "--stream", "--memory-budget", "64MiB", "--out", str(tiny_model_dir / "stream")]) == 0
+    stream_line = capsys.readouterr().out
+    ppl = [line.split("ppl ")[1].split(";")[0] for line in (memory_line, stream_line) if "ppl " in line]
+    assert len(ppl) == 2 and ppl[0] == ppl[1]  # same perplexities before and after, to the printed digit
+    index = json.loads((tiny_model_dir / "stream" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3  # two blocks and the rest
+    assert main(["prune", *common, "--stream", "--method", "flap", "--out", str(tiny_model_dir / "x")]) == 2
+    assert "--stream runs the structprune method only" in capsys.readouterr().err
