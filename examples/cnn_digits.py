@@ -5,9 +5,10 @@ The CNN (stem conv, a residual block, a strided conv, a second residual block, g
 trains in seconds on 8x8 digits (70% train / 30% test, stratified). Every method gets the same 512 training
 images as calibration, no labels: taylor-global's loss is the cross-entropy against the dense model's own
 predictions. Methods: structprune (block-wise OBS + least squares on unfolded conv patches), structprune
-without reconstruction (masks only), wanda-sp, magnitude, taylor-global, and Torch-Pruning (L2 magnitude,
-``MetaPruner``) at the channel ratio whose parameter count is closest to structprune's (its ratio is per
-channel, and conv parameters shrink with the square of it). Writes ``OUT/cnn_digits.json`` and ``.md``.
+without reconstruction (masks only), wanda-sp, magnitude, taylor-global, the same three followed by
+structprune's least-squares re-fit (``prune(..., reconstruct=True)``: selection and reconstruction
+measured apart), and Torch-Pruning (L2 magnitude, ``MetaPruner``) at the channel ratio whose parameter
+count is closest to structprune's (its ratio is per channel; conv parameters shrink with its square). Writes ``OUT/cnn_digits.json`` and ``.md``.
 
 Run: ``pip install -e ".[test,bench]" && python examples/cnn_digits.py [--out results] [--seeds 3]``
 """
@@ -122,6 +123,13 @@ def run_seed(seed: int) -> list[dict]:
         "magnitude": lambda: sp.prune(dense, calib, SPARSITY, method="magnitude").model,
         "taylor-global": lambda: sp.prune(dense, calib, SPARSITY, method="taylor-global",
                                           loss_fn=self_distillation).model,
+        # the same selections, then structprune's least-squares re-fit of the consuming layers
+        "wanda-sp + reconstruction": lambda: sp.prune(dense, calib, SPARSITY, method="wanda-sp",
+                                                      reconstruct=True).model,
+        "magnitude + reconstruction": lambda: sp.prune(dense, calib, SPARSITY, method="magnitude",
+                                                       reconstruct=True).model,
+        "taylor-global + reconstruction": lambda: sp.prune(dense, calib, SPARSITY, method="taylor-global",
+                                                           loss_fn=self_distillation, reconstruct=True).model,
     }
     for method, run in runs.items():
         t = time.perf_counter()
@@ -167,7 +175,7 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         rows += run_seed(seed)
-        for r in rows[-7:]:
+        for r in rows[-10:]:
             print(json.dumps(r), flush=True)
     summ = summary(rows)
     out = Path(args.out)

@@ -45,6 +45,7 @@ class BlockSolveRequest:
     store: Optional[ActivationStore] = field(default=None, compare=False)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     weights_out: Optional[MutableMapping[str, torch.Tensor]] = field(default=None, compare=False)  # e.g. on disk
+    fixed_keep: Optional[Mapping[str, tuple[int, ...]]] = None  # another method's keep-set: re-fit only
 
 
 @dataclass(frozen=True)
@@ -129,14 +130,18 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) float64, updated group by group
         for gid in block.group_ids:
             group = state.groups[gid]
-            n = state.counts.get(gid, 0)
+            fixed = state.fixed_keep.get(gid) if state.fixed_keep is not None else None
+            n = group.size - len(fixed) if fixed is not None else state.counts.get(gid, 0)
             consumers = build_consumers(block, module, group, stats, state.damping, weights=current)
             if not consumers or n == 0:
-                keep[gid] = tuple(range(group.size))
+                keep[gid] = tuple(fixed) if fixed is not None else tuple(range(group.size))
                 continue
             originals = {c.path: c.weight.clone() for c in consumers}
-            order, _ = greedy_obs(consumers, group.size, n)
-            removed = set(order[:n])
+            if fixed is not None:
+                removed = set(range(group.size)) - set(fixed)
+            else:
+                order, _ = greedy_obs(consumers, group.size, n)
+                removed = set(order[:n])
             keep[gid] = tuple(u for u in range(group.size) if u not in removed)
             for c in consumers:
                 gone = dropped_cols.setdefault(c.path, set())

@@ -28,6 +28,7 @@ from .evaluate import count_params, track_peak_memory
 from .graph import DependencyGraph, Group, trace
 from .plan import Plan
 from .solver import SolverConfig, SolverResult, SolverState, prepare, solve
+from .solver import reconstruct as refit
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,14 @@ def _tracing_inputs(batch: Any) -> Any:
 def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method: str = DEFAULT_METHOD, *,
           kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
           graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None,
-          solver: Optional[SolverConfig] = None) -> PruneResult:
+          solver: Optional[SolverConfig] = None, reconstruct: bool = False) -> PruneResult:
     """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
     calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
     ``reuse``: a previous result of the same method and model whose graph and calibration statistics
     are used again (another sparsity without another calibration pass). ``solver``: the structprune
-    method's settings (ablations). The input model is not modified."""
+    method's settings (ablations). ``reconstruct``: after another method chose its units, re-fit the
+    consuming layers by least squares, block by block, as structprune does (selection and reconstruction
+    measured apart). The input model is not modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -190,6 +193,10 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):
         raise StructPruneError("reuse= needs a result of the same method on the same model")
     solver = solver or SolverConfig()
+    if reconstruct and (spec.score == "obs" or spec.bias_compensation):
+        raise StructPruneError(f"reconstruct=True re-fits another method's selection; {method} "
+                               + ("re-fits already (SolverConfig(reconstruct=...))" if spec.score == "obs"
+                                  else "compensates biases, which a re-fit would undo"))
     calib, state, solved, details, updates, weights = None, None, None, {}, {}, {}
     with track_peak_memory() as peak:
         graph = graph or (reuse.graph if reuse is not None else trace(model, example_inputs))
@@ -207,6 +214,9 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
                                                           spec.per_param)).state
             keep, removed = allocation.keep, allocation.removed_params
             updates = _bias_compensation(model, groups, keep, calib.inputs) if spec.bias_compensation else {}
+            if reconstruct:
+                weights = refit(model, graph, groups, keep, batches, solver)
+                details = {"reconstruct": f"least squares on {len(weights)} consumer layers"}
         pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, len(batches), details)

@@ -101,6 +101,34 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     """Partition the model and run the dense block-wise sweep (shared by every sparsity). ``resident``
     makes a block's weights available before a pass reads them (a ``WeightStreamer`` for weights on disk)."""
     groups = tuple(groups)
+    partition, inputs = _blocks(model, graph, groups, batches, config)
+    by_id = {g.id: g for g in groups}
+    placed = [gid for b in partition.blocks for gid in b.group_ids]
+    calib = BlockCalibratePass()(BlockCalibrationRequest(
+        model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
+        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident)).state
+    excluded = dict(partition.excluded)
+    excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
+                     if gid not in calib.curves})
+    return SolverState(partition, by_id, tuple(inputs), calib, excluded)
+
+
+def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], keep: Mapping[str, Sequence[int]],
+                batches: Sequence[Any], config: SolverConfig, resident: Resident = in_memory) -> Mapping[str, torch.Tensor]:
+    """The least-squares re-fit of the block solve for a keep-set chosen by another method: consumer
+    weights (full shape, removed columns zero) re-fitted block by block on the pruned trajectory. Groups
+    the partition excludes (spanning blocks) are removed without a re-fit."""
+    groups = tuple(groups)
+    partition, inputs = _blocks(model, graph, groups, batches, config)
+    fixed = {gid: tuple(kept) for gid, kept in keep.items()}
+    return BlockSolvePass()(BlockSolveRequest(model, partition, {g.id: g for g in groups}, inputs, {}, config.damping,
+                                              True, resident=resident, fixed_keep=fixed)).state.new_weights
+
+
+def _blocks(model: nn.Module, graph: DependencyGraph, groups: tuple[Group, ...], batches: Sequence[Any],
+            config: SolverConfig) -> tuple[Partition, list[BlockInput]]:
+    """The partition and the first block's inputs (one per batch); the whole model is one block when its
+    block list does not chain on a real batch."""
     list_path = find_block_list(model, groups)
     problem = chains(model, model.get_submodule(list_path), batches[0]) if list_path else "no block list"
     if list_path and not problem and _coverage(model, list_path, groups) < MIN_BLOCK_COVERAGE:
@@ -116,15 +144,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         stream_bytes = max(t.numel() * t.element_size() for t in _tensors(batches[0]))
     partition = PartitionPass()(PartitionRequest(model, graph, groups, stream_bytes, config.memory_budget,
                                                  coupled=config.rounds > 0, chain_problem=problem)).state
-    by_id = {g.id: g for g in groups}
-    placed = [gid for b in partition.blocks for gid in b.group_ids]
-    calib = BlockCalibratePass()(BlockCalibrationRequest(
-        model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident)).state
-    excluded = dict(partition.excluded)
-    excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
-                     if gid not in calib.curves})
-    return SolverState(partition, by_id, tuple(inputs), calib, excluded)
+    return partition, list(inputs)
 
 
 def _coverage(model: nn.Module, list_path: str, groups: tuple[Group, ...]) -> float:

@@ -129,3 +129,18 @@ def test_other_architectures_meet_the_budget(name):
     assert abs(result.report.sparsity_achieved - 0.3) < 0.05
     out = run(result.model, entry.inputs(9))
     assert torch.isfinite(out).all() and out.shape == run(model, entry.inputs(9)).shape
+
+
+def test_reconstruction_refits_another_methods_selection(llama):
+    """Same units as the method alone; the re-fit brings the output closer to the dense model's."""
+    batches = lm_batches(4)
+    plain = sp.prune(llama, batches, 0.4, method="magnitude")
+    refit = sp.prune(llama, batches, 0.4, method="magnitude", reconstruct=True)
+    assert refit.plan.keep == plain.plan.keep
+    dense = run(llama, batches[0])
+    err = [float(((run(r.model, batches[0]) - dense) ** 2).mean()) for r in (plain, refit)]
+    assert err[1] < 0.9 * err[0]
+    with pytest.raises(sp.StructPruneError, match="re-fits already"):
+        sp.prune(llama, batches, 0.4, method="structprune", reconstruct=True)
+    with pytest.raises(sp.StructPruneError, match="compensates biases"):
+        sp.prune(llama, batches, 0.4, method="flap", reconstruct=True)
