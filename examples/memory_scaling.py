@@ -8,7 +8,8 @@ subprocess on the same calibration batches (random token ids: memory does not de
   block by block (the output is written and then deleted);
 - ``taylor-global``: the model loaded with ``from_pretrained`` and pruned by ``prune(method="taylor-global")``
   (a full forward and backward: weights plus gradients in memory). Skipped where its predicted peak
-  (three copies of the fp32 weights) would exceed ``--limit-gib``.
+  (16 bytes per parameter; 14.5 measured at 410M) would exceed ``--limit-gib`` or 90% of the memory
+  available when its run starts.
 
 For each run: peak RSS (``ru_maxrss``, the whole process), the baseline RSS after imports and a warm-up (a
 tiny model traced and run forward and backward: the interpreter, torch, transformers and torch.export, the
@@ -115,6 +116,17 @@ def calibration():
     return [{"input_ids": torch.randint(0, VOCAB, (1, CALIB_TOKENS), generator=g)} for _ in range(CALIB_BATCHES)]
 
 
+# peak bytes per parameter beyond the baseline: 14.5 measured for taylor-global at 410M (the fp32 weights,
+# their gradients and the pruned copy); the guard uses 16 so that a run that cannot fit is not started
+BYTES_PER_PARAM = {"taylor-global": 16}
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -147,6 +159,10 @@ def child(method: str, folder: Path, device: str) -> dict:
     from structprune_graph.solver import SolverConfig
 
     torch.set_num_threads(int(os.environ.get("SCALING_THREADS", "2")))
+    need, available = BYTES_PER_PARAM.get(method, 0) * _params(folder), _available_bytes()
+    if need > 0.9 * available:  # it would exceed the machine: stop the method here rather than be killed
+        return {"method": method, "skipped": f"skipped: needs ~{need / 2**30:.0f} GiB, "
+                                              f"{available / 2**30:.0f} GiB available"}
     batches = calibration()
     _warm_up()
     baseline = _rss_now()
@@ -190,6 +206,33 @@ def fit_exponent(points: list[tuple[int, int]]) -> float | None:
     xs, ys = [math.log(n) for n, _ in points], [math.log(m) for _, m in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def fit_all(rows: list[dict], methods: list[str]) -> dict:
+    """Per method: the exponent over every size it ran at, and over the sizes every method ran at."""
+    measured = {m: {r["size"]: r for r in rows if r["method"] == m and "net_rss" in r["result"] and not r.get("extra")}
+                for m in methods}
+    common = set.intersection(*(set(v) for v in measured.values())) if measured else set()
+    fits = {}
+    for method, by_size in measured.items():
+        for label, names in (("", list(by_size)), (" (common sizes)", sorted(common))):
+            ok = [by_size[n] for n in names]
+            if len(ok) >= 2 and (label == "" or len(common) < len(by_size)):
+                fits[method + label] = {"net": fit_exponent([(r["params"], r["result"]["net_rss"]) for r in ok]),
+                                        "total": fit_exponent([(r["params"], r["result"]["peak_rss"]) for r in ok]),
+                                        "sizes": len(ok)}
+    return fits
+
+
+def regenerate(path: Path) -> None:
+    """Table, fits and plot again from a finished run's JSON (no new measurement)."""
+    data = json.loads(path.read_text())
+    methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
+    data["fits"] = fit_all(data["rows"], methods)
+    path.write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text(table(data["rows"], data["fits"]))
+    plot(data["rows"], path.with_suffix(".png"))
+    print(table(data["rows"], data["fits"]))
 
 
 def _gib(n) -> str:
@@ -249,10 +292,14 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--checkpoint", nargs="*", default=[], metavar="NAME=FOLDER",
                         help="also measure these checkpoints (e.g. the cached SmolLM2); not in the fit")
+    parser.add_argument("--from-json", help="rewrite the table, fits and plot of a finished run's JSON")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.device)))
+        return
+    if args.from_json:
+        regenerate(Path(args.from_json))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +313,7 @@ def main() -> None:
             write_checkpoint(size, folder)
             print(f"wrote {folder} ({size.params():,} params) in {time.perf_counter() - t:.0f} s", flush=True)
         for method in args.methods:
-            predicted = 3 * 4 * size.params() if method != "structprune" else 0
+            predicted = BYTES_PER_PARAM.get(method, 0) * size.params()
             row = {"size": size.name, "params": size.params(), "layers": size.layers, "hidden": size.hidden,
                    "block_params": (size.params() - 2 * VOCAB * size.hidden) // size.layers, "method": method}
             if predicted > args.limit_gib * 2**30:
@@ -283,13 +330,7 @@ def main() -> None:
             rows.append({"size": name, "params": _params(Path(path)), "layers": None, "hidden": None, "block_params": None,
                          "method": method, "extra": True, "result": _measure(method, Path(path), args.device)})
             print(json.dumps(rows[-1]), flush=True)
-    fits = {}
-    for method in args.methods:
-        ok = [r for r in rows if r["method"] == method and "net_rss" in r["result"] and not r.get("extra")]
-        if len(ok) >= 2:
-            fits[method] = {"net": fit_exponent([(r["params"], r["result"]["net_rss"]) for r in ok]),
-                            "total": fit_exponent([(r["params"], r["result"]["peak_rss"]) for r in ok]),
-                            "sizes": len(ok)}
+    fits = fit_all(rows, args.methods)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "allocator_env": ALLOCATOR, "sparsity": SPARSITY,
             "calibration": f"{CALIB_BATCHES} x {CALIB_TOKENS} random tokens", "vocab": VOCAB,
             "sizes": [asdict(s) for s in sizes], "torch_threads": int(os.environ.get("SCALING_THREADS", "2"))}

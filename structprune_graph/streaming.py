@@ -111,9 +111,8 @@ class WeightStreamer:
     module docstring). Use as a context manager; ``close`` removes the hooks and drops every block."""
 
     def __init__(self, model: nn.Module, blocks_path: str, source: CheckpointWeights,
-                 device: Union[str, torch.device] = "cpu", capacity: int = 2, prefix: str = "") -> None:
+                 device: Union[str, torch.device] = "cpu", capacity: int = 2) -> None:
         self.model, self.source, self.device, self.capacity = model, source, torch.device(device), capacity
-        self.prefix = prefix  # prepended to the model's parameter names to find them in the checkpoint
         self.blocks = model.get_submodule(blocks_path)
         self._paths = {id(b): f"{blocks_path}.{i}" for i, b in enumerate(self.blocks)}
         self._owner = {id(m): b for b in self.blocks for m in b.modules()}  # any module inside -> its block
@@ -123,20 +122,23 @@ class WeightStreamer:
         outside = {pid: names for pid, names in _aliases(model).items() if pid not in block_ids}
         self._materialise(outside)
         self._load_buffers()
-        self._handles = [b.register_forward_pre_hook(lambda m, args: self(m) and None) for b in self.blocks]
+        self._handles = [b.register_forward_pre_hook(self._before_forward) for b in self.blocks]
+
+    def _before_forward(self, block: nn.Module, args: tuple) -> None:
+        self(block)  # a whole-model forward reaches each block: make it resident first
 
     def _load_buffers(self) -> None:
         """Persistent buffers stored in the checkpoint (BatchNorm statistics); computed ones stay as built."""
         for path, owner in self.model.named_modules():
             for attr, b in owner._buffers.items():
-                name = self.prefix + (f"{path}.{attr}" if path else attr)
+                name = f"{path}.{attr}" if path else attr
                 if b is not None and name in self.source:
                     owner._buffers[attr] = self.source.read([name])[name].to(self.device)
 
     def _materialise(self, params: Mapping[int, list[tuple[nn.Module, str, str]]]) -> None:
         wanted = {}
         for pid, names in params.items():
-            stored = next((self.prefix + q for _, _, q in names if self.prefix + q in self.source), None)
+            stored = next((q for _, _, q in names if q in self.source), None)
             if stored is None:
                 raise CheckpointError(f"no tensor in {self.source.folder} for parameter {names[0][2]!r}")
             wanted[pid] = stored
