@@ -102,9 +102,9 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
             store.put(("u", b), torch.zeros_like(store.get(("pruned", b))))
         best = (errors[0], 0, dict(weights))
         for k in tqdm(range(1, state.rounds + 1), desc="admm", leave=False):
-            for block in blocks:  # (i) block step
+            for block in blocks:  # (i) block step; the buffers live on the CPU, the blocks on their device
                 target = (store.get(("a", block.index)) - store.get(("u", block.index))
-                          if block.index < len(blocks) - 1 else state.dense_final)
+                          if block.index < len(blocks) - 1 else state.dense_final.cpu())
                 if exits.get(block.index):
                     self._block_step(state, block, exits[block.index], target, keep, weights)
                 p = self._forward(state, block, self._inputs(state, block.index), keep, weights)
@@ -112,12 +112,12 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
                     store.put(("p", block.index), p)
             for b in range(len(blocks) - 1):  # (ii) auxiliary step on blocks b and b+1, (iii) dual step
                 a, u, p = store.get(("a", b)), store.get(("u", b)), store.get(("p", b))
-                q = self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep, weights)
+                q = self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep, weights).cpu()
                 if b + 1 < len(blocks) - 1:  # a_{b+1} is still the previous round's: a Jacobi sweep
                     nxt = store.get(("a", b + 1)) - store.get(("u", b + 1))
                     a_new = ((p + u) + (a + nxt - q)) / 2
                 else:
-                    a_new = (state.rho * (p + u) + 2 * (a + state.dense_final - q)) / (state.rho + 2)
+                    a_new = (state.rho * (p + u) + 2 * (a + state.dense_final.cpu() - q)) / (state.rho + 2)
                 store.put(("u", b), u + p - a_new)
                 store.put(("a", b), a_new)
                 del a, u, p, q, a_new
@@ -133,7 +133,7 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
         if b == 0:
             return list(state.inputs)
         a = state.store.get(("a", b - 1))
-        return [inp.with_stream(a[i]) for i, inp in enumerate(state.inputs)]
+        return [inp.with_stream(a[i].to(inp.stream.device)) for i, inp in enumerate(state.inputs)]
 
     @staticmethod
     def _forward(state: AdmmRequest, block: Block, inputs: Sequence[BlockInput], keep, weights) -> torch.Tensor:
@@ -177,20 +177,20 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
         overrides = block_overrides(state.model, block, state.groups, keep, weights)
         captured: list[torch.Tensor] = []
         handle = module.get_submodule(path).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-        h = torch.zeros(len(kept), len(kept), dtype=torch.float64)
-        cross = torch.zeros(len(kept), w.shape[0], dtype=torch.float64)
+        h = cross = None  # on the block's device
         try:
             with torch.no_grad():
                 for i, inp in enumerate(self._inputs(state, block.index)):
                     out = run_block(module, inp, overrides)
-                    x = captured.pop().reshape(-1, w.shape[1])[:, kept].double()  # (tokens, kept)
-                    d = (target[i] - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
-                    h += x.T @ x
-                    cross += x.T @ d
+                    x = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
+                    d = (target[i].to(out.device) - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
+                    h = x.T @ x if h is None else h + x.T @ x
+                    cross = x.T @ d if cross is None else cross + x.T @ d
         finally:
             handle.remove()
         step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, state.damping)))  # (kept, out)
-        w[:, kept] += step.T
+        w = w.to(step.device)
+        w[:, kept.to(step.device)] += step.T
         if not torch.isfinite(w).all():
             raise InvariantError(f"admm pass: non-finite weights in {name} at the block step; raise damping")
         weights[name] = from_out_in(layer, w, weights[name])
