@@ -196,9 +196,6 @@ class ActivationStore(MutableMapping):
             return self._memory[key]
         return torch.load(self._files[key], mmap=True, weights_only=True)
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self[key] if key in self else default
-
     def __contains__(self, key: object) -> bool:
         return key in self._memory or key in self._files
 

@@ -35,7 +35,7 @@ from .plan import Plan
 from .pruning import PruneReport, make_report, select_groups, solver_details
 from .solver import SolverConfig, prepare, solve
 from .report import write_report
-from .storage import SHARD_INDEX, atomic_folder, write_meta
+from .storage import SHARD_INDEX, atomic_folder, check_output_dir, write_meta
 from .streaming import CheckpointWeights, WeightStreamer, empty_model, meta_inputs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
     if output.resolve() == folder.resolve():
         raise StructPruneError(f"the output folder {output} is the input checkpoint; choose another folder "
                                f"(inputs are never overwritten)")
+    check_output_dir(output, overwrite)  # refuse before any work is done
     solver = solver or SolverConfig()
     source = CheckpointWeights(folder)
     start = time.perf_counter()
@@ -127,8 +128,8 @@ def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: 
     aliases = {a: canon for canon, names_ in graph.aliases.items() for a in names_}
     weight_map = {}
     for shard, shard_names in tqdm(sorted(shards.items()), desc="write shards", leave=False):
-        stored = {n: _stored_name(n, aliases, source) for n in shard_names}
-        values = source.read(set(stored.values()) - set(refitted))
+        stored = {n: _stored_name(n, aliases, source) for n in shard_names if n not in refitted}
+        values = source.read(set(stored.values()))
         tensors = {}
         for name in shard_names:
             value = refitted[name] if name in refitted else values[stored[name]]
@@ -166,14 +167,12 @@ def block_list_path(model: nn.Module) -> str:
 def streamed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Iterator[nn.Module]:
     """A model backed by a checkpoint folder (or a folder written by the pruner) whose blocks are read from
     disk as they run: evaluate a model larger than memory (perplexity, outputs) one block at a time."""
-    from .api import apply
-    from .storage import example_inputs_of
+    from .storage import example_inputs_of, pruned_structure
 
     folder = Path(folder)
     model = empty_model(folder)
     if (folder / "structprune.json").is_file():  # a pruned folder: its shapes come from the plan
-        plan = Plan.load(folder / "plan.json")
         graph = trace(empty_model(folder, meta_buffers=True), meta_inputs(example_inputs_of(folder)))
-        model = apply(model, graph, plan.keep)
+        model = pruned_structure(folder, model, graph)
     with WeightStreamer(model, block_list_path(model), CheckpointWeights(folder), device):
         yield model

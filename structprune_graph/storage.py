@@ -137,23 +137,29 @@ def load(directory: Union[str, Path]) -> nn.Module:
     """Rebuild a pruned model saved by ``PruneResult.save`` / ``structprune prune``."""
     import transformers
 
-    from .api import apply
     from .graph import trace
-    from .module_attrs import output_dim
-    from .plan import Plan
 
     directory = Path(directory)
     meta = _read_meta(directory)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = getattr(transformers, meta["architecture"])(config).eval()
-    inputs = example_inputs_of(directory)
+    pruned = pruned_structure(directory, model, trace(model, example_inputs_of(directory)))
+    load_weights(pruned, directory)
+    return pruned.eval()
+
+
+def pruned_structure(directory: Path, model: nn.Module, graph: Any) -> nn.Module:
+    """A saved folder's architecture on a fresh ``model`` (traced as ``graph``): the plan's keep-sets
+    applied and room made for the biases a method created (FLAP); the weights are not loaded."""
+    from .api import apply
+    from .module_attrs import output_dim
+    from .plan import Plan
+
     plan = Plan.load(directory / "plan.json")
-    graph = trace(model, inputs)
-    pruned = apply(model, graph, plan.keep)  # the structure; the weights come next
-    for path in plan.meta.get("bias_compensated", []):  # biases a method created (FLAP): make room for them
+    pruned = apply(model, graph, plan.keep)
+    for path in plan.meta.get("bias_compensated", []):
         layer = pruned.get_submodule(path)
         if getattr(layer, "bias", None) is None:
             out = layer.weight.shape[output_dim(layer)]
-            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
-    load_weights(pruned, directory)
-    return pruned.eval()
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
+    return pruned

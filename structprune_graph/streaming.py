@@ -199,9 +199,4 @@ def meta_inputs(batch: Mapping, rows: int = 2) -> dict:
     return {k: (v[:rows].to("meta") if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in batch.items()}
 
 
-def resident_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-
-
-__all__ = ["CheckpointError", "CheckpointWeights", "WeightStreamer", "empty_model", "meta_inputs", "resident",
-           "resident_bytes"]
+__all__ = ["CheckpointError", "CheckpointWeights", "WeightStreamer", "empty_model", "meta_inputs", "resident"]

@@ -16,6 +16,7 @@ from structprune_graph.errors import StructPruneError
 from structprune_graph.pruning import select_groups
 from structprune_graph.passes.partition import MemoryBudgetError
 from structprune_graph.solver import SolverConfig, prepare
+from structprune_graph.storage import OutputExistsError
 from structprune_graph.streaming import CheckpointError, CheckpointWeights, WeightStreamer, empty_model
 
 LAYERS = 3
@@ -113,6 +114,24 @@ def test_bad_inputs_get_clear_errors(checkpoint, tmp_path):
         prune_checkpoint(folder, batches, 0.3, folder)
     with pytest.raises(StructPruneError, match="dicts of keyword tensors"):
         prune_checkpoint(folder, [batches[0]["input_ids"]], 0.3, tmp_path / "out")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        prune_checkpoint(folder, batches, 0.3, existing)
+    assert [f.name for f in existing.iterdir()] == ["mine.txt"]
+
+
+def test_a_streamed_flap_folder_keeps_its_compensated_biases(checkpoint, tmp_path):
+    """Biases a method created are part of the saved structure, streamed or loaded."""
+    _, batches, model = checkpoint
+    result = sp.prune(model, batches, 0.3, method="flap")
+    assert result.plan.meta["bias_compensated"]
+    result.save(tmp_path / "flap")
+    loaded = sp.load(tmp_path / "flap")
+    with streamed(tmp_path / "flap") as streamed_model, torch.no_grad():
+        torch.testing.assert_close(streamed_model(**batches[2]).logits, loaded(**batches[2]).logits)
+        torch.testing.assert_close(loaded(**batches[2]).logits, result.model(**batches[2]).logits)
 
 
 def test_memory_budget_sizes_parse():
