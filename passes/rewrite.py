@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from structprune_graph.errors import KeepSetError, RewriteError
 from structprune_graph.graph import DependencyGraph
-from structprune_graph.verify import verify_rewrite
+from structprune_graph.verify import verify_forward, verify_rewrite
 from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer, output_dim
 
 from ._infra import Pass, PassResult
@@ -30,6 +30,8 @@ class RewriteRequest:
     keep: Keep  # group id -> unit indices kept
     bias_updates: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer path -> added to its bias
     weight_updates: Mapping[str, torch.Tensor] = field(default_factory=dict)  # parameter -> new full-shape value
+    # run the result once on the graph's example inputs (against the masked reference where exact)
+    run_check: bool = True
 
 
 def validate_keep(graph: DependencyGraph, keep: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -75,9 +77,12 @@ class MaskPass(Pass[RewriteRequest, nn.Module]):
     def call(self, state: RewriteRequest) -> PassResult[nn.Module]:
         keep = validate_keep(state.graph, state.keep)
         model = copy.deepcopy(state.model)
-        params = dict(model.named_parameters())
-        modified = False
+        params = dict(model.named_parameters(remove_duplicate=False))
+        modified = bool(state.weight_updates) or bool(state.bias_updates)
         with torch.no_grad():
+            for name, value in state.weight_updates.items():  # re-fitted values, removed slices zeroed below
+                params[name].copy_(value)
+            _add_to_biases(model, state.bias_updates)
             for gid, dropped in _removed(state.graph, keep).items():
                 for member in state.graph.group(gid).members:
                     if not member.is_param or not dropped:
@@ -124,7 +129,8 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
                 if name in by_name:
                     touched_modules.update(alias.rpartition(".")[0] for alias in graph.aliases.get(name, (name,)))
         model = copy.deepcopy(state.model, memo)
-        self._add_to_biases(model, graph, kept, state.bias_updates)
+        self._check_bias_updates(model, kept, state.bias_updates)
+        _add_to_biases(model, state.bias_updates)
         for path in touched_modules:
             fix_layer(model.get_submodule(path))
         self._fix_attention_modules(model, graph, keep)
@@ -133,36 +139,33 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         return PassResult(model, bool(by_name) or bool(state.bias_updates) or bool(state.weight_updates))
 
     @staticmethod
-    def _add_to_biases(model: nn.Module, graph: DependencyGraph, kept: Mapping, updates: Mapping[str, torch.Tensor]) -> None:
-        """Compensation of removed inputs (FLAP): bias += delta, creating the bias when the layer has none."""
-        for path, delta in updates.items():
+    def _check_bias_updates(model: nn.Module, kept: Mapping, updates: Mapping[str, torch.Tensor]) -> None:
+        for path in updates:
             layer = model.get_submodule(path)
             if (f"{path}.weight", output_dim(layer)) in kept or (f"{path}.bias", 0) in kept:
                 raise RewriteError(f"rewrite pass: bias update of {path} with its output channels pruned too "
                                    f"is not supported; exclude the group that prunes {path}'s outputs")
-            with torch.no_grad():
-                if getattr(layer, "bias", None) is None:
-                    layer.bias = nn.Parameter(delta.to(layer.weight.dtype).clone())
-                else:
-                    layer.bias.add_(delta.to(layer.bias.dtype))
 
     @staticmethod
     def _fix_attention_modules(model: nn.Module, graph: DependencyGraph, keep: Keep) -> None:
+        """Scale the head counts an attention module reads: its own attributes and, where its code reads
+        them from the config every layer shares (Phi-3's fused qkv split), a copy of that config of its own."""
+        own_config: set[int] = set()
         for gid, indices in keep.items():
             group = graph.group(gid)
             scaled = HEAD_ATTRS_SCALED_BY_KIND.get(group.kind, ())
             if not scaled or not group.module or len(indices) == group.size:
                 continue
             module = model.get_submodule(group.module)
-            for attr, category in HEAD_ATTRS.items():
-                old = getattr(module, attr, None)
-                if category not in scaled or not isinstance(old, int) or isinstance(old, bool):
-                    continue
-                new, rem = divmod(old * len(indices), group.size)
-                if rem:
-                    raise RewriteError(f"group {gid!r}: {group.module}.{attr}={old} does not scale to "
-                                       f"{len(indices)}/{group.size} units; keep a multiple that divides it")
-                setattr(module, attr, new)
+            targets = [(module, group.module)]
+            config = getattr(module, "config", None)
+            if config is not None and any(isinstance(vars(config).get(a), int) for a in HEAD_ATTRS):
+                if id(module) not in own_config:  # widths differ per layer: never touch the shared config
+                    module.config = copy.deepcopy(config)
+                    own_config.add(id(module))
+                targets.append((module.config, f"{group.module}.config"))
+            for owner, where in targets:
+                _scale_head_attrs(owner, where, gid, scaled, len(indices), group.size, own=owner is module)
 
     @staticmethod
     def _fix_shape_literals(model: fx.GraphModule, graph: DependencyGraph, keep: Keep) -> None:
@@ -187,4 +190,38 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         model.recompile()
 
     def ensures(self, state: RewriteRequest, result: PassResult[nn.Module]) -> None:
-        verify_rewrite(state.graph, validate_keep(state.graph, state.keep), result.state, tuple(state.bias_updates))
+        keep = validate_keep(state.graph, state.keep)
+        verify_rewrite(state.graph, keep, result.state, tuple(state.bias_updates))
+        inputs = state.graph.example_inputs
+        if not state.run_check or inputs is None or any(p.device.type == "meta" for p in result.state.parameters()):
+            return  # a skeleton on the meta device is checked where its weights are streamed in
+        pruned = [gid for gid, kept in keep.items() if len(kept) < state.graph.group(gid).size]
+        reference = None
+        if all(state.graph.group(gid).mask_exact for gid in pruned):
+            reference = MaskPass()(RewriteRequest(state.model, state.graph, keep, state.bias_updates,
+                                                  state.weight_updates, run_check=False)).state
+        verify_forward(result.state, inputs, reference, where="rewrite pass")
+
+
+def _scale_head_attrs(owner: object, where: str, gid: str, scaled: frozenset, kept: int, size: int, own: bool) -> None:
+    """Every head-count attribute of ``owner`` in a scaled category, times kept / size."""
+    for attr, category in HEAD_ATTRS.items():
+        old = getattr(owner, attr, None) if own else vars(owner).get(attr)
+        if category not in scaled or not isinstance(old, int) or isinstance(old, bool):
+            continue
+        new, rem = divmod(old * kept, size)
+        if rem:
+            raise RewriteError(f"group {gid!r}: {where}.{attr}={old} does not scale to {kept}/{size} units; "
+                               f"keep a multiple that divides it")
+        setattr(owner, attr, new)
+
+
+def _add_to_biases(model: nn.Module, updates: Mapping[str, torch.Tensor]) -> None:
+    """Compensation of removed inputs (FLAP): bias += delta, creating the bias when the layer has none."""
+    for path, delta in updates.items():
+        layer = model.get_submodule(path)
+        with torch.no_grad():
+            if getattr(layer, "bias", None) is None:
+                layer.bias = nn.Parameter(delta.to(layer.weight.dtype).clone())
+            else:
+                layer.bias.add_(delta.to(layer.bias.dtype))

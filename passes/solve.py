@@ -25,11 +25,15 @@ from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
 from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumers_of
-from .obs import DEFAULT_DAMPING, from_out_in, greedy_obs, least_squares
+from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares
 from .partition import Block, Partition
 
 
 ERROR_BATCHES = 8  # batches the per-block error is measured on
+# The re-fit's own ridge, relative to mean(diag H): V = (H + r I)_KK^-1 ((H + r I)_K,: W^T) shrinks the kept
+# weights toward their dense values (r -> inf: no re-fit). Chosen on development windows of the calibration
+# source and of another domain (examples/generalization.py; docs/structprune_solver.md)
+DEFAULT_REFIT_RIDGE = 0.01
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class BlockSolveRequest:
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     weights_out: Optional[MutableMapping[str, torch.Tensor]] = field(default=None, compare=False)  # e.g. on disk
     fixed_keep: Optional[Mapping[str, tuple[int, ...]]] = None  # another method's keep-set: re-fit only
+    refit_ridge: float = DEFAULT_REFIT_RIDGE  # ridge of the re-fit, toward the dense weights (not the OBS damping)
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 w = originals[c.path]
                 if state.reconstruct and c.hessian is not None:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
-                    w = least_squares(w, c.hessian, kept_cols)
+                    w = least_squares(w, damped(stats.hessians[c.path], state.refit_ridge), kept_cols)
                 else:
                     w = w.clone()
                     w[:, sorted(gone)] = 0.0

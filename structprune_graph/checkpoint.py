@@ -37,6 +37,7 @@ from .solver import SolverConfig, prepare, solve
 from .report import write_report
 from .storage import SHARD_INDEX, atomic_folder, check_output_dir, write_meta
 from .streaming import CheckpointWeights, WeightStreamer, empty_model, meta_inputs
+from .verify import verify_forward
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
     if not batches or not isinstance(batches[0], Mapping):
         raise StructPruneError("prune_checkpoint needs calibration batches as dicts of keyword tensors "
                                "(input_ids, attention_mask)")
-    if output.resolve() == folder.resolve():
-        raise StructPruneError(f"the output folder {output} is the input checkpoint; choose another folder "
-                               f"(inputs are never overwritten)")
-    check_output_dir(output, overwrite)  # refuse before any work is done
+    check_output_dir(output, overwrite, inputs=(folder,))  # refuse before any work is done
     solver = solver or SolverConfig()
     source = CheckpointWeights(folder)
     start = time.perf_counter()
@@ -105,6 +103,9 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                                                           if isinstance(v, torch.Tensor)})
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "tokenizer")
+                with streamed(tmp, device) as written:  # run what we write, from the files themselves
+                    verify_forward(written, {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v
+                                             for k, v in batches[0].items()}, where="prune_checkpoint")
         finally:
             refitted.close()
     return CheckpointPruneResult(output, plan, report, graph, loads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import logging
@@ -62,7 +63,9 @@ def _prune(args: argparse.Namespace) -> int:
     from .storage import check_output_dir
 
     out = Path(args.out or f"pruned-{Path(str(args.model or 'smollm2')).name}-{args.method}-{args.sparsity:g}")
-    check_output_dir(out, args.overwrite)  # refuse before any work is done
+    inputs = [p for p in (args.model, args.calib, args.eval) if p and Path(p).exists()]
+    check_output_dir(out, args.overwrite, inputs)  # refuse before any model is loaded
+    _check_texts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -96,6 +99,25 @@ def _prune(args: argparse.Namespace) -> int:
     if args.onnx:
         _export_and_report(result.model, out, Path(args.onnx))
     return 0
+
+
+def _check_texts(args: argparse.Namespace) -> None:
+    """Calibration and evaluation files must be text, read before any model is loaded."""
+    for flag, value in (("--calib", args.calib), ("--eval", args.eval)):
+        path = Path(value) if value else None
+        if path is None or not path.exists():
+            continue
+        for file in ([path] if path.is_file() else sorted(path.glob("*.txt"))):
+            head = file.read_bytes()[:65536]
+            try:  # incremental: a multi-byte character cut at the end of the sample is fine
+                codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+                if b"\0" in head:
+                    raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+            except UnicodeDecodeError:
+                raise StructPruneError(f"{flag} {file} is not UTF-8 text; give a .txt file or a folder of them") from None
+    if args.calib and args.eval and Path(args.calib).exists() and Path(args.calib).resolve() == Path(args.eval).resolve():
+        logging.getLogger(__name__).warning("--calib and --eval are the same file: the evaluation is not held out "
+                                            "unless it is pydoc (split in halves)")
 
 
 def _solver_config(args: argparse.Namespace):
@@ -154,6 +176,26 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a sparsity is a fraction in [0, 1), e.g. 0.3")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive whole number")
+    return value
+
+
 def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -188,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structprune", description="Structured pruning through a traced "
                                      "dependency graph of coupled channel and head groups.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="trace a model and print its coupled groups")
     inspect.add_argument("model", nargs="?", default=None,
@@ -200,16 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a language model and report its perplexity before and after")
     prune.add_argument("model", nargs="?", default=None, help="as for inspect (default: the embedded SmolLM2-135M)")
-    prune.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
+    prune.add_argument("--sparsity", type=_fraction, default=0.3, help="fraction of prunable parameters to remove")
     prune.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
     prune.add_argument("--calib", default=None, help="calibration text: .txt file, folder, 'pydoc' (default), "
                        "'wikitext2' or 'c4'")
     prune.add_argument("--eval", default=None, help="evaluation text (default: the held-out pydoc half)")
-    prune.add_argument("--calib-samples", type=int, default=32)
-    prune.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    prune.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
-    prune.add_argument("--eval-seqlen", type=int, default=1024)
-    prune.add_argument("--eval-windows", type=int, default=24, help="at most this many evaluation windows")
+    prune.add_argument("--calib-samples", type=_positive_int, default=32)
+    prune.add_argument("--seqlen", type=_positive_int, default=512, help="calibration window length")
+    prune.add_argument("--batch-size", type=_positive_int, default=1, help="calibration windows per forward pass")
+    prune.add_argument("--eval-seqlen", type=_positive_int, default=1024)
+    prune.add_argument("--eval-windows", type=_positive_int, default=24, help="at most this many evaluation windows")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     prune.add_argument("--out", default=None, help="output folder (default: ./pruned-MODEL-METHOD-SPARSITY)")
@@ -236,8 +279,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except StructPruneError as err:
-        print(f"structprune: error: {err}", file=sys.stderr)
+    except Exception as err:  # one line for the user; the traceback only with --debug
+        if args.debug:
+            raise
+        known = isinstance(err, (StructPruneError, OSError, ValueError, UnicodeDecodeError))
+        print(f"structprune: error: {err}" if known else f"structprune: error: {type(err).__name__}: {err} "
+              f"(run again with --debug for the traceback and report it)", file=sys.stderr)
         return 2
 
 

@@ -102,3 +102,40 @@ def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | Non
     if count == 0:
         raise DataError(f"evaluation needs at least one window of {seqlen} tokens; the text has {tokens.numel():,}")
     return tokens[: count * seqlen].view(count, seqlen)  # (windows, seqlen)
+
+
+def self_generated(model, tokenizer, spec: WindowSpec, top_p: float = 0.95, batch_size: int = 8,
+                   progress: bool = True) -> torch.Tensor:
+    """``spec.samples`` windows of ``spec.seqlen`` tokens sampled from the model itself (nucleus sampling,
+    ``top_p``, from the BOS token; seeded): calibration text that follows what the model was trained on and
+    needs no data ("self-calibration"). Returns (samples, seqlen) token ids; the BOS is not included."""
+    from tqdm import tqdm
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise DataError("self-generated calibration needs a BOS or EOS token to start from; give --calib text")
+    device = next(model.parameters()).device
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(spec.seed)
+        for first in tqdm(range(0, spec.samples, batch_size), desc="self-generated calibration", disable=not progress):
+            n = min(batch_size, spec.samples - first)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)  # (n, 1)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=top_p,
+                                 top_k=0, temperature=1.0, max_new_tokens=spec.seqlen, min_new_tokens=spec.seqlen,
+                                 pad_token_id=tokenizer.eos_token_id)
+            rows.append(out[:, 1: 1 + spec.seqlen].cpu())  # (n, seqlen)
+    return torch.cat(rows)  # (samples, seqlen)
+
+
+def mixed_windows(sources: "list[torch.Tensor]", samples: int, seed: int = 0) -> torch.Tensor:
+    """A uniform mix: the same number of windows from each source (the first sources get one more when
+    ``samples`` does not divide), in a seeded random order. Each source: (windows, seqlen)."""
+    per, extra = divmod(samples, len(sources))
+    parts = [src[: per + (i < extra)] for i, src in enumerate(sources)]
+    for i, (part, want) in enumerate(zip(parts, [per + (i < extra) for i in range(len(sources))])):
+        if len(part) < want:
+            raise DataError(f"calibration source {i} has {len(part)} windows; the mix needs {want}")
+    mixed = torch.cat(parts)
+    order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))
+    return mixed[order]

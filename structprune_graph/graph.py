@@ -93,6 +93,8 @@ class DependencyGraph:
     fingerprint: str = ""
     # for rewriting literal sizes of view/reshape/expand in a traced GraphModule: node -> labels per out dim
     shape_sites: Mapping[str, tuple[Optional[torch.Tensor], ...]] = field(default_factory=dict, repr=False)
+    # the inputs the model was traced on: every rewrite runs the pruned model on them once before returning it
+    example_inputs: Any = field(default=None, repr=False, compare=False)
 
     @property
     def fx_graph(self) -> fx.Graph:
@@ -390,7 +392,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional
         param_shapes={n: s for n, s in shapes.items() if interp.is_param[n]},
         buffer_shapes={n: s for n, s in shapes.items() if not interp.is_param[n]},
         aliases={k: tuple(v) for k, v in aliases.items()}, unsupported=tuple(interp.unsupported),
-        fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites))
+        fingerprint=model_fingerprint(model), shape_sites=dict(interp.shape_sites), example_inputs=example_inputs)
     from .verify import verify_graph
 
     verify_graph(graph)

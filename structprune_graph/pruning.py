@@ -29,6 +29,7 @@ from .graph import DependencyGraph, Group, trace
 from .plan import Plan
 from .solver import SolverConfig, SolverResult, SolverState, prepare, solve
 from .solver import reconstruct as refit
+from .verify import nonfinite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,12 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
+    if not 0.0 <= sparsity < 1.0:
+        raise StructPruneError(f"sparsity must be in [0, 1) (a fraction of the prunable parameters), got {sparsity}")
+    bad = nonfinite_weights(model)
+    if bad:
+        raise StructPruneError(f"the model has non-finite weights (NaN or inf) in {', '.join(bad)}: fix or reload "
+                               f"the checkpoint before pruning")
     batches = _as_batches(calibration)
     example_inputs = example_inputs if example_inputs is not None else _tracing_inputs(batches[0])
     if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):

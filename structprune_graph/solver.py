@@ -27,7 +27,7 @@ from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, Bl
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
-from structprune_graph.passes.solve import BlockSolution, BlockSolvePass, BlockSolveRequest
+from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
 
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
 from .errors import StructPruneError
@@ -48,8 +48,9 @@ class SolverConfig:
     taus: tuple[float, ...] = DEFAULT_TAUS
     tau_batches: int = 8  # calibration batches the tau grid is evaluated on
     max_prune: float = 0.8  # most of a group's units the allocator may remove
-    damping: float = DEFAULT_DAMPING
+    damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
+    refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
     # ADMM rounds; 0 (sequential solution) by default: on SmolLM2, 2 rounds on 16 batches fit those batches
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
@@ -60,7 +61,8 @@ class SolverConfig:
     buffer_budget: int = 256 * 2**20  # bytes of ADMM buffers kept in memory; the rest go to temporary files
 
     def label(self) -> str:
-        return (f"{self.allocation}, rounds={self.rounds}, " + ("reconstruct" if self.reconstruct else "no reconstruction"))
+        return (f"{self.allocation}, rounds={self.rounds}, "
+                + (f"reconstruct (ridge {self.refit_ridge:g})" if self.reconstruct else "no reconstruction"))
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group
     partition, inputs = _blocks(model, graph, groups, batches, config)
     fixed = {gid: tuple(kept) for gid, kept in keep.items()}
     return BlockSolvePass()(BlockSolveRequest(model, partition, {g.id: g for g in groups}, inputs, {}, config.damping,
-                                              True, resident=resident, fixed_keep=fixed)).state.new_weights
+                                              True, resident=resident, fixed_keep=fixed,
+                                              refit_ridge=config.refit_ridge)).state.new_weights
 
 
 def _blocks(model: nn.Module, graph: DependencyGraph, groups: tuple[Group, ...], batches: Sequence[Any],
@@ -238,7 +241,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, alloc.counts, config.damping, config.reconstruct,
-            admm_idx, store, resident, weights_out)).state
+            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge)).state
         sequential = solution.new_weights
         admm_errors, best = (), 0
         if config.rounds and len(state.partition.blocks) > 1:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,10 +31,24 @@ class OutputExistsError(StructPruneError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
-def check_output_dir(directory: Path, overwrite: bool) -> None:
+def check_output_dir(directory: Path, overwrite: bool, inputs: Sequence[Union[str, Path]] = ()) -> None:
+    """Refuse, before any work, an output folder that exists (without ``overwrite``), that is, contains or
+    lies inside one of the ``inputs`` (replacing it would delete what the run reads), or whose parent
+    cannot be written."""
+    out = Path(directory).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            relation = "is" if out == src else "contains" if out in src.parents else "lies inside"
+            raise StructPruneError(f"output folder {directory} {relation} the input {source}; writing it could "
+                                   f"destroy the model the run reads: choose an --out outside the input")
     if directory.exists() and not overwrite:
         raise OutputExistsError(f"output folder {directory} exists; pass --overwrite (overwrite=True) to replace "
                                 f"it, or choose another folder")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StructPruneError(f"cannot write the output folder {directory}: {parent} is not a writable folder; "
+                               f"choose another --out")
 
 
 def _input_spec(example_inputs: Any) -> dict:
@@ -143,20 +157,23 @@ def load(directory: Union[str, Path]) -> nn.Module:
     meta = _read_meta(directory)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = getattr(transformers, meta["architecture"])(config).eval()
-    pruned = pruned_structure(directory, model, trace(model, example_inputs_of(directory)))
+    pruned = pruned_structure(directory, model, trace(model, example_inputs_of(directory)), run_check=False)
     load_weights(pruned, directory)
+    from .verify import verify_forward
+
+    verify_forward(pruned, example_inputs_of(directory), where=f"load({directory})")
     return pruned.eval()
 
 
-def pruned_structure(directory: Path, model: nn.Module, graph: Any) -> nn.Module:
+def pruned_structure(directory: Path, model: nn.Module, graph: Any, run_check: bool = True) -> nn.Module:
     """A saved folder's architecture on a fresh ``model`` (traced as ``graph``): the plan's keep-sets
     applied and room made for the biases a method created (FLAP); the weights are not loaded."""
-    from .api import apply
     from .module_attrs import output_dim
+    from .passes import ApplyPass, RewriteRequest
     from .plan import Plan
 
     plan = Plan.load(directory / "plan.json")
-    pruned = apply(model, graph, plan.keep)
+    pruned = ApplyPass()(RewriteRequest(model, graph, plan.keep, run_check=run_check)).state
     for path in plan.meta.get("bias_compensated", []):
         layer = pruned.get_submodule(path)
         if getattr(layer, "bias", None) is None:

@@ -110,7 +110,7 @@ def test_bad_inputs_get_clear_errors(checkpoint, tmp_path):
     folder, batches, _ = checkpoint
     with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
         CheckpointWeights(tmp_path)
-    with pytest.raises(StructPruneError, match="is the input checkpoint"):
+    with pytest.raises(StructPruneError, match="is the input .*could destroy the model"):
         prune_checkpoint(folder, batches, 0.3, folder)
     with pytest.raises(StructPruneError, match="dicts of keyword tensors"):
         prune_checkpoint(folder, [batches[0]["input_ids"]], 0.3, tmp_path / "out")

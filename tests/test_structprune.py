@@ -144,3 +144,17 @@ def test_reconstruction_refits_another_methods_selection(llama):
         sp.prune(llama, batches, 0.4, method="structprune", reconstruct=True)
     with pytest.raises(sp.StructPruneError, match="compensates biases"):
         sp.prune(llama, batches, 0.4, method="flap", reconstruct=True)
+
+
+def test_refit_ridge_to_infinity_gives_the_unrefitted_weights(llama):
+    """The re-fit's ridge shrinks toward the dense weights: r -> inf is no re-fit; r small is a real re-fit.
+    The OBS selection keeps its own damping; a later block's selection depends on the re-fitted trajectory."""
+    batches = lm_batches(4)
+    loose = sp.prune(llama, batches, 0.3, method="structprune", solver=SolverConfig(refit_ridge=1e-3))
+    stiff = sp.prune(llama, batches, 0.3, method="structprune", solver=SolverConfig(refit_ridge=1e12))
+    plain = sp.prune(llama, batches, 0.3, method="structprune", solver=SolverConfig(reconstruct=False))
+    assert stiff.plan.keep == plain.plan.keep
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(stiff.model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+    probe = batches[0]
+    assert not torch.allclose(run(loose.model, probe), run(plain.model, probe), atol=1e-3)
