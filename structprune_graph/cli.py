@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from math import prod
@@ -72,7 +73,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.stream:
         return _prune_streamed(args, out, t0)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    batches, eval_windows = _calibration(args, tokenizer)
+    batches, eval_windows = _calibration(args, tokenizer, model)
     print(f"calibration: {sum(len(b['input_ids']) for b in batches)} x {args.seqlen} tokens of {args.calib or 'pydoc'}; evaluation: "
           f"{len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
     t_eval = time.perf_counter()
@@ -101,9 +102,17 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calib_sources(calib: Optional[str]) -> list[Optional[str]]:
+    """``--calib`` as a list of sources: one source, or several joined by '+' (a path with a '+' in its
+    name that exists is one source)."""
+    if calib is None or Path(calib).exists() or "+" not in calib:
+        return [calib]
+    return [part or None for part in calib.split("+")]
+
+
 def _check_texts(args: argparse.Namespace) -> None:
     """Calibration and evaluation files must be text, read before any model is loaded."""
-    for flag, value in (("--calib", args.calib), ("--eval", args.eval)):
+    for flag, value in [("--calib", c) for c in _calib_sources(args.calib)] + [("--eval", args.eval)]:
         path = Path(value) if value else None
         if path is None or not path.exists():
             continue
@@ -126,11 +135,24 @@ def _solver_config(args: argparse.Namespace):
     return SolverConfig(memory_budget=args.memory_budget)
 
 
-def _calibration(args: argparse.Namespace, tokenizer) -> tuple[list, "torch.Tensor"]:
+def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list, "torch.Tensor"]:
+    """Calibration batches and evaluation windows. ``--calib A+B+...`` mixes sources uniformly (the same
+    number of windows from each); ``self`` is text sampled from the model itself."""
     from . import data
 
-    calib_tokens = data.tokenize(tokenizer, data.load_text(args.calib, "calibration"))
-    windows = data.calibration_windows(calib_tokens, data.WindowSpec(args.calib_samples, args.seqlen, args.seed))
+    spec = data.WindowSpec(args.calib_samples, args.seqlen, args.seed)
+    sources = _calib_sources(args.calib)
+    parts = []
+    for source in sources:
+        if source == "self":
+            if model is None:
+                raise StructPruneError("--calib self samples from the model, which --stream never loads whole; "
+                                       "give calibration text with --stream")
+            parts.append(data.self_generated(model, tokenizer, spec))
+        else:
+            parts.append(data.calibration_windows(data.tokenize(tokenizer, data.load_text(source, "calibration")),
+                                                  spec))
+    windows = parts[0] if len(parts) == 1 else data.mixed_windows(parts, args.calib_samples, args.seed)
     batches = [{"input_ids": windows[i: i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
     eval_windows = data.evaluation_windows(data.tokenize(tokenizer, data.load_text(args.eval, "evaluation")),
                                            args.eval_seqlen, args.eval_windows)
@@ -246,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=_fraction, default=0.3, help="fraction of prunable parameters to remove")
     prune.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
     prune.add_argument("--calib", default=None, help="calibration text: .txt file, folder, 'pydoc' (default), "
-                       "'wikitext2' or 'c4'")
+                       "'self' (sampled from the model), 'wikitext2' or 'c4'; several joined by '+' are mixed "
+                       "uniformly, e.g. emma.txt+self")
     prune.add_argument("--eval", default=None, help="evaluation text (default: the held-out pydoc half)")
     prune.add_argument("--calib-samples", type=_positive_int, default=32)
     prune.add_argument("--seqlen", type=_positive_int, default=512, help="calibration window length")
@@ -274,8 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that temporary output folders are removed (``atomic_folder``)."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_on_sigterm()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

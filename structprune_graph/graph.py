@@ -263,8 +263,14 @@ def _kind(comps: list[int], members: list[Space], shapes: Mapping[str, tuple], r
     linears = sum(1 for m in members if m.is_param and len(shapes[m.name]) == 2)
     embedded = any(c in res.flagged.get("embedding", ()) for c in comps)
     residual_norm = any(c in res.flagged.get("residual", ()) and c in res.flagged.get("reduced", ()) for c in comps)
-    if embedded or residual_norm:  # the residual stream of a transformer (or a LayerNorm-ed conv net)
-        return "hidden" if linears >= convs else "conv_channel"
+    # kinds from structure, not from norms: channels that exactly one layer reads on its input dim live
+    # inside one branch (an MLP's, even through GRN's add and norm); the stream the residual adds carry
+    # is read by every block, and is ``hidden`` (a LayerNorm-ed conv net's streams too)
+    readers = sum(1 for m in members if m.is_param and len(shapes[m.name]) >= 2 and m.dim == 1)
+    if residual_norm and not embedded and readers == 1:
+        return "conv_channel" if convs > linears else "mlp_channel"
+    if embedded or residual_norm:
+        return "hidden"
     if convs:
         return "conv_channel"
     return "mlp_channel" if linears >= 2 else "channel"

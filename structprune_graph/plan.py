@@ -69,7 +69,15 @@ class Plan:
 
     @staticmethod
     def load(path: Union[str, Path]) -> "Plan":
-        return Plan.from_json(Path(path).read_text())
+        path = Path(path)
+        try:
+            return Plan.from_json(path.read_text())
+        except FileNotFoundError:
+            raise PlanMismatchError(f"no plan at {path}: a pruned folder holds the plan.json that structprune "
+                                    f"wrote; re-run the pruning or restore the file") from None
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise PlanMismatchError(f"{path} is not a valid structprune plan ({type(err).__name__}: {err}); "
+                                    f"restore the plan.json that structprune wrote") from None
 
     def check(self, model: nn.Module, graph: DependencyGraph) -> None:
         """Raise ``PlanMismatchError`` unless this plan was made for a model like ``model``."""

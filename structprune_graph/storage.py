@@ -173,6 +173,10 @@ def pruned_structure(directory: Path, model: nn.Module, graph: Any, run_check: b
     from .plan import Plan
 
     plan = Plan.load(directory / "plan.json")
+    try:
+        plan.check(model, graph)
+    except StructPruneError as err:
+        raise type(err)(f"{directory / 'plan.json'}: {err}") from None
     pruned = ApplyPass()(RewriteRequest(model, graph, plan.keep, run_check=run_check)).state
     for path in plan.meta.get("bias_compensated", []):
         layer = pruned.get_submodule(path)

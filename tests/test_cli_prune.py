@@ -67,3 +67,42 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     assert len(set(index["weight_map"].values())) == 3  # two blocks and the rest
     assert main(["prune", *common, "--stream", "--method", "flap", "--out", str(tiny_model_dir / "x")]) == 2
     assert "--stream runs the structprune method only" in capsys.readouterr().err
+
+
+def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch):
+    from structprune_graph import data
+
+    calls = []
+    real = data.self_generated
+
+    def spy(model, tokenizer, spec, **kw):
+        calls.append(spec)
+        return real(model, tokenizer, spec, **kw)
+
+    monkeypatch.setattr(data, "self_generated", spy)
+    out = tiny_model_dir / "self"
+    args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.3", "--method", "wanda-sp", "--calib",
+            f"{tiny_model_dir / 'text.txt'}+self", "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
+            "--seqlen", "16", "--eval-seqlen", "64", "--eval-windows", "1", "--out", str(out)]
+    assert main(args) == 0
+    assert [(s.samples, s.seqlen) for s in calls] == [(4, 16)]
+    assert json.loads((out / "report.json").read_text())["calibration_batches"] == 4
+    streamed = ["prune", str(tiny_model_dir / "model"), "--stream", "--calib", "self", "--out", str(tiny_model_dir / "s2")]
+    assert main(streamed) == 2
+
+
+def test_self_generated_windows_are_seeded_and_mixed_evenly():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structprune_graph import data
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    spec = data.WindowSpec(3, 8, seed=5)
+    a = data.self_generated(model, tokenizer, spec, batch_size=2, progress=False)
+    b = data.self_generated(model, tokenizer, spec, batch_size=2, progress=False)
+    assert a.shape == (3, 8) and torch.equal(a, b)
+    mixed = data.mixed_windows([torch.zeros(5, 8, dtype=torch.long), torch.ones(5, 8, dtype=torch.long)], 5)
+    assert mixed.shape == (5, 8) and int(mixed[:, 0].sum()) == 2  # 3 from the first source, 2 from the second

@@ -137,3 +137,22 @@ def test_query_head_slots_thin_every_kv_group():
     assert kept_q_rows == tuple(range(16, 32)) + tuple(range(48, 64))  # heads 1 and 3
     torch.testing.assert_close(pruned.model.layers[0].self_attn.q_proj.weight,
                                model.model.layers[0].self_attn.q_proj.weight[list(kept_q_rows)])
+
+
+def test_convnextv2_mlp_channels_through_grn_are_mlp_and_streams_hidden():
+    """Kinds from structure: pwconv1's outputs pass GRN (a norm and an add of its own) yet only pwconv2 reads
+    them, so they are MLP channels; each stage's residual stream is hidden."""
+    import transformers
+
+    cfg = transformers.ConvNextV2Config(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                        num_labels=5, image_size=32)
+    torch.manual_seed(0)
+    model = transformers.ConvNextV2ForImageClassification(cfg).eval()
+    graph = sp.trace(model, (torch.randn(2, 3, 32, 32),))
+    kinds = {g.id: g.kind for g in graph.prunable_groups}
+    assert kinds == {"hidden:convnextv2.embeddings.patch_embeddings.weight[0]": "hidden",
+                     "mlp_channel:convnextv2.encoder.stages.0.layers.0.pwconv1.weight[0]": "mlp_channel",
+                     "hidden:convnextv2.encoder.stages.1.downsampling_layer.1.weight[0]": "hidden",
+                     "mlp_channel:convnextv2.encoder.stages.1.layers.0.pwconv1.weight[0]": "mlp_channel"}
+    result = sp.prune(model, [(torch.randn(2, 3, 32, 32),) for _ in range(2)], 0.3, method="magnitude")
+    assert {result.report.group_kinds[g] for g in result.report.kept_fraction} == {"mlp_channel"}

@@ -142,3 +142,36 @@ def test_unwritable_out_and_binary_calibration_are_refused_up_front(tmp_path, ca
     assert "is not UTF-8 text" in capsys.readouterr().err
     assert main(["prune", str(folder), "--out", str(binary / "out")]) == 2  # a file where a folder should be
     assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_sigterm_during_save_leaves_no_partial_folder(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from structprune_graph.cli import _exit_on_sigterm
+        from structprune_graph.storage import atomic_folder
+        _exit_on_sigterm()
+        with atomic_folder(Path({str(tmp_path / 'out')!r}), overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + 15, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_names_a_missing_or_malformed_plan(tmp_path):
+    model, inputs = _phi3_gqa()
+    result = sp.prune(model, [inputs], 0.4, method="magnitude", kinds=["mlp_channel"])
+    result.save(tmp_path / "out")
+    (tmp_path / "out" / "plan.json").write_text("{not json")
+    with pytest.raises(sp.StructPruneError, match=r"out/plan.json is not a valid structprune plan"):
+        sp.load(tmp_path / "out")
+    (tmp_path / "out" / "plan.json").unlink()
+    with pytest.raises(sp.StructPruneError, match=r"no plan at .*out/plan.json"):
+        sp.load(tmp_path / "out")

@@ -1,0 +1,237 @@
+"""Generalization protocol (issue 12): choose the solver's defaults on development windows, evaluate on
+held-out windows of three domains, one of which plays no part in any choice.
+
+Domains (SmolLM2-135M-Instruct, no BOS, windows of 1,024 tokens for evaluation):
+- austen: calibration windows from the first 90% of *Emma* + *Sense and Sensibility*; development windows
+  from their last 10%; evaluation on *Pride and Prejudice* (first 40,961 tokens, as llm_baselines.py).
+- pydoc: calibration windows from the first 90% of pydoc's calibration half; development windows from its
+  last 10%; evaluation on pydoc's evaluation half.
+- code: Python standard-library source (a fixed list of modules that ship with Python): evaluation only,
+  never used to choose anything.
+- self: windows sampled from the model itself (top-p 0.95, from BOS); calibration only.
+
+Phase A (development): structprune at ``--dev-sparsity`` for every calibration policy of
+``--dev-sources`` (what a user with one text, Austen, could run: the text alone, ``self`` alone, or the
+text mixed with ``self``) and every ridge of ``--ridges``; the (policy, ridge) with the lowest geometric
+mean of (dev ppl / dense dev ppl) over the two development domains is chosen. Phase B (evaluation): for
+each calibration source of ``--sources`` (``chosen`` is the chosen policy; ``mix`` is austen + pydoc +
+self), structprune with the chosen ridge and with the previous default, and the ``--baselines``, at every
+``--sparsities``, on the three evaluation domains. Every row is written to ``OUT/NAME.json`` as it is
+measured, and the table to ``OUT/NAME.md``.
+
+Run: ``python examples/generalization.py [--calib-samples 16] [--eval-windows 4] [--out examples/results]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
+CODE_MODULES = ("argparse", "dataclasses", "typing", "enum", "functools", "pathlib", "subprocess", "logging",
+                "collections", "json.decoder", "email.message", "http.client")
+OLD_RIDGE = 0.01  # the re-fit used the OBS damping before: the "before" rows
+
+
+def code_text() -> str:
+    import importlib
+
+    texts = []
+    for name in CODE_MODULES:
+        module = importlib.import_module(name)
+        texts.append(Path(module.__file__).read_text())
+    return "\n\n".join(texts)
+
+
+def split_tokens(tokens: torch.Tensor, dev_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = int(tokens.numel() * (1 - dev_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+def setup(args):
+    from structprune_graph import data, models
+
+    model, tok = models.load_model(None), models.load_tokenizer(None)
+    austen = data.tokenize(tok, "\n\n".join((AUSTEN / n).read_text() for n in ("emma.txt", "sensesensibility.txt")))
+    pydoc = data.tokenize(tok, data.load_text("pydoc", "calibration"))
+    a_cal, a_dev = split_tokens(austen)
+    p_cal, p_dev = split_tokens(pydoc)
+    spec = data.WindowSpec(args.calib_samples, args.seqlen, 0)
+    self_path = Path(args.out) / f"self_calibration_{args.calib_samples}x{args.seqlen}.pt"
+    if self_path.is_file():
+        self_windows = torch.load(self_path)
+    else:
+        t = time.perf_counter()
+        self_windows = data.self_generated(model, tok, spec, batch_size=16)
+        print(f"self-generated {tuple(self_windows.shape)} in {time.perf_counter() - t:.0f} s", flush=True)
+        torch.save(self_windows, self_path)
+    calib = {"austen": data.calibration_windows(a_cal, spec), "pydoc": data.calibration_windows(p_cal, spec)}
+    calib["mix"] = data.mixed_windows([calib["austen"], calib["pydoc"], self_windows], args.calib_samples)
+    calib["self"] = self_windows
+    calib["austen+self"] = data.mixed_windows([calib["austen"], self_windows], args.calib_samples)
+    dev = {"austen": data.evaluation_windows(a_dev, 1024, args.eval_windows),
+           "pydoc": data.evaluation_windows(p_dev, 1024, args.eval_windows)}
+    evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:40961],
+                                               1024, args.eval_windows),
+             "pydoc": data.evaluation_windows(data.tokenize(tok, data.load_text("pydoc", "evaluation")), 1024,
+                                              args.eval_windows),
+             "code": data.evaluation_windows(data.tokenize(tok, code_text()), 1024, args.eval_windows)}
+    return model, calib, dev, evals
+
+
+def ppl(model, windows) -> dict:
+    from structprune_graph.evaluate import perplexity
+
+    return {name: round(perplexity(model, w, progress=False), 3) for name, w in windows.items()}
+
+
+def batches_of(windows):
+    return [{"input_ids": windows[i: i + 1]} for i in range(len(windows))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="examples/results")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--dev-sparsity", type=float, default=0.3)
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--dev-sources", nargs="+", default=["austen"])
+    parser.add_argument("--name", default="generalization", help="file name of the results (JSON and MD)")
+    parser.add_argument("--summary", nargs="*", metavar="NAME",
+                        help="only merge the results of earlier runs (names of OUT/NAME.json) into "
+                             "OUT/generalization_summary.md: development scores, then every evaluation cell")
+    parser.add_argument("--no-dev", action="store_true", help="skip phase A: the first --dev-sources and --ridges "
+                        "are taken as given (a choice made by an earlier run)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--sources", nargs="+", default=["austen", "mix"])
+    parser.add_argument("--baselines", nargs="*", default=["flap", "taylor-global"])
+    parser.add_argument("--tau-batches", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import structprune_graph as sp
+    from structprune_graph.solver import SolverConfig
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summary is not None:
+        runs = [json.loads((out / f"{name}.json").read_text())["rows"] for name in args.summary]
+        (out / "generalization_summary.md").write_text(summary(runs))
+        return print(summary(runs))
+    rows: list[dict] = []
+    path_json, path_md = out / f"{args.name}.json", out / f"{args.name}.md"
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path_json.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        path_md.write_text(table(rows))
+
+    model, calib, dev, evals = setup(args)
+    emit({"phase": "dense", "method": "dense", "calib": "-", "sparsity": 0.0, "dev": ppl(model, dev),
+          "eval": ppl(model, evals)})
+    dense_dev = rows[0]["dev"]
+
+    # Phase A: calibration policy and ridge, on development windows only
+    scores = {}
+    for source in args.dev_sources if not args.no_dev else ():
+        first = None
+        for ridge in args.ridges:
+            t = time.perf_counter()
+            config = SolverConfig(refit_ridge=ridge, tau_batches=args.tau_batches)
+            result = sp.prune(model, batches_of(calib[source]), args.dev_sparsity, reuse=first, solver=config)
+            first = first or result
+            d = ppl(result.model, dev)
+            scores[(source, ridge)] = math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d))
+            emit({"phase": "dev", "method": f"structprune ridge={ridge:g}", "calib": source,
+                  "sparsity": args.dev_sparsity, "dev": d, "dev_score": round(scores[(source, ridge)], 4),
+                  "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
+    chosen_source, chosen = min(scores, key=scores.get) if scores else (args.dev_sources[0], args.ridges[0])
+    emit({"phase": "choice", "method": "chosen", "calib": chosen_source, "ridge": chosen,
+          "scores": {f"{k[0]} ridge={k[1]:g}": v for k, v in scores.items()}})
+
+    # Phase B: evaluation on three domains, the third never used for a choice
+    ridges = [chosen] + ([OLD_RIDGE] if OLD_RIDGE != chosen else [])
+    for source in dict.fromkeys(chosen_source if s == "chosen" else s for s in args.sources):
+        batches = batches_of(calib[source])
+        first = None
+        for s in args.sparsities:
+            for ridge in ridges:
+                t = time.perf_counter()
+                config = SolverConfig(refit_ridge=ridge, tau_batches=args.tau_batches)
+                result = sp.prune(model, batches, s, reuse=first, solver=config)
+                first = first or result
+                emit({"phase": "eval", "method": f"structprune ridge={ridge:g}" + (" (chosen)" if ridge == chosen else ""),
+                      "calib": source, "sparsity": s, "eval": ppl(result.model, evals),
+                      "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
+        for method in args.baselines:
+            reuse = None
+            for s in args.sparsities:
+                t = time.perf_counter()
+                result = sp.prune(model, batches, s, method=method, reuse=reuse)
+                reuse = reuse or result
+                emit({"phase": "eval", "method": method, "calib": source, "sparsity": s,
+                      "eval": ppl(result.model, evals), "seconds": round(time.perf_counter() - t, 1)})
+    print(table(rows))
+
+
+CALIB_ORDER = {"austen": 0, "austen+self": 1, "self": 2, "pydoc": 3, "mix": 4}
+
+
+def summary(runs: list[list[dict]]) -> str:
+    """Several runs' rows in two tables; the dense row of the first run (every run measures the same)."""
+    dense = runs[0][0]
+    dev = {(r["calib"], r["method"]): r for rows in runs for r in rows if r["phase"] == "dev"}
+    lines = ["| calibration | re-fit ridge | dev austen | dev pydoc | score |", "|---|---|---|---|---|",
+             f"| dense | - | {dense['dev']['austen']:.2f} | {dense['dev']['pydoc']:.2f} | 1.00 |"]
+    for (calib, method), r in sorted(dev.items()):
+        lines.append(f"| {calib} | {method.split('=')[1]} | {r['dev']['austen']:.2f} | {r['dev']['pydoc']:.2f} | "
+                     f"{r['dev_score']:.2f} |")
+    cells = {(r["sparsity"], r["calib"], r["method"].replace(" (chosen)", "")): r["eval"]
+             for rows in runs for r in rows if r["phase"] == "eval"}
+    d = dense["eval"]
+    lines += ["", "| sparsity | calibration | method | austen | pydoc | code | austen / dense | pydoc / dense | "
+              "code / dense |", "|---|---|---|---|---|---|---|---|---|",
+              f"| 0% | - | dense | {d['austen']:.2f} | {d['pydoc']:.2f} | {d['code']:.2f} | 1.00 | 1.00 | 1.00 |"]
+    for (s, calib, method), e in sorted(cells.items(), key=lambda kv: (kv[0][0], CALIB_ORDER.get(kv[0][1], 9), kv[0][2])):
+        name = method.replace("structprune ridge=", "structprune, ridge ")
+        lines.append(f"| {s:.0%} | {calib} | {name} | {e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | "
+                     f"{e['austen'] / d['austen']:.2f} | {e['pydoc'] / d['pydoc']:.2f} | {e['code'] / d['code']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = ["Development (choice of the calibration policy and the re-fit ridge):", "",
+             "| method | calibration | sparsity | dev austen | dev pydoc | score (geo-mean ratio to dense) |",
+             "|---|---|---|---|---|---|"]
+    if dense:
+        lines.append(f"| dense | - | 0% | {dense['dev']['austen']:.2f} | {dense['dev']['pydoc']:.2f} | 1.000 |")
+    for r in rows:
+        if r["phase"] == "dev":
+            lines.append(f"| {r['method']} | {r['calib']} | {r['sparsity']:.0%} | {r['dev']['austen']:.2f} | "
+                         f"{r['dev']['pydoc']:.2f} | {r['dev_score']:.3f} |")
+    lines += ["", "Evaluation (held-out windows; `code` played no part in any choice):", "",
+              "| method | calibration | sparsity | austen | pydoc | code | austen / dense | pydoc / dense | code / dense |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    if dense:
+        e = dense["eval"]
+        lines.append(f"| dense | - | 0% | {e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | 1.00 | 1.00 | 1.00 |")
+    for r in sorted((r for r in rows if r["phase"] == "eval"), key=lambda r: (r["calib"], r["sparsity"])):
+        e = r["eval"]
+        ratios = " | ".join(f"{e[k] / dense['eval'][k]:.2f}" for k in ("austen", "pydoc", "code")) if dense else "- | - | -"
+        lines.append(f"| {r['method']} | {r['calib']} | {r['sparsity']:.0%} | {e['austen']:.2f} | {e['pydoc']:.2f} | "
+                     f"{e['code']:.2f} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
