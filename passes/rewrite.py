@@ -21,6 +21,7 @@ from ._infra import Pass, PassResult
 logger = logging.getLogger(__name__)
 
 Keep = Mapping[str, tuple[int, ...]]
+REFERENCE_MAX_BYTES = 2 * 2**30  # above: the masked reference (a copy of the model) is not built
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,11 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
             return  # a skeleton on the meta device is checked where its weights are streamed in
         pruned = [gid for gid, kept in keep.items() if len(kept) < state.graph.group(gid).size]
         reference = None
-        if all(state.graph.group(gid).mask_exact for gid in pruned):
+        weight_bytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
+        if weight_bytes > REFERENCE_MAX_BYTES:  # the masked reference is a whole copy of the model
+            logger.info("rewrite pass: %.1f GiB of weights: the pruned model is run and checked for finite outputs, "
+                        "not compared with a masked copy", weight_bytes / 2**30)
+        elif all(state.graph.group(gid).mask_exact for gid in pruned):
             reference = MaskPass()(RewriteRequest(state.model, state.graph, keep, state.bias_updates,
                                                   state.weight_updates, run_check=False)).state
         verify_forward(result.state, inputs, reference, where="rewrite pass")

@@ -156,3 +156,18 @@ def test_convnextv2_mlp_channels_through_grn_are_mlp_and_streams_hidden():
                      "mlp_channel:convnextv2.encoder.stages.1.layers.0.pwconv1.weight[0]": "mlp_channel"}
     result = sp.prune(model, [(torch.randn(2, 3, 32, 32),) for _ in range(2)], 0.3, method="magnitude")
     assert {result.report.group_kinds[g] for g in result.report.kept_fraction} == {"mlp_channel"}
+
+
+def test_mixtral_traces_with_heads_prunable_and_experts_pinned_with_the_op_named():
+    """Mixture of experts: until the fused expert op has a coupling rule, its groups are pinned with a
+    reason that names it (never guessed), and attention stays prunable."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=96,
+                                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    graph = sp.trace(transformers.MixtralForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 96, (2, 8))})
+    assert {g.kind for g in graph.prunable_groups} == {"kv_group", "query_head"}
+    experts = [g for g in graph.groups if ".experts." in g.id]
+    assert experts and all(not g.prunable and "grouped_mm" in g.reason for g in experts)

@@ -175,3 +175,18 @@ def test_load_names_a_missing_or_malformed_plan(tmp_path):
     (tmp_path / "out" / "plan.json").unlink()
     with pytest.raises(sp.StructPruneError, match=r"no plan at .*out/plan.json"):
         sp.load(tmp_path / "out")
+
+
+def test_large_models_are_run_but_not_copied_for_the_reference(monkeypatch):
+    model, inputs = _phi3_gqa()
+    graph = sp.trace(model, inputs)
+    keep = {g.id: [1] for g in graph.groups if g.kind == "query_head"}
+    monkeypatch.setattr(rewrite_mod, "REFERENCE_MAX_BYTES", 0)
+    built = []
+    real = rewrite_mod.MaskPass.call
+    monkeypatch.setattr(rewrite_mod.MaskPass, "call", lambda self, state: built.append(1) or real(self, state))
+    sp.apply(model, graph, keep)
+    assert built == []
+    monkeypatch.setattr(ApplyPass, "_fix_attention_modules", staticmethod(lambda *a: None))
+    with pytest.raises(sp.RewriteError, match="fails at its first forward"):  # still run
+        sp.apply(model, graph, keep)
