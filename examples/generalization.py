@@ -190,7 +190,8 @@ def summary(runs: list[list[dict]]) -> str:
     """Several runs' rows in two tables; the dense row of the first run (every run measures the same)."""
     dense = runs[0][0]
     dev = {(r["calib"], r["method"]): r for rows in runs for r in rows if r["phase"] == "dev"}
-    lines = ["| calibration | re-fit ridge | dev austen | dev pydoc | score |", "|---|---|---|---|---|",
+    lines = ["Development (score: geometric mean over the two domains of ppl / dense ppl):", "",
+             "| calibration | re-fit ridge | dev austen | dev pydoc | score |", "|---|---|---|---|---|",
              f"| dense | - | {dense['dev']['austen']:.2f} | {dense['dev']['pydoc']:.2f} | 1.00 |"]
     for (calib, method), r in sorted(dev.items()):
         lines.append(f"| {calib} | {method.split('=')[1]} | {r['dev']['austen']:.2f} | {r['dev']['pydoc']:.2f} | "
@@ -198,7 +199,8 @@ def summary(runs: list[list[dict]]) -> str:
     cells = {(r["sparsity"], r["calib"], r["method"].replace(" (chosen)", "")): r["eval"]
              for rows in runs for r in rows if r["phase"] == "eval"}
     d = dense["eval"]
-    lines += ["", "| sparsity | calibration | method | austen | pydoc | code | austen / dense | pydoc / dense | "
+    lines += ["", "Evaluation (held-out windows; `code` played no part in any choice):", "",
+              "| sparsity | calibration | method | austen | pydoc | code | austen / dense | pydoc / dense | "
               "code / dense |", "|---|---|---|---|---|---|---|---|---|",
               f"| 0% | - | dense | {d['austen']:.2f} | {d['pydoc']:.2f} | {d['code']:.2f} | 1.00 | 1.00 | 1.00 |"]
     for (s, calib, method), e in sorted(cells.items(), key=lambda kv: (kv[0][0], CALIB_ORDER.get(kv[0][1], 9), kv[0][2])):
@@ -209,28 +211,7 @@ def summary(runs: list[list[dict]]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    lines = ["Development (choice of the calibration policy and the re-fit ridge):", "",
-             "| method | calibration | sparsity | dev austen | dev pydoc | score (geo-mean ratio to dense) |",
-             "|---|---|---|---|---|---|"]
-    if dense:
-        lines.append(f"| dense | - | 0% | {dense['dev']['austen']:.2f} | {dense['dev']['pydoc']:.2f} | 1.000 |")
-    for r in rows:
-        if r["phase"] == "dev":
-            lines.append(f"| {r['method']} | {r['calib']} | {r['sparsity']:.0%} | {r['dev']['austen']:.2f} | "
-                         f"{r['dev']['pydoc']:.2f} | {r['dev_score']:.3f} |")
-    lines += ["", "Evaluation (held-out windows; `code` played no part in any choice):", "",
-              "| method | calibration | sparsity | austen | pydoc | code | austen / dense | pydoc / dense | code / dense |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    if dense:
-        e = dense["eval"]
-        lines.append(f"| dense | - | 0% | {e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | 1.00 | 1.00 | 1.00 |")
-    for r in sorted((r for r in rows if r["phase"] == "eval"), key=lambda r: (r["calib"], r["sparsity"])):
-        e = r["eval"]
-        ratios = " | ".join(f"{e[k] / dense['eval'][k]:.2f}" for k in ("austen", "pydoc", "code")) if dense else "- | - | -"
-        lines.append(f"| {r['method']} | {r['calib']} | {r['sparsity']:.0%} | {e['austen']:.2f} | {e['pydoc']:.2f} | "
-                     f"{e['code']:.2f} | {ratios} |")
-    return "\n".join(lines) + "\n"
+    return summary([rows])
 
 
 if __name__ == "__main__":

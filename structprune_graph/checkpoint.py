@@ -32,7 +32,7 @@ from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import DependencyGraph, trace
 from .plan import Plan
-from .pruning import PruneReport, make_report, select_groups, solver_details
+from .pruning import PruneReport, _tracing_inputs, make_report, select_groups, solver_details
 from .solver import SolverConfig, prepare, solve
 from .report import write_report
 from .storage import SHARD_INDEX, atomic_folder, check_output_dir, write_meta
@@ -104,8 +104,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "tokenizer")
                 with streamed(tmp, device) as written:  # run what we write, from the files themselves
-                    verify_forward(written, {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v
-                                             for k, v in batches[0].items()}, where="prune_checkpoint")
+                    verify_forward(written, _tracing_inputs(batches[0]), where="prune_checkpoint")
         finally:
             refitted.close()
     return CheckpointPruneResult(output, plan, report, graph, loads)

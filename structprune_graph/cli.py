@@ -111,7 +111,8 @@ def _calib_sources(calib: Optional[str]) -> list[Optional[str]]:
 
 
 def _check_texts(args: argparse.Namespace) -> None:
-    """Calibration and evaluation files must be text, read before any model is loaded."""
+    """Before any model is loaded: calibration and evaluation files must be text, and ``self`` needs the
+    model in memory."""
     for flag, value in [("--calib", c) for c in _calib_sources(args.calib)] + [("--eval", args.eval)]:
         path = Path(value) if value else None
         if path is None or not path.exists():
@@ -124,9 +125,13 @@ def _check_texts(args: argparse.Namespace) -> None:
                     raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
             except UnicodeDecodeError:
                 raise StructPruneError(f"{flag} {file} is not UTF-8 text; give a .txt file or a folder of them") from None
-    if args.calib and args.eval and Path(args.calib).exists() and Path(args.calib).resolve() == Path(args.eval).resolve():
-        logging.getLogger(__name__).warning("--calib and --eval are the same file: the evaluation is not held out "
-                                            "unless it is pydoc (split in halves)")
+    sources = _calib_sources(args.calib)
+    if args.stream and "self" in sources:
+        raise StructPruneError("--calib self samples from the model, which --stream never loads whole; give "
+                               "calibration text with --stream")
+    if args.eval and Path(args.eval).exists() and any(
+            c and Path(c).exists() and Path(c).resolve() == Path(args.eval).resolve() for c in sources):
+        logging.getLogger(__name__).warning("--calib and --eval are the same file: the evaluation is not held out")
 
 
 def _solver_config(args: argparse.Namespace):
@@ -144,10 +149,7 @@ def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list,
     sources = _calib_sources(args.calib)
     parts = []
     for source in sources:
-        if source == "self":
-            if model is None:
-                raise StructPruneError("--calib self samples from the model, which --stream never loads whole; "
-                                       "give calibration text with --stream")
+        if source == "self":  # never with --stream (refused in _check_texts)
             parts.append(data.self_generated(model, tokenizer, spec))
         else:
             parts.append(data.calibration_windows(data.tokenize(tokenizer, data.load_text(source, "calibration")),
@@ -317,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # one line for the user; the traceback only with --debug
         if args.debug:
             raise
-        known = isinstance(err, (StructPruneError, OSError, ValueError, UnicodeDecodeError))
+        known = isinstance(err, (StructPruneError, OSError, ValueError))
         print(f"structprune: error: {err}" if known else f"structprune: error: {type(err).__name__}: {err} "
               f"(run again with --debug for the traceback and report it)", file=sys.stderr)
         return 2

@@ -132,10 +132,10 @@ def mixed_windows(sources: "list[torch.Tensor]", samples: int, seed: int = 0) ->
     """A uniform mix: the same number of windows from each source (the first sources get one more when
     ``samples`` does not divide), in a seeded random order. Each source: (windows, seqlen)."""
     per, extra = divmod(samples, len(sources))
-    parts = [src[: per + (i < extra)] for i, src in enumerate(sources)]
-    for i, (part, want) in enumerate(zip(parts, [per + (i < extra) for i in range(len(sources))])):
-        if len(part) < want:
-            raise DataError(f"calibration source {i} has {len(part)} windows; the mix needs {want}")
-    mixed = torch.cat(parts)
+    counts = [per + (i < extra) for i in range(len(sources))]
+    for i, (src, want) in enumerate(zip(sources, counts)):
+        if len(src) < want:
+            raise DataError(f"calibration source {i} has {len(src)} windows; the mix needs {want}")
+    mixed = torch.cat([src[:n] for src, n in zip(sources, counts)])
     order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))
     return mixed[order]

@@ -157,17 +157,19 @@ def load(directory: Union[str, Path]) -> nn.Module:
     meta = _read_meta(directory)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = getattr(transformers, meta["architecture"])(config).eval()
-    pruned = pruned_structure(directory, model, trace(model, example_inputs_of(directory)), run_check=False)
+    inputs = example_inputs_of(directory)
+    pruned = pruned_structure(directory, model, trace(model, inputs))
     load_weights(pruned, directory)
     from .verify import verify_forward
 
-    verify_forward(pruned, example_inputs_of(directory), where=f"load({directory})")
+    verify_forward(pruned, inputs, where=f"load({directory})")
     return pruned.eval()
 
 
-def pruned_structure(directory: Path, model: nn.Module, graph: Any, run_check: bool = True) -> nn.Module:
+def pruned_structure(directory: Path, model: nn.Module, graph: Any) -> nn.Module:
     """A saved folder's architecture on a fresh ``model`` (traced as ``graph``): the plan's keep-sets
-    applied and room made for the biases a method created (FLAP); the weights are not loaded."""
+    applied and room made for the biases a method created (FLAP); the weights are not loaded, so the
+    model is run by the caller once they are (``load``, ``prune_checkpoint``)."""
     from .module_attrs import output_dim
     from .passes import ApplyPass, RewriteRequest
     from .plan import Plan
@@ -177,7 +179,7 @@ def pruned_structure(directory: Path, model: nn.Module, graph: Any, run_check: b
         plan.check(model, graph)
     except StructPruneError as err:
         raise type(err)(f"{directory / 'plan.json'}: {err}") from None
-    pruned = ApplyPass()(RewriteRequest(model, graph, plan.keep, run_check=run_check)).state
+    pruned = ApplyPass()(RewriteRequest(model, graph, plan.keep, run_check=False)).state
     for path in plan.meta.get("bias_compensated", []):
         layer = pruned.get_submodule(path)
         if getattr(layer, "bias", None) is None:

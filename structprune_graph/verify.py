@@ -60,14 +60,14 @@ FORWARD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e
 
 
 def _outputs(output: Any) -> list[torch.Tensor]:
-    """The tensors a model returns: its main output (logits, last hidden state) or, failing that, all."""
+    """The tensors a model returns: its main output (logits, last hidden state) or, failing that, all of its
+    floating tensors."""
     from .evaluate import main_output
 
     try:
         return [main_output(output)]
     except TypeError:
-        values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-        return [t for v in values for t in _outputs(v)] if not isinstance(output, torch.Tensor) else [output]
+        return _floating_tensors(output)
 
 
 def _innermost_module(model: nn.Module, err: BaseException) -> str:
@@ -87,7 +87,7 @@ def _first_nonfinite(model: nn.Module, run: Callable[[], Any]) -> Optional[str]:
 
     def hook(name):
         def check(module, args, out):
-            if not seen and any(not torch.isfinite(t).all() for t in _outputs_loose(out)):
+            if not seen and any(not torch.isfinite(t).all() for t in _floating_tensors(out)):
                 seen.append(f"{name or type(model).__name__} ({type(module).__name__})")
         return check
 
@@ -101,25 +101,22 @@ def _first_nonfinite(model: nn.Module, run: Callable[[], Any]) -> Optional[str]:
     return seen[0] if seen else None
 
 
-def _outputs_loose(out: Any) -> list[torch.Tensor]:
+def _floating_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _outputs_loose(o)]
-    if isinstance(out, Mapping):
-        return [t for o in out.values() for t in _outputs_loose(o)]
-    return []
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [t for o in values for t in _floating_tensors(o)]
 
 
 def run_model_once(model: nn.Module, inputs: Any) -> Any:
     """One forward pass in eval mode (the mode is restored), without gradients."""
+    from .blockwise import run_model
+
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(inputs, Mapping):
-                return model(**inputs)
-            return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            return run_model(model, tuple(inputs) if isinstance(inputs, list) else inputs)
     finally:
         model.train(training)
 

@@ -69,7 +69,7 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     assert "--stream runs the structprune method only" in capsys.readouterr().err
 
 
-def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch):
+def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch, capsys):
     from structprune_graph import data
 
     calls = []
@@ -88,7 +88,7 @@ def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch)
     assert [(s.samples, s.seqlen) for s in calls] == [(4, 16)]
     assert json.loads((out / "report.json").read_text())["calibration_batches"] == 4
     streamed = ["prune", str(tiny_model_dir / "model"), "--stream", "--calib", "self", "--out", str(tiny_model_dir / "s2")]
-    assert main(streamed) == 2
+    assert main(streamed) == 2 and "--calib self samples from the model" in capsys.readouterr().err
 
 
 def test_self_generated_windows_are_seeded_and_mixed_evenly():
