@@ -37,6 +37,10 @@ AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "auste
 CODE_MODULES = ("argparse", "dataclasses", "typing", "enum", "functools", "pathlib", "subprocess", "logging",
                 "collections", "json.decoder", "email.message", "http.client")
 OLD_RIDGE = 0.01  # the re-fit used the OBS damping before: the "before" rows
+# phase C: how the budget is spread (issue 12, item 4); tau searched with or without the re-fit in the loop
+ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit"),
+               "softmax-masked": dict(allocation="softmax", tau_search="masked"),
+               "uniform": dict(allocation="uniform"), "global-threshold": dict(allocation="global-threshold")}
 
 
 def code_text() -> str:
@@ -114,6 +118,9 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=["austen", "mix"])
     parser.add_argument("--baselines", nargs="*", default=["flap", "taylor-global"])
     parser.add_argument("--tau-batches", type=int, default=4)
+    parser.add_argument("--allocations", nargs="*", default=[], choices=sorted(ALLOCATIONS),
+                        help="phase C: structprune with each allocation on the --sources at every --sparsities "
+                             "(chosen ridge), measured on the development and the evaluation windows")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,7 +166,7 @@ def main() -> None:
           "scores": {f"{k[0]} ridge={k[1]:g}": v for k, v in scores.items()}})
 
     # Phase B: evaluation on three domains, the third never used for a choice
-    ridges = [chosen] + ([OLD_RIDGE] if OLD_RIDGE != chosen else [])
+    ridges = [chosen] + ([OLD_RIDGE] if OLD_RIDGE != chosen else []) if not args.allocations else []
     for source in dict.fromkeys(chosen_source if s == "chosen" else s for s in args.sources):
         batches = batches_of(calib[source])
         first = None
@@ -172,6 +179,8 @@ def main() -> None:
                 emit({"phase": "eval", "method": f"structprune ridge={ridge:g}" + (" (chosen)" if ridge == chosen else ""),
                       "calib": source, "sparsity": s, "eval": ppl(result.model, evals),
                       "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
+        if args.allocations:
+            allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit)
         for method in args.baselines:
             reuse = None
             for s in args.sparsities:
@@ -181,6 +190,28 @@ def main() -> None:
                 emit({"phase": "eval", "method": method, "calib": source, "sparsity": s,
                       "eval": ppl(result.model, evals), "seconds": round(time.perf_counter() - t, 1)})
     print(table(rows))
+
+
+def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, emit) -> None:
+    """Phase C: one structprune run per allocation and sparsity (the dense sweep shared), each measured on
+    the development windows (where a default may be chosen) and the evaluation windows (reported only)."""
+    import structprune_graph as sp
+    from structprune_graph.solver import SolverConfig
+
+    first = None
+    for s in args.sparsities:
+        for name in args.allocations:
+            t = time.perf_counter()
+            config = SolverConfig(refit_ridge=ridge, **ALLOCATIONS[name])  # the library's tau batches
+            result = sp.prune(model, batches, s, reuse=first, solver=config)
+            seconds = round(time.perf_counter() - t, 1)
+            first = first or result
+            d = ppl(result.model, dev)
+            emit({"phase": "eval", "method": f"structprune, {name}", "calib": source, "sparsity": s, "dev": d,
+                  "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),
+                  "eval": ppl(result.model, evals), "tau": result.report.solver["tau"],
+                  "tau_losses": {str(k): round(v, 4) for k, v in result.report.solver["tau_losses"].items()},
+                  "seconds": seconds})
 
 
 CALIB_ORDER = {"austen": 0, "austen+self": 1, "self": 2, "pydoc": 3, "mix": 4}
@@ -207,6 +238,16 @@ def summary(runs: list[list[dict]]) -> str:
         name = method.replace("structprune ridge=", "structprune, ridge ")
         lines.append(f"| {s:.0%} | {calib} | {name} | {e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | "
                      f"{e['austen'] / d['austen']:.2f} | {e['pydoc'] / d['pydoc']:.2f} | {e['code'] / d['code']:.2f} |")
+    alloc = [r for rows in runs for r in rows if r["phase"] == "eval" and "dev_score" in r]
+    if alloc:
+        lines += ["", "Allocation (structprune, one dense sweep; dev score as above; tau with its search's losses):", "",
+                  "| sparsity | calibration | allocation | tau | dev austen | dev pydoc | dev score | austen | pydoc | "
+                  "code | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in alloc:
+            e = r["eval"]
+            lines.append(f"| {r['sparsity']:.0%} | {r['calib']} | {r['method'].split(', ')[1]} | {r['tau']} | "
+                         f"{r['dev']['austen']:.2f} | {r['dev']['pydoc']:.2f} | {r['dev_score']:.2f} | "
+                         f"{e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 

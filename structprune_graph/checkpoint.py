@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from structprune_graph.passes import ApplyPass, RewriteRequest
 from structprune_graph.passes.partition import find_block_list
+from structprune_graph.passes.round_widths import WidthRule
 
 from .blockwise import ActivationStore
 from .errors import StructPruneError
@@ -60,9 +61,11 @@ def _to(batch: Any, device: torch.device) -> Any:
 def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str, torch.Tensor]], sparsity: float,
                      output: Union[str, Path], *, solver: Optional[SolverConfig] = None,
                      kinds: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                     overwrite: bool = False, tokenizer: Any = None) -> CheckpointPruneResult:
+                     overwrite: bool = False, tokenizer: Any = None, round_to: int = 1,
+                     uniform: bool = False) -> CheckpointPruneResult:
     """``prune(method="structprune")`` for a transformers checkpoint folder that is never loaded whole:
-    writes the pruned model to ``output`` (shards, config, plan, report), loadable with ``load``."""
+    writes the pruned model to ``output`` (shards, config, plan, report), loadable with ``load``;
+    ``round_to``/``uniform`` as for ``prune`` (the folder keeps the dense config and the plan)."""
     folder, output, device = Path(folder), Path(output), torch.device(device)
     batches = tuple(_to(b, device) for b in calibration)
     if not batches or not isinstance(batches[0], Mapping):
@@ -70,6 +73,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                                "(input_ids, attention_mask)")
     check_output_dir(output, overwrite, inputs=(folder,))  # refuse before any work is done
     solver = solver or SolverConfig()
+    widths = WidthRule(round_to, uniform)
     source = CheckpointWeights(folder)
     start = time.perf_counter()
     with track_peak_memory() as peak:
@@ -85,7 +89,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
         try:
             with WeightStreamer(model, list_path, source, device) as streamer:
                 state = prepare(model, graph, groups, batches, solver, streamer)
-                solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted)
+                solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted, widths)
                 loads = streamer.loads
             pruned = ApplyPass()(RewriteRequest(skeleton, graph, solved.keep)).state  # shapes and attributes
             plan = Plan.from_keep(graph, skeleton, solved.keep, meta={"method": "structprune", "sparsity": sparsity,

@@ -79,7 +79,8 @@ def _prune(args: argparse.Namespace) -> int:
     t_eval = time.perf_counter()
     ppl_before = perplexity(model, eval_windows)
     eval_s = time.perf_counter() - t_eval
-    result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args))
+    result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
+                   uniform=args.uniform)
     t_eval = time.perf_counter()
     ppl_after = perplexity(result.model, eval_windows)
     eval_s += time.perf_counter() - t_eval
@@ -96,7 +97,7 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"{args.method}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable parameters; "
           f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
           f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total {report.metrics['total_seconds']} s")
-    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); load it with structprune_graph.load()")
+    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {_loads_with(out)}")
     if args.onnx:
         _export_and_report(result.model, out, Path(args.onnx))
     return 0
@@ -164,6 +165,7 @@ def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list,
 def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
     """--stream: the checkpoint is never loaded whole; dense and pruned perplexity run block by block."""
     from .checkpoint import prune_checkpoint, streamed
+    from .streaming import check_checkpoint
     from .evaluate import perplexity
     from .models import checkpoint_folder, load_tokenizer
 
@@ -171,12 +173,14 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
         raise StructPruneError(f"--stream runs the structprune method only (got --method {args.method})")
     _return_freed_memory()
     folder = checkpoint_folder(args.model)
+    check_checkpoint(folder)  # a damaged config or shard is named before the tokenizer reads the config
     tokenizer = load_tokenizer(args.model)
     batches, eval_windows = _calibration(args, tokenizer)
     with streamed(folder, args.device) as dense:
         ppl_before = perplexity(dense, eval_windows.to(args.device))
     result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
-                              overwrite=args.overwrite, tokenizer=tokenizer)
+                              overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
+                              uniform=args.uniform)
     with streamed(out, args.device) as pruned:
         ppl_after = perplexity(pruned, eval_windows.to(args.device))
     r = result.report
@@ -186,6 +190,14 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
           f"total {time.perf_counter() - t0:.1f} s")
     print(f"wrote {out}/ (one safetensors shard per block, plan.json, report.md); load it with structprune_graph.load()")
     return 0
+
+
+def _loads_with(out: Path) -> str:
+    import json
+
+    meta = json.loads((out / "structprune.json").read_text())
+    return ("stock transformers from_pretrained or structprune_graph.load()" if meta.get("config") == "stock"
+            else "structprune_graph.load()")
 
 
 def _return_freed_memory() -> None:
@@ -286,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--memory-budget", type=parse_bytes, default=None,
                        help="bytes the solver may hold at once (one block, two with ADMM, plus activations), "
                             "e.g. 2GiB; an error names the block when one does not fit (structprune)")
+    prune.add_argument("--round-to", type=_positive_int, default=1, metavar="N",
+                       help="every kept width a multiple of N channels (or the whole group), e.g. 8 or 64")
+    prune.add_argument("--uniform", action="store_true",
+                       help="the same width in every layer of a kind: a config.json that stock from_pretrained "
+                            "loads (LLaMA-family models)")
     prune.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where blocks are solved")
     prune.add_argument("--stream", action="store_true",
                        help="never load the model whole: read each block from the safetensors checkpoint when it "

@@ -121,6 +121,10 @@ def load_model(spec: Optional[Union[str, Path]] = None) -> nn.Module:
     elif (path / "config.json").is_file():
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+        from .streaming import check_checkpoint
+
+        check_checkpoint(path)
+
         config = AutoConfig.from_pretrained(str(path))
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = AutoModelForCausalLM if causal else AutoModel

@@ -21,6 +21,7 @@ from torch import nn
 from structprune_graph.passes import ApplyPass, RewriteRequest
 from structprune_graph.passes.allocate import AllocatePass, AllocationRequest, prunable_params
 from structprune_graph.passes.calibrate import Calibration, CalibratePass, CalibrationRequest, LossFn
+from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 
 from .errors import StructPruneError
@@ -133,10 +134,13 @@ class PruneResult:
     solver_state: Optional[SolverState] = field(repr=False, default=None)  # structprune's dense sweep, reusable
     solution: Optional[SolverResult] = field(repr=False, default=None)  # structprune: weights before/after ADMM
 
-    def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None) -> Path:
+    def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None,
+             stock: bool = True) -> Path:
+        """Write the folder; with ``stock`` and the same widths in every layer, a config that stock
+        ``from_pretrained`` loads (checked by loading it so)."""
         from .storage import save_pruned
 
-        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer)
+        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer, stock=stock)
 
 
 def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Group], graph: DependencyGraph,
@@ -159,6 +163,20 @@ def solver_details(config: SolverConfig, solved: SolverResult) -> dict:
             "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded)}
 
 
+def _rounded_keep(groups: Sequence[Group], scores: Any, keep: Mapping[str, Sequence[int]],
+                  shapes: Mapping[str, tuple[int, ...]], target: int, widths: WidthRule) -> tuple[dict, int]:
+    """A score-based allocation's keep-sets with rounded widths: units leave in score order."""
+    groups = tuple(groups)
+    order = {g.id: sorted(range(g.size), key=lambda u, g=g: (scores.per_unit[g.id][u], u)) for g in groups}
+    costs = {gid: [max(float(scores.per_unit[gid][u]), 0.0) for u in units] for gid, units in order.items()}
+    counts = {g.id: g.size - len(keep[g.id]) for g in groups}
+    rounded = RoundWidthsPass()(RoundRequest(groups, counts, order, costs, shapes, target, widths,
+                                             {g.id: g.size - g.min_keep for g in groups})).state
+    gone = {gid: set(order[gid][:n]) for gid, n in rounded.counts.items()}
+    return ({g.id: tuple(u for u in range(g.size) if u not in gone[g.id]) for g in groups},
+            rounded.removed_params)
+
+
 def _as_batches(calibration: Iterable[Any]) -> tuple[Any, ...]:
     batches = tuple(calibration)
     if not batches:
@@ -178,14 +196,17 @@ def _tracing_inputs(batch: Any) -> Any:
 def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method: str = DEFAULT_METHOD, *,
           kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
           graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None,
-          solver: Optional[SolverConfig] = None, reconstruct: bool = False) -> PruneResult:
+          solver: Optional[SolverConfig] = None, reconstruct: bool = False, round_to: int = 1,
+          uniform: bool = False) -> PruneResult:
     """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
     calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
     ``reuse``: a previous result of the same method and model whose graph and calibration statistics
     are used again (another sparsity without another calibration pass). ``solver``: the structprune
     method's settings (ablations). ``reconstruct``: after another method chose its units, re-fit the
     consuming layers by least squares, block by block, as structprune does (selection and reconstruction
-    measured apart). The input model is not modified."""
+    measured apart). ``round_to``: every kept width is a multiple of that many channels (or the whole
+    group); ``uniform``: every layer keeps the same width per kind (budget met to within one step of
+    either). The input model is not modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -200,6 +221,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):
         raise StructPruneError("reuse= needs a result of the same method on the same model")
     solver = solver or SolverConfig()
+    widths = WidthRule(round_to, uniform)
     if reconstruct and (spec.score == "obs" or spec.bias_compensation):
         raise StructPruneError(f"reconstruct=True re-fits another method's selection; {method} "
                                + ("re-fits already (SolverConfig(reconstruct=...))" if spec.score == "obs"
@@ -210,7 +232,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         groups = select_groups(graph, kinds)
         if spec.score == "obs":
             state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver)
-            solved = solve(model, state, batches, sparsity, solver, groups)
+            solved = solve(model, state, batches, sparsity, solver, groups, widths=widths)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
             details = solver_details(solver, solved)
         else:
@@ -220,11 +242,15 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             allocation = AllocatePass()(AllocationRequest(groups, scores, sparsity, graph.param_shapes, spec.allocation,
                                                           spec.per_param)).state
             keep, removed = allocation.keep, allocation.removed_params
+            if not widths.identity:
+                keep, removed = _rounded_keep(groups, scores, keep, graph.param_shapes, allocation.target_params, widths)
             updates = _bias_compensation(model, groups, keep, calib.inputs) if spec.bias_compensation else {}
             if reconstruct:
                 weights = refit(model, graph, groups, keep, batches, solver)
                 details = {"reconstruct": f"least squares on {len(weights)} consumer layers"}
         pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
+    if not widths.identity:
+        details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, len(batches), details)
     plan = Plan.from_keep(graph, model, keep,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, AdmmPass, AdmmRequest
+from structprune_graph.passes.allocate import prunable_params
 from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
 from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, BlockCalibration,
@@ -27,6 +28,7 @@ from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, Bl
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
+from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
 
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
@@ -37,6 +39,7 @@ from .streaming import resident as in_memory
 
 logger = logging.getLogger(__name__)
 
+TAU_SEARCHES = ("refit", "masked")
 MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
 
 
@@ -46,7 +49,12 @@ class SolverConfig:
 
     allocation: str = "softmax"  # "softmax", "uniform" or "global-threshold"
     taus: tuple[float, ...] = DEFAULT_TAUS
-    tau_batches: int = 8  # calibration batches the tau grid is evaluated on
+    # "masked": the masked model's loss, no re-fit; "refit": each tau's re-fitted model on held-out batches.
+    # On SmolLM2 both chose the same tau at 30% and 50% (examples/results/generalization_allocation.md) and
+    # "refit" costs 2.4x the time: "masked" stays the default
+    tau_search: str = "masked"
+    tau_batches: int = 8  # calibration batches each tau is re-fitted on ("masked": evaluated on)
+    tau_holdout: int = 4  # "refit": the last calibration batches, never fitted, each tau is scored on
     max_prune: float = 0.8  # most of a group's units the allocator may remove
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
@@ -59,6 +67,13 @@ class SolverConfig:
     admm_batches: int = 16
     memory_budget: Optional[int] = None  # bytes for one block (two when coupled) + its batch of activations
     buffer_budget: int = 256 * 2**20  # bytes of ADMM buffers kept in memory; the rest go to temporary files
+
+    def __post_init__(self) -> None:
+        if self.tau_search not in TAU_SEARCHES:
+            raise StructPruneError(f"SolverConfig: unknown tau_search {self.tau_search!r}; choose one of {TAU_SEARCHES}")
+        if self.tau_batches < 1 or self.tau_holdout < 0:
+            raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
+                                   f"{self.tau_batches} and {self.tau_holdout}")
 
     def label(self) -> str:
         return (f"{self.allocation}, rounds={self.rounds}, "
@@ -172,10 +187,11 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
-    """counts -> calibration loss of the model with those units masked (first units of each greedy order;
-    a removed unit's channels are zeroed at its consumers' inputs). The LM loss when the model gives one,
-    else the relative error of its main output against the dense model's."""
+def _held_out_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
+    """(removed units, replacement weights) -> loss on ``batches`` of the model with those units masked (a
+    removed unit's channels zeroed at its consumers' inputs) and those weights in place of the dense ones.
+    The LM loss when the model gives one, else the relative error of its main output against the dense
+    model's. Replacements are swapped in around each layer's forward, so streamed weights work too."""
     with torch.no_grad():
         dense = None
         try:
@@ -185,28 +201,32 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
         except CalibrationError:
             dense = [main_output(run_model(model, b)) for b in batches]
 
-    def evaluate(counts: Mapping[str, int]) -> float:
+    def masks_of(removed: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         for block in state.partition.blocks:
             module = block_module(model, block)
             prefix = block.path + "." if block.path else ""
             for gid in block.group_ids:
-                n = counts.get(gid, 0)
-                if not n:
+                units = removed.get(gid, ())
+                if not units:
                     continue
-                removed = state.calibration.curves[gid].order[:n]
                 for path, columns in consumers_of(block, module, state.groups[gid]):
                     full = prefix + path
                     layer = model.get_submodule(full)
                     width = layer.weight.shape[1] if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) else layer.weight.shape[0]
                     mask = masks.setdefault(full, torch.ones(width))
-                    mask[torch.cat([columns[u] for u in removed])] = 0.0
+                    mask[torch.cat([columns[u] for u in units])] = 0.0
+        return masks
+
+    def score(removed: Mapping[str, Sequence[int]], weights: Mapping[str, torch.Tensor]) -> float:
         handles = []
-        for full, mask in masks.items():
+        for full, mask in masks_of(removed).items():
             layer = model.get_submodule(full)
             dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
             shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
             handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s.to(a[0].device), *a[1:])))
+        for name in weights:
+            handles += _swap_weight(model, name, weights)
         try:
             with torch.no_grad():
                 if dense is None:
@@ -217,30 +237,101 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
         finally:
             for h in handles:
                 h.remove()
+    return score
+
+
+def _swap_weight(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor]) -> list:
+    """Hooks that put ``weights[name]`` in place of the parameter for the layer's forward (read when the
+    layer runs: a disk-backed store holds one layer's tensor at a time) and put the parameter back after."""
+    path, attr = name.rsplit(".", 1)
+    layer = model.get_submodule(path)
+    saved: list = []
+
+    def swap_in(module, args):
+        current = module._parameters[attr]
+        saved.append(current)
+        module._parameters[attr] = weights[name].to(current.device, current.dtype)
+
+    def swap_back(module, args, output):
+        module._parameters[attr] = saved.pop()
+    return [layer.register_forward_pre_hook(swap_in), layer.register_forward_hook(swap_back)]
+
+
+def _tau_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
+    """Calibration batches the tau search re-fits on, and the held-out ones it scores on (never fitted;
+    the last ones). With ``tau_holdout=0`` or a single batch, the fitted batches are scored (in-domain)."""
+    held = min(config.tau_holdout, n // 2)
+    fit = list(range(min(config.tau_batches, n - held)))
+    return fit, list(range(n - held, n)) if held else fit
+
+
+def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
+              resident: Resident = in_memory) -> Callable[[Mapping[str, int]], float]:
+    """counts -> the loss the allocator ranks taus by.
+
+    ``masked``: the calibration loss on ``tau_batches`` batches of the model with the first units of each
+    greedy order masked, without the re-fit (cheap, but a different regime from what is returned).
+    ``refit``: the block solve itself (masks re-selected on the pruned trajectory, least-squares re-fit)
+    on ``tau_batches`` batches, scored on ``tau_holdout`` held-out calibration batches: the re-fitted model
+    the run returns, judged on text it was not fitted on."""
+    if config.tau_search == "masked":
+        score = _held_out_loss(model, state, batches[:config.tau_batches])
+        return lambda counts: score({gid: state.calibration.curves[gid].order[:n] for gid, n in counts.items()}, {})
+    fit, held = _tau_split(len(batches), config)
+    score = _held_out_loss(model, state, [batches[i] for i in held])
+    inputs = [state.inputs[i] for i in fit]
+
+    def evaluate(counts: Mapping[str, int]) -> float:
+        store = ActivationStore(budget_bytes=config.buffer_budget)  # the trial's re-fitted weights
+        try:
+            solution = BlockSolvePass()(BlockSolveRequest(
+                model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
+                resident=resident, weights_out=store, refit_ridge=config.refit_ridge)).state
+            removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
+            return score(removed, store)
+        finally:
+            store.close()
     return evaluate
 
 
 def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
           budget_groups: Sequence[Group], resident: Resident = in_memory,
-          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None) -> SolverResult:
+          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None, widths: WidthRule = WidthRule()) -> SolverResult:
     """Allocate the budget, solve the blocks and coordinate them; the model is not modified.
-    ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk)."""
+    ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk);
+    ``widths`` rounds the allocation (multiples of N channels, the same width in every layer)."""
     groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
     if not groups:
         raise StructPruneError("structprune: every selected group is excluded: " +
                                "; ".join(f"{k}: {v}" for k, v in list(state.excluded.items())[:3]))
-    evaluate = _tau_loss(model, state, batches[:config.tau_batches]) if config.allocation == "softmax" else None
+    shapes = _shapes(model, tuple(budget_groups) + groups)
+    curves = state.calibration.curves
+
+    target = round(sparsity * prunable_params(tuple(budget_groups), shapes))
+
+    def rounded(counts: Mapping[str, int]) -> Optional[tuple[Mapping[str, int], int]]:
+        if widths.identity:
+            return None
+        out = RoundWidthsPass()(RoundRequest(groups, counts, {g.id: curves[g.id].order for g in groups},
+                                             {g.id: curves[g.id].increments for g in groups}, shapes, target,
+                                             widths)).state
+        return out.counts, out.removed_params
+
+    evaluate = _tau_loss(model, state, batches, config, resident) if config.allocation == "softmax" else None
+    if evaluate is not None and not widths.identity:  # each tau is scored as it will be returned: rounded
+        unrounded = evaluate
+        evaluate = lambda counts: unrounded(rounded(counts)[0])  # noqa: E731
     alloc = SoftmaxAllocatePass()(SoftmaxAllocationRequest(
-        groups, state.calibration.curves, sparsity, _shapes(model, tuple(budget_groups) + groups), config.allocation,
-        config.taus,
-        evaluate, budget_of=tuple(budget_groups))).state
+        groups, curves, sparsity, shapes, config.allocation, config.taus, evaluate,
+        budget_of=tuple(budget_groups))).state
+    counts, removed = rounded(alloc.counts) or (alloc.counts, alloc.removed_params)
     admm_idx = tuple(range(min(config.admm_batches, len(state.inputs)))) if config.rounds else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
     store = ActivationStore(budget_bytes=buffers)
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
-            model, state.partition, state.groups, state.inputs, alloc.counts, config.damping, config.reconstruct,
+            model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge)).state
         sequential = solution.new_weights
         admm_errors, best = (), 0
@@ -254,7 +345,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
         store.close()
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.losses, solution.block_errors, admm_errors,
-                        best, alloc.removed_params, alloc.target_params, dict(state.excluded), sequential)
+                        best, removed, alloc.target_params, dict(state.excluded), sequential)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

@@ -1,8 +1,11 @@
 """Saving a pruned model to a folder and loading it back.
 
-Stock transformers cannot express per-layer head counts or widths, so a folder holds the original
-config, the plan (keep-sets) and the pruned weights; ``load`` rebuilds the architecture from the config,
-re-applies the plan's structure (trace + rewrite) and loads the weights. Folders are written to a
+When every layer kept the same widths (``uniform=True``) and the architecture names its layers as the
+LLaMA family does, ``config.json`` has the pruned sizes: stock ``from_pretrained`` loads the folder without
+this library (checked at save time: the folder is loaded so and its logits compared). Otherwise stock
+transformers cannot express per-layer head counts or widths, so a folder holds the original config, the
+plan (keep-sets) and the pruned weights; ``load`` rebuilds the architecture from the config, re-applies
+the plan's structure (trace + rewrite) and loads the weights. Folders are written to a
 temporary sibling and renamed at the end: an interrupted run leaves nothing half-written, and an
 existing folder is replaced only with ``overwrite``.
 """
@@ -79,14 +82,16 @@ def atomic_folder(directory: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def write_meta(folder: Path, architecture: str, example_inputs: Any) -> None:
-    meta = {"format": FORMAT, "architecture": architecture, "example_inputs": _input_spec(example_inputs)}
+def write_meta(folder: Path, architecture: str, example_inputs: Any, stock: bool = False) -> None:
+    meta = {"format": FORMAT, "architecture": architecture, "example_inputs": _input_spec(example_inputs),
+            "config": "stock" if stock else "dense+plan"}
     (folder / "structprune.json").write_text(json.dumps(meta, indent=1))
 
 
-def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any) -> Path:
+def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, stock: bool = True) -> Path:
     from safetensors.torch import save_model
 
+    from .hf_config import stock_config
     from .report import write_report
 
     check_output_dir(directory, overwrite)
@@ -96,15 +101,41 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any) -
         raise StructPruneError("save() rebuilds models from a transformers config; for other models save "
                                "result.plan and result.model.state_dict() yourself and use apply_plan()")
     _input_spec(result.example_inputs)  # fails before anything is written
+    pruned_config, why = stock_config(model, config) if stock else (None, "stock=False")
     with atomic_folder(directory, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS))
-        config.save_pretrained(tmp)
+        (pruned_config or config).save_pretrained(tmp)
         result.plan.save(tmp / "plan.json")
-        write_meta(tmp, type(model).__name__, result.example_inputs)
+        write_meta(tmp, type(model).__name__, result.example_inputs, stock=pruned_config is not None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
-        write_report(tmp, result.report)
+        write_report(tmp, result.report.with_metrics(loads_with=_loads_with(why)))
+        if pruned_config is not None:
+            _check_stock(tmp, model, result.example_inputs)
     return directory
+
+
+def _loads_with(why_not_stock: str) -> str:
+    if not why_not_stock:
+        return "stock transformers from_pretrained (config.json has the pruned sizes) and structprune_graph.load"
+    return f"structprune_graph.load only (config.json is the dense config plus plan.json: {why_not_stock})"
+
+
+def _check_stock(folder: Path, model: nn.Module, inputs: Any) -> None:
+    """Load the folder as a user without this library would, and compare its logits with the pruned model."""
+    import transformers
+
+    from .errors import RewriteError
+    from .verify import verify_forward
+
+    where = "save: the folder loaded with stock from_pretrained"
+    advice = "pass stock=False to save the dense config and the plan instead, and report the architecture"
+    try:
+        stock = getattr(transformers, type(model).__name__).from_pretrained(str(folder),
+                                                                           dtype=next(model.parameters()).dtype)
+    except Exception as err:  # the config we wrote does not describe the weights: never write that folder
+        raise RewriteError(f"{where} fails: {type(err).__name__}: {str(err)[:300]}; {advice}") from err
+    verify_forward(stock.eval(), inputs, reference=model, where=f"{where} ({advice})")
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -158,7 +189,8 @@ def load(directory: Union[str, Path]) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = getattr(transformers, meta["architecture"])(config).eval()
     inputs = example_inputs_of(directory)
-    pruned = pruned_structure(directory, model, trace(model, inputs))
+    # a stock config has the pruned sizes already; otherwise the plan's structure is applied to the dense one
+    pruned = model if meta.get("config") == "stock" else pruned_structure(directory, model, trace(model, inputs))
     load_weights(pruned, directory)
     from .verify import verify_forward
 

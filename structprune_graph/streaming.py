@@ -36,6 +36,36 @@ class CheckpointError(StructPruneError, FileNotFoundError):
     """A folder is not a safetensors checkpoint, or lacks a tensor the model needs."""
 
 
+def check_checkpoint(folder: Union[str, Path]) -> None:
+    """Refuse, naming the file, a ``config.json`` that is not JSON and a safetensors file whose header or
+    size is damaged (a truncated download), before any model is built."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config} is not valid JSON ({err}); restore the model's config.json") from None
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(err).__name__}: {err}); save the "
+                                  f"checkpoint again") from None
+    else:
+        files = [SINGLE] if (folder / SINGLE).is_file() else []
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error type for a damaged header or size
+            raise CheckpointError(f"{folder / name} cannot be read ({type(err).__name__}: {err}): the file is "
+                                  f"truncated or damaged; save or download the checkpoint again") from None
+
+
 class CheckpointWeights:
     """Tensor name -> tensor, read on demand from a folder of safetensors files (memory-mapped while read)."""
 
@@ -43,6 +73,7 @@ class CheckpointWeights:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        check_checkpoint(self.folder)
         index = self.folder / INDEX
         if index.is_file():
             self.files: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
@@ -79,6 +110,7 @@ def empty_model(folder: Union[str, Path], meta_buffers: bool = False) -> nn.Modu
     import transformers
     from accelerate import init_empty_weights
 
+    check_checkpoint(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder))
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)

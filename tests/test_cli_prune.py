@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,49 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(args) == 2  # the folder exists now: refused without --overwrite
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_uniform_round_to_writes_a_stock_config(tiny_model_dir, capsys):
+    """--uniform --round-to 8: the same MLP width in both layers, a multiple of 8, in a config.json that stock
+    from_pretrained reads; the run says where the folder loads."""
+    from transformers import AutoModelForCausalLM
+
+    out = tiny_model_dir / "uniform"
+    args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "structprune", "--calib",
+            str(tiny_model_dir / "text.txt"), "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
+            "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2", "--out", str(out), "--uniform",
+            "--round-to", "8"]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] < 64 and config["intermediate_size"] % 8 == 0
+    assert "stock transformers from_pretrained" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert {layer.mlp.up_proj.out_features for layer in model.model.layers} == {config["intermediate_size"]}
+    with pytest.raises(SystemExit) as refused:  # --round-to 0: refused by the parser
+        main(args[:-1] + ["0", "--overwrite"])
+    assert refused.value.code == 2 and "positive whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not JSON"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_damaged_checkpoint_is_named_in_one_line(tiny_model_dir, tmp_path, capsys, damage, stream):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir / "model", folder)
+    if damage == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        want = f"{folder / 'model.safetensors'} cannot be read .*truncated or damaged; save or download"
+    else:
+        (folder / "config.json").write_text("{not json")
+        want = f"{folder / 'config.json'} is not valid JSON .*restore the model's config.json"
+    args = ["prune", str(folder), "--calib", str(tiny_model_dir / "text.txt"), "--calib-samples", "2",
+            "--seqlen", "32", "--out", str(tmp_path / "out")] + (["--stream"] if stream else ["--method", "wanda-sp"])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(want, err), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_prune_reports_too_little_text(tiny_model_dir):

@@ -38,6 +38,28 @@ def test_tampered_weight_is_reported_with_output_and_difference(tmp_path):
     assert len(info.value.mismatches) == 2 and all(m.max_abs_diff > 1e-3 for m in info.value.mismatches)
 
 
+@pytest.mark.parametrize("factor, caught", [(3.0, True), (0.3, False)])
+def test_the_default_validation_tolerance_is_what_it_says(tmp_path, factor, caught):
+    """The exported model's output is the constant 1 (last layer: zero weights, bias 1), so the default bound
+    is exactly 1e-4 + 1e-4 * |reference|; a PyTorch model shifted by 3x that bound is caught, by 0.3x it
+    passes: a loosened or tightened tolerance fails one of the two."""
+    entry, model, _ = traced("plain_mlp")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.fc3.weight.zero_()
+        model.fc3.bias.fill_(1.0)
+    path = sp.export_onnx(model, entry.inputs(0), tmp_path / "mlp.onnx").path
+    shift = factor * (1e-4 + 1e-4 * 1.0)
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.fc3.bias += shift
+    if caught:
+        with pytest.raises(ExportValidationError, match="does not match PyTorch"):
+            validate_onnx(path, shifted, entry.inputs(0))
+    else:
+        validate_onnx(path, shifted, entry.inputs(0))
+
+
 def test_cli_exports_a_pruned_folder(tmp_path, capsys):
     from structprune_graph.cli import main
 

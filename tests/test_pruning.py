@@ -40,6 +40,19 @@ def test_budget_is_met_to_unit_granularity(pruned, llama):
     assert result.report.sparsity_achieved == pytest.approx(removed / prunable)
 
 
+def test_prunable_count_is_the_config_arithmetic(pruned, llama):
+    """Counted from the config alone, not by ``prunable_params``: per layer the query projection and the
+    output projection (every query head slot) and the three MLP matrices."""
+    method, result = pruned
+    c = llama.config
+    q_width = c.num_attention_heads * c.head_dim
+    expected = c.num_hidden_layers * (2 * c.hidden_size * q_width + 3 * c.hidden_size * c.intermediate_size)
+    assert result.report.prunable_params == expected
+    added_biases = sum(result.model.get_submodule(path).bias.numel() for path in result.plan.meta["bias_compensated"])
+    removed = result.report.params_before - result.report.params_after + added_biases
+    assert abs(removed - 0.3 * expected) <= c.hidden_size * max(c.head_dim * c.num_attention_heads // c.num_key_value_heads * 2, 3)
+
+
 def test_result_is_the_masked_model(pruned, llama):
     method, result = pruned
     x = lm_batches(1, seed=5)[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -17,17 +15,18 @@ def smollm2(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STRUCTPRUNE_CACHE", str(cache))
         first = models.load_model(None)  # from GGUF, writes the safetensors cache
-        t0 = time.perf_counter()
-        second = models.load_model("smollm2")  # from the cache
-        reload_s = time.perf_counter() - t0
-    return first, second, reload_s
+
+        def no_gguf(*args, **kwargs):
+            raise AssertionError("the GGUF file was read again: the cache was not used")
+        mp.setattr(models, "_load_gguf", no_gguf)
+        second = models.load_model("smollm2")  # from the cache only (the load time is the README's, measured)
+    return first, second
 
 
-def test_cached_copy_is_identical_and_fast(smollm2):
-    first, second, reload_s = smollm2
+def test_cached_copy_is_identical_and_used(smollm2):
+    first, second = smollm2
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert reload_s < 10, reload_s
 
 
 def test_smollm2_groups(smollm2):

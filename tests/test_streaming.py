@@ -57,6 +57,17 @@ def test_streamed_pruning_equals_in_memory_pruning(checkpoint, tmp_path):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
+def test_streamed_rounded_widths_and_refit_tau_search_equal_the_in_memory_ones(checkpoint, tmp_path):
+    folder, batches, model = checkpoint
+    refit = SolverConfig(tau_search="refit")  # the tau trials' weights swapped into streamed layers too
+    reference = sp.prune(model, batches, 0.4, method="structprune", round_to=8, uniform=True, solver=refit)
+    result = prune_checkpoint(folder, batches, 0.4, tmp_path / "out", round_to=8, uniform=True, solver=refit)
+    assert result.report.solver["tau_losses"] == reference.report.solver["tau_losses"]
+    assert result.plan.keep == reference.plan.keep
+    widths = {len(kept) for gid, kept in result.plan.keep.items() if gid.startswith("mlp_channel")}
+    assert len(widths) == 1 and widths.pop() % 8 == 0
+
+
 def test_a_small_budget_gives_the_plan_and_weights_of_an_unlimited_one(checkpoint, tmp_path):
     """With ADMM on, the tightest budget that fits the blocks spills every buffer to disk: same result."""
     folder, batches, model = checkpoint

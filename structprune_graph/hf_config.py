@@ -1,0 +1,78 @@
+"""A stock transformers config for a pruned model, when one config can describe it.
+
+Stock ``from_pretrained`` builds every layer from the same sizes, so a pruned model loads without this
+library only when every layer kept the same width of each kind (``prune(..., uniform=True)``). The sizes
+are read from the pruned layers themselves (the table below: which config field, which layer of each
+decoder block, which attribute, whether it counts heads) and written into a copy of the config. The
+config is only offered when every table entry is found in every layer with one value; ``save`` then
+loads the written folder with stock ``from_pretrained`` and compares its logits before claiming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StockSize:
+    field: str  # config attribute
+    layer: str  # module path inside each decoder block
+    attribute: str  # the layer's size that gives it
+    per_head: bool  # divide by head_dim (a head count)
+
+
+# the LLaMA family's naming (Llama, Mistral, Qwen2/3, Gemma, SmolLM, ...); other models keep the dense
+# config and the plan, and load with ``structprune_graph.load``
+STOCK_SIZES = (
+    StockSize("intermediate_size", "mlp.up_proj", "out_features", False),
+    StockSize("num_attention_heads", "self_attn.q_proj", "out_features", True),
+    StockSize("num_key_value_heads", "self_attn.k_proj", "out_features", True),
+)
+
+
+def _head_dim(config: Any) -> Optional[int]:
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    heads = getattr(config, "num_attention_heads", None)
+    return config.hidden_size // heads if heads else None
+
+
+def stock_config(model: nn.Module, dense_config: Any) -> tuple[Optional[Any], str]:
+    """(the config with the pruned sizes, "") when every layer has the same sizes, else (None, why)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return None, f"{type(model).__name__} has no model.layers list"
+    head_dim = _head_dim(dense_config)
+    sizes: dict[str, int] = {}
+    for entry in STOCK_SIZES:
+        values = set()
+        for block in layers:
+            try:
+                layer = block.get_submodule(entry.layer)
+            except AttributeError:
+                return None, f"no {entry.layer} in its layers"
+            value = int(getattr(layer, entry.attribute))
+            if entry.per_head:
+                if not head_dim or value % head_dim:
+                    return None, f"{entry.layer}.{entry.attribute} = {value} is not whole heads of {head_dim}"
+                value //= head_dim
+            values.add(value)
+        if len(values) != 1:
+            return None, f"{entry.field} differs across layers ({sorted(values)}); prune with uniform=True"
+        sizes[entry.field] = values.pop()
+    embed = model.get_input_embeddings()
+    config = copy.deepcopy(dense_config)
+    for name, value in sizes.items():
+        setattr(config, name, value)
+    if head_dim:
+        config.head_dim = head_dim  # no longer hidden_size / num_attention_heads
+    config.hidden_size = int(embed.embedding_dim)
+    return config, ""

@@ -1,0 +1,66 @@
+"""The allocator's tau search with the re-fit in the loop: each tau is scored by the loss, on held-out
+calibration batches, of exactly the model the run would return with that tau; keep-all scores the dense
+model; the split never scores a batch it fitted; bad settings are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import structprune_graph as sp
+from conftest import traced
+from structprune_graph.errors import StructPruneError
+from structprune_graph.passes.calibrate import default_loss
+from structprune_graph.pruning import select_groups
+from structprune_graph.solver import SolverConfig, _tau_loss, _tau_split, prepare
+from test_pruning import lm_batches
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return traced("llama")[1]
+
+
+def _held_loss(model, batches):
+    with torch.no_grad():
+        return sum(float(default_loss(model, b)) for b in batches) / len(batches)
+
+
+def _setup(llama, fit, held, config):
+    graph = sp.trace(llama, fit[0])
+    groups = select_groups(graph)
+    state = prepare(llama, graph, groups, fit + held, config)
+    return graph, state, _tau_loss(llama, state, fit + held, config)
+
+
+def test_refit_score_is_the_held_out_loss_of_the_returned_model(llama):
+    fit, held = lm_batches(3, seed=1), lm_batches(2, seed=2)
+    config = SolverConfig(tau_search="refit", tau_batches=len(fit), tau_holdout=len(held))
+    returned = sp.prune(llama, fit, 0.3, method="structprune", solver=SolverConfig(taus=(1.0,)))
+    graph, state, evaluate = _setup(llama, fit, held, config)
+    counts = {g.id: g.size - len(returned.plan.keep.get(g.id, range(g.size))) for g in select_groups(graph)}
+    assert sum(counts.values()) > 0
+    torch.testing.assert_close(evaluate(counts), _held_loss(returned.model, held), rtol=1e-5, atol=1e-6)
+
+
+def test_removing_nothing_scores_the_dense_model(llama):
+    fit, held = lm_batches(2, seed=1), lm_batches(2, seed=2)
+    graph, state, evaluate = _setup(llama, fit, held, SolverConfig(tau_search="refit", tau_batches=2, tau_holdout=2))
+    counts = {g.id: 0 for g in select_groups(graph)}
+    assert evaluate(counts) == pytest.approx(_held_loss(llama, held), rel=1e-6)
+    for name, p in llama.named_parameters():  # the trial weights were swapped back
+        assert isinstance(p, torch.nn.Parameter), name
+
+
+@pytest.mark.parametrize("n, fit, held", [(32, list(range(8)), list(range(28, 32))),
+                                          (6, list(range(3)), list(range(3, 6))),
+                                          (1, [0], [0])])
+def test_split_never_scores_a_fitted_batch_unless_there_is_one(n, fit, held):
+    assert _tau_split(n, SolverConfig()) == (fit, held)
+
+
+def test_bad_tau_settings_are_refused():
+    with pytest.raises(StructPruneError, match="unknown tau_search 'loss'"):
+        SolverConfig(tau_search="loss")
+    with pytest.raises(StructPruneError, match="tau_batches must be >= 1"):
+        SolverConfig(tau_batches=0)
