@@ -90,3 +90,37 @@ def test_prunable_param_count_with_overlapping_gqa_groups():
     per_layer = sum(p.numel() for n, p in model.named_parameters()
                     if ".layers.0." in n and ("_proj" in n))  # q, k, v, o, gate, up, down
     assert graph.prunable_param_count() == 2 * per_layer
+
+
+def _kinds(graph):
+    return sorted({g.kind for g in graph.prunable_groups})
+
+
+def _of_kinds(keep, graph, kinds):
+    kind = {g.id: g.kind for g in graph.groups}
+    return {gid: units for gid, units in keep.items() if kind[gid] in kinds}
+
+
+def test_every_kind_alone_and_together_prunes_exactly(zoo_model):
+    """The property over the whole zoo: random keep-sets of each prunable kind alone, then of all kinds
+    together, run with finite outputs, equal the masked model where every pruned group is mask-exact, and
+    remove exactly the parameters that masking zeroes (counted on a copy whose parameters are all nonzero)."""
+    entry, model, graph = zoo_model
+    x = entry.inputs(6)
+    nonzero = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in nonzero.parameters():
+            p.copy_(p.abs() + 0.5)
+    dense = sum(p.numel() for p in model.parameters())
+    kinds = _kinds(graph)
+    assert kinds, entry.name
+    for chosen in [[k] for k in kinds] + [kinds]:
+        keep = _of_kinds(random_keep(graph, 7, only_exact=False), graph, chosen)
+        pruned = sp.apply(model, graph, keep)
+        out = run(pruned, x)
+        assert torch.isfinite(out).all(), (entry.name, chosen)
+        by_id = {g.id: g for g in graph.groups}
+        if all(by_id[gid].mask_exact for gid in keep):
+            torch.testing.assert_close(out, run(sp.mask(model, graph, keep), x), atol=1e-5, rtol=0)
+        zeroed = sum(int((p == 0).sum()) for p in sp.mask(nonzero, graph, keep).parameters())
+        assert dense - sum(p.numel() for p in pruned.parameters()) == zeroed, (entry.name, chosen)

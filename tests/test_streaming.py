@@ -154,3 +154,27 @@ def test_memory_budget_sizes_parse():
         parse_bytes("two gigs")
     with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
         parse_bytes("0MiB")
+
+
+def test_a_streamed_cnn_uses_its_stored_batchnorm_statistics(tmp_path):
+    """BatchNorm running statistics live in the checkpoint, not in the config: a streamed ResNet whose
+    statistics are far from their initial values prunes and runs exactly as the loaded model does."""
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)
+    model = transformers.ResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.save_pretrained(tmp_path / "resnet")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"pixel_values": torch.randn(2, 3, 32, 32, generator=g)} for _ in range(3)]
+    result = prune_checkpoint(tmp_path / "resnet", batches, 0.3, tmp_path / "out")
+    reference = sp.prune(model, batches, 0.3, method="structprune")
+    assert result.plan.keep == reference.plan.keep
+    with streamed(tmp_path / "out") as written, torch.no_grad():
+        got = written(**batches[0]).logits
+        want = reference.model(**batches[0]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with streamed(tmp_path / "resnet") as dense, torch.no_grad():
+        torch.testing.assert_close(dense(**batches[0]).logits, model(**batches[0]).logits, rtol=0, atol=1e-6)

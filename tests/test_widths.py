@@ -108,6 +108,11 @@ def test_non_uniform_pruning_keeps_the_dense_config_and_says_why(tmp_path):
     assert json.loads((out / "structprune.json").read_text())["config"] == "dense+plan"
     why = json.loads((out / "report.json").read_text())["metrics"]["loads_with"]
     assert "structprune_graph.load only" in why and "differs across layers" in why
+    loaded = sp.load(out)  # generates with a KV cache: the same tokens as without one
+    ids = torch.tensor([[5, 17, 3, 60]])
+    cached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 10) and torch.equal(cached, uncached)
 
 
 def test_a_stock_config_that_does_not_fit_is_never_written(tmp_path, monkeypatch):
