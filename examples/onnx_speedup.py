@@ -81,6 +81,9 @@ def language_model(args) -> list[dict]:
     for s in args.sparsities:
         first = sp.prune(model, batches, s, method="flap", reuse=first)
         variants.append(("flap", s, first.model))
+        if args.round_to > 1:  # the same selection rule with every width a multiple of N channels
+            rounded = sp.prune(model, batches, s, method="flap", reuse=first, round_to=args.round_to)
+            variants.append((f"flap, round-to {args.round_to}", s, rounded.model))
     export_inputs = {"input_ids": windows[:2, :16], "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     timed = {f"1 x {seq} tokens": {"input_ids": windows[:1, :seq].contiguous(),
                                    "attention_mask": torch.ones(1, seq, dtype=torch.long)} for seq in (128, 512)}
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--round-to", type=int, default=1, help="also time FLAP with widths rounded to N channels")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
     parser.add_argument("--vision-rows", help="JSON lines of vision rows measured earlier (with --skip-vision)")
