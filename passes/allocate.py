@@ -90,6 +90,11 @@ def prunable_params(groups: tuple[Group, ...], shapes: Mapping[str, tuple[int, .
                for n in names)
 
 
+def removal_order(scores: Scores, group: Group) -> list[int]:
+    """A group's units, lowest score first (ties by index): the order a score-based method removes them."""
+    return sorted(range(group.size), key=lambda u: (scores.per_unit[group.id][u], u))
+
+
 class AllocatePass(Pass[AllocationRequest, Allocation]):
     def requires(self, state: AllocationRequest) -> None:
         if not 0.0 <= state.sparsity < 1.0:
@@ -104,7 +109,7 @@ class AllocatePass(Pass[AllocationRequest, Allocation]):
         target = round(state.sparsity * prunable_params(state.groups, state.param_shapes))
         ledger = ParamLedger(state.groups, state.param_shapes)
         by_id = {g.id: g for g in state.groups}
-        order = {g.id: sorted(range(g.size), key=lambda u: (state.scores.per_unit[g.id][u], u)) for g in state.groups}
+        order = {g.id: removal_order(state.scores, g) for g in state.groups}
         removed: dict[str, list[int]] = {g.id: [] for g in state.groups}
         total = 0
         if state.strategy == "uniform":

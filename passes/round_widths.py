@@ -67,6 +67,11 @@ def unit_step(group: Group, round_to: int) -> int:
     return round_to // math.gcd(round_to, max(channels, 1))
 
 
+def _class_of(group: Group, rule: WidthRule) -> tuple:
+    """Groups that move together: with ``uniform``, those of one kind, size and step; otherwise each alone."""
+    return (group.kind, group.size, unit_step(group, rule.round_to)) if rule.uniform else (group.id,)
+
+
 def allowed_removals(group: Group, step: int, cap: int) -> list[int]:
     """Removed counts whose kept width is a multiple of the step (or keeps everything), within the cap."""
     keeps = {group.size} | {k for k in range(step, group.size + 1, step) if k >= group.min_keep}
@@ -84,60 +89,52 @@ class RoundWidthsPass(Pass[RoundRequest, RoundedCounts]):
         cap = {g.id: (state.max_remove or {}).get(g.id, len(state.order[g.id])) for g in state.groups}
         classes: dict[tuple, list[str]] = {}
         for g in state.groups:
-            key = (g.kind, g.size, unit_step(g, state.rule.round_to)) if state.rule.uniform else (g.id,)
-            classes.setdefault(key, []).append(g.id)
+            classes.setdefault(_class_of(g, state.rule), []).append(g.id)
         options = {}  # class -> allowed removed counts (common to its groups)
         choice = {}  # class -> index into its options
         for key, gids in classes.items():
             g = by_id[gids[0]]
-            limit = min(cap[gid] for gid in gids)
-            options[key] = allowed_removals(g, unit_step(g, state.rule.round_to), limit)
+            options[key] = allowed_removals(g, unit_step(g, state.rule.round_to), min(cap[gid] for gid in gids))
             mean = sum(state.counts.get(gid, 0) for gid in gids) / len(gids)
             choice[key] = min(range(len(options[key])), key=lambda i: (abs(options[key][i] - mean), i))
         ledger = ParamLedger(state.groups, state.param_shapes)
-        total = 0
-        for key, gids in classes.items():
-            for gid in gids:
-                for u in state.order[gid][:options[key][choice[key]]]:
-                    total += ledger.remove(by_id[gid], u)
+        total = sum(ledger.remove(by_id[gid], u) for key, gids in classes.items() for gid in gids
+                    for u in state.order[gid][:options[key][choice[key]]])
 
-        def move(key, direction: int, apply: bool) -> tuple[int, float]:
-            """Parameters (signed) and error of moving the class one option up (+1) or down (-1)."""
+        def shift(key, direction: int) -> tuple[int, float]:
+            """Move the class one option up (+1: remove more) or down (-1); (signed parameters, error)."""
             i = choice[key]
-            a, b = options[key][i], options[key][i + direction]
-            lo, hi = min(a, b), max(a, b)
+            lo, hi = sorted((options[key][i], options[key][i + direction]))
             change, error = 0, 0.0
             for gid in classes[key]:
                 units = state.order[gid][lo:hi]
                 error += sum(state.costs[gid][lo:hi])
                 for u in (units if direction > 0 else reversed(units)):
                     change += ledger.remove(by_id[gid], u) if direction > 0 else -ledger.restore(by_id[gid], u)
-            if not apply:  # undo
-                for gid in classes[key]:
-                    units = state.order[gid][lo:hi]
-                    for u in (reversed(units) if direction > 0 else units):
-                        (ledger.restore if direction > 0 else ledger.remove)(by_id[gid], u)
-            else:
-                choice[key] = i + direction
+            choice[key] = i + direction
             return change, error
+
+        def probe(key, direction: int) -> tuple[int, float]:
+            change, error = shift(key, direction)
+            shift(key, -direction)
+            return change, error
+
+        def movable(key, direction: int) -> bool:
+            return 0 <= choice[key] + direction < len(options[key])
 
         while total != state.target:
             direction = 1 if total < state.target else -1
             candidates = []
-            for key in classes:
-                if not 0 <= choice[key] + direction < len(options[key]):
-                    continue
-                change, error = move(key, direction, apply=False)
+            for key in (k for k in classes if movable(k, direction)):
+                change, error = probe(key, direction)
                 if change and abs(total + change - state.target) < abs(total - state.target):
                     # removing: cheapest error per parameter first; restoring: the most costly first
                     candidates.append((direction * error / abs(change), key))
             if not candidates:
                 break
-            key = min(candidates, key=lambda c: c[0])[1]
-            total += move(key, direction, apply=True)[0]
+            total += shift(min(candidates, key=lambda c: c[0])[1], direction)[0]
         counts = {gid: options[key][choice[key]] for key, gids in classes.items() for gid in gids}
-        steps = [abs(move(key, d, apply=False)[0]) for key in classes for d in (1, -1)
-                 if 0 <= choice[key] + d < len(options[key])]
+        steps = [abs(probe(key, d)[0]) for key in classes for d in (1, -1) if movable(key, d)]
         return PassResult(RoundedCounts(counts, total, state.target, max(steps, default=0)), modified=False)
 
     def ensures(self, state: RoundRequest, result: PassResult[RoundedCounts]) -> None:
@@ -145,13 +142,12 @@ class RoundWidthsPass(Pass[RoundRequest, RoundedCounts]):
         for gid, n in result.state.counts.items():
             g = by_id[gid]
             kept = g.size - n
-            if kept != g.size and (kept * len(g.members[0].indices[0])) % state.rule.round_to:
+            if kept != g.size and kept % unit_step(g, state.rule.round_to):
                 raise StructPruneError(f"width rounding pass: group {gid} keeps {kept} units, not a multiple of "
                                        f"{state.rule.round_to} channels")
-        if state.rule.uniform:
-            seen: dict[tuple, int] = {}
-            for gid, n in result.state.counts.items():
-                g = by_id[gid]
-                if seen.setdefault((g.kind, g.size), n) != n:
-                    raise StructPruneError(f"width rounding pass: group {gid} removes {n} units, another of its "
-                                           f"kind {seen[(g.kind, g.size)]}; uniform widths were asked for")
+        seen: dict[tuple, int] = {}
+        for gid, n in result.state.counts.items():
+            key = _class_of(by_id[gid], state.rule)
+            if seen.setdefault(key, n) != n:
+                raise StructPruneError(f"width rounding pass: group {gid} removes {n} units, another of its "
+                                       f"kind {seen[key]}; uniform widths were asked for")

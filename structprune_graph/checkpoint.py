@@ -104,7 +104,8 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                 pruned.config.save_pretrained(tmp)
                 plan.save(tmp / "plan.json")
                 write_meta(tmp, type(skeleton).__name__, {k: v.cpu() for k, v in batches[0].items()
-                                                          if isinstance(v, torch.Tensor)})
+                                                          if isinstance(v, torch.Tensor)},
+                           "a streamed pruning keeps the dense config")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "tokenizer")
                 with streamed(tmp, device) as written:  # run what we write, from the files themselves

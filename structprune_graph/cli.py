@@ -61,7 +61,7 @@ def _prune(args: argparse.Namespace) -> int:
     from .evaluate import flops_per_token, perplexity
     from .models import load_model, load_tokenizer
     from .pruning import prune
-    from .storage import check_output_dir
+    from .storage import check_output_dir, loads_with
 
     out = Path(args.out or f"pruned-{Path(str(args.model or 'smollm2')).name}-{args.method}-{args.sparsity:g}")
     inputs = [p for p in (args.model, args.calib, args.eval) if p and Path(p).exists()]
@@ -97,7 +97,7 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"{args.method}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable parameters; "
           f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
           f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total {report.metrics['total_seconds']} s")
-    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {_loads_with(out)}")
+    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {loads_with(out)}")
     if args.onnx:
         _export_and_report(result.model, out, Path(args.onnx))
     return 0
@@ -190,14 +190,6 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
           f"total {time.perf_counter() - t0:.1f} s")
     print(f"wrote {out}/ (one safetensors shard per block, plan.json, report.md); load it with structprune_graph.load()")
     return 0
-
-
-def _loads_with(out: Path) -> str:
-    import json
-
-    meta = json.loads((out / "structprune.json").read_text())
-    return ("stock transformers from_pretrained or structprune_graph.load()" if meta.get("config") == "stock"
-            else "structprune_graph.load()")
 
 
 def _return_freed_memory() -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from structprune_graph.passes import ApplyPass, RewriteRequest
-from structprune_graph.passes.allocate import AllocatePass, AllocationRequest, prunable_params
+from structprune_graph.passes.allocate import AllocatePass, AllocationRequest, prunable_params, removal_order
 from structprune_graph.passes.calibrate import Calibration, CalibratePass, CalibrationRequest, LossFn
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.score import ScorePass, ScoreRequest
@@ -167,7 +167,7 @@ def _rounded_keep(groups: Sequence[Group], scores: Any, keep: Mapping[str, Seque
                   shapes: Mapping[str, tuple[int, ...]], target: int, widths: WidthRule) -> tuple[dict, int]:
     """A score-based allocation's keep-sets with rounded widths: units leave in score order."""
     groups = tuple(groups)
-    order = {g.id: sorted(range(g.size), key=lambda u, g=g: (scores.per_unit[g.id][u], u)) for g in groups}
+    order = {g.id: removal_order(scores, g) for g in groups}
     costs = {gid: [max(float(scores.per_unit[gid][u]), 0.0) for u in units] for gid, units in order.items()}
     counts = {g.id: g.size - len(keep[g.id]) for g in groups}
     rounded = RoundWidthsPass()(RoundRequest(groups, counts, order, costs, shapes, target, widths,

@@ -187,7 +187,7 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _held_out_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
+def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
     """(removed units, replacement weights) -> loss on ``batches`` of the model with those units masked (a
     removed unit's channels zeroed at its consumers' inputs) and those weights in place of the dense ones.
     The LM loss when the model gives one, else the relative error of its main output against the dense
@@ -275,10 +275,10 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     on ``tau_batches`` batches, scored on ``tau_holdout`` held-out calibration batches: the re-fitted model
     the run returns, judged on text it was not fitted on."""
     if config.tau_search == "masked":
-        score = _held_out_loss(model, state, batches[:config.tau_batches])
+        score = _trial_loss(model, state, batches[:config.tau_batches])
         return lambda counts: score({gid: state.calibration.curves[gid].order[:n] for gid, n in counts.items()}, {})
     fit, held = _tau_split(len(batches), config)
-    score = _held_out_loss(model, state, [batches[i] for i in held])
+    score = _trial_loss(model, state, [batches[i] for i in held])
     inputs = [state.inputs[i] for i in fit]
 
     def evaluate(counts: Mapping[str, int]) -> float:
@@ -309,22 +309,22 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
 
     target = round(sparsity * prunable_params(tuple(budget_groups), shapes))
 
-    def rounded(counts: Mapping[str, int]) -> Optional[tuple[Mapping[str, int], int]]:
-        if widths.identity:
-            return None
-        out = RoundWidthsPass()(RoundRequest(groups, counts, {g.id: curves[g.id].order for g in groups},
-                                             {g.id: curves[g.id].increments for g in groups}, shapes, target,
-                                             widths)).state
-        return out.counts, out.removed_params
+    def rounded(counts: Mapping[str, int]):  # -> RoundedCounts
+        return RoundWidthsPass()(RoundRequest(groups, counts, {g.id: curves[g.id].order for g in groups},
+                                              {g.id: curves[g.id].increments for g in groups}, shapes, target,
+                                              widths)).state
 
     evaluate = _tau_loss(model, state, batches, config, resident) if config.allocation == "softmax" else None
     if evaluate is not None and not widths.identity:  # each tau is scored as it will be returned: rounded
         unrounded = evaluate
-        evaluate = lambda counts: unrounded(rounded(counts)[0])  # noqa: E731
+        evaluate = lambda counts: unrounded(rounded(counts).counts)  # noqa: E731
     alloc = SoftmaxAllocatePass()(SoftmaxAllocationRequest(
         groups, curves, sparsity, shapes, config.allocation, config.taus, evaluate,
         budget_of=tuple(budget_groups))).state
-    counts, removed = rounded(alloc.counts) or (alloc.counts, alloc.removed_params)
+    counts, removed = alloc.counts, alloc.removed_params
+    if not widths.identity:
+        final = rounded(alloc.counts)
+        counts, removed = final.counts, final.removed_params
     admm_idx = tuple(range(min(config.admm_batches, len(state.inputs)))) if config.rounds else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))

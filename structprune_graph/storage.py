@@ -82,10 +82,21 @@ def atomic_folder(directory: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def write_meta(folder: Path, architecture: str, example_inputs: Any, stock: bool = False) -> None:
+def write_meta(folder: Path, architecture: str, example_inputs: Any, why_not_stock: str) -> None:
+    """``why_not_stock``: "" when ``config.json`` has the pruned sizes (stock ``from_pretrained`` loads it),
+    else why it is the dense config plus the plan."""
     meta = {"format": FORMAT, "architecture": architecture, "example_inputs": _input_spec(example_inputs),
-            "config": "stock" if stock else "dense+plan"}
+            "config": "dense+plan" if why_not_stock else "stock", "why_not_stock": why_not_stock}
     (folder / "structprune.json").write_text(json.dumps(meta, indent=1))
+
+
+def loads_with(directory: Union[str, Path]) -> str:
+    """Which loaders read a written folder, and why only ours when that is so."""
+    meta = _read_meta(Path(directory))
+    if meta.get("config") == "stock":
+        return "stock transformers from_pretrained (config.json has the pruned sizes) and structprune_graph.load"
+    return (f"structprune_graph.load only (config.json is the dense config plus plan.json: "
+            f"{meta.get('why_not_stock', 'not uniform')})")
 
 
 def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, stock: bool = True) -> Path:
@@ -106,19 +117,13 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, s
         save_model(model, str(tmp / WEIGHTS))
         (pruned_config or config).save_pretrained(tmp)
         result.plan.save(tmp / "plan.json")
-        write_meta(tmp, type(model).__name__, result.example_inputs, stock=pruned_config is not None)
+        write_meta(tmp, type(model).__name__, result.example_inputs, why)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
-        write_report(tmp, result.report.with_metrics(loads_with=_loads_with(why)))
+        write_report(tmp, result.report.with_metrics(loads_with=loads_with(tmp)))
         if pruned_config is not None:
             _check_stock(tmp, model, result.example_inputs)
     return directory
-
-
-def _loads_with(why_not_stock: str) -> str:
-    if not why_not_stock:
-        return "stock transformers from_pretrained (config.json has the pruned sizes) and structprune_graph.load"
-    return f"structprune_graph.load only (config.json is the dense config plus plan.json: {why_not_stock})"
 
 
 def _check_stock(folder: Path, model: nn.Module, inputs: Any) -> None:

@@ -39,15 +39,23 @@ class CheckpointError(StructPruneError, FileNotFoundError):
 def check_checkpoint(folder: Union[str, Path]) -> None:
     """Refuse, naming the file, a ``config.json`` that is not JSON and a safetensors file whose header or
     size is damaged (a truncated download), before any model is built."""
-    from safetensors import safe_open
+    check_config(folder)
+    check_weights(folder)
 
-    folder = Path(folder)
-    config = folder / "config.json"
+
+def check_config(folder: Union[str, Path]) -> None:
+    config = Path(folder) / "config.json"
     if config.is_file():
         try:
             json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{config} is not valid JSON ({err}); restore the model's config.json") from None
+
+
+def check_weights(folder: Union[str, Path]) -> None:
+    from safetensors import safe_open
+
+    folder = Path(folder)
     index = folder / INDEX
     if index.is_file():
         try:
@@ -73,7 +81,7 @@ class CheckpointWeights:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        check_checkpoint(self.folder)
+        check_weights(self.folder)
         index = self.folder / INDEX
         if index.is_file():
             self.files: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
@@ -110,7 +118,7 @@ def empty_model(folder: Union[str, Path], meta_buffers: bool = False) -> nn.Modu
     import transformers
     from accelerate import init_empty_weights
 
-    check_checkpoint(folder)
+    check_config(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder))
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
