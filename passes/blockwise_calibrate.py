@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from structprune_graph.blockwise import BlockInput, run_block
+from structprune_graph.distributed import LOCAL, Collective
 from structprune_graph.errors import StructPruneError
 from structprune_graph.graph import Group
 from structprune_graph.module_attrs import input_dim
@@ -50,6 +51,7 @@ class BlockCalibrationRequest:
     damping: float = DEFAULT_DAMPING
     keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
+    collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,16 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
 
+    def reduce(self, collective: Collective, stage: str) -> None:
+        """Sum the statistics over the ranks (each ran its share of the batches)."""
+        collective.sum_tensors_(self.hessians, f"{stage}: H")
+        collective.sum_tensors_(self.energies, f"{stage}: channel energies")
+
+
+def obs_cost(consumers: Sequence[Consumer]) -> float:
+    """Relative cost of a group's OBS work: the cube of its consumers' input widths."""
+    return float(sum(c.weight.shape[1] ** 3 for c in consumers))
+
 
 def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsCollector, damping: float,
                     weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[Consumer]:
@@ -147,16 +159,21 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
                         outputs.append(run_block(module, inp))
             finally:
                 stats.close()
-            energy = stream_energy(inputs) if block.path else 1.0
+            where = f"calibrate block {block.index}"
+            stats.reduce(state.collective, where)
+            energy = state.collective.sum_floats([stream_energy(inputs)], where)[0] if block.path else 1.0
             energies.append(energy)
+            work = {}
             for gid in block.group_ids:
-                group = state.groups[gid]
-                consumers = build_consumers(block, module, group, stats, state.damping)
-                if not consumers:
-                    continue  # no consumer layer: the allocator treats the group with a reason
-                order, inc = greedy_obs(consumers, group.size, state.max_remove[gid])
+                consumers = build_consumers(block, module, state.groups[gid], stats, state.damping)
+                if consumers:  # else no consumer layer: the allocator treats the group with a reason
+                    work[gid] = consumers
+            found = state.collective.map_owned(
+                [lambda gid=gid: greedy_obs(work[gid], state.groups[gid].size, state.max_remove[gid]) for gid in work],
+                [obs_cost(c) for c in work.values()], f"{where}: OBS curves")
+            for gid, (order, inc) in zip(work, found):
                 curves[gid] = GroupCurve(tuple(order), tuple(i / energy for i in inc))
-            del stats
+            del stats, work
             if block.index == len(blocks) - 1:
                 finals = {i: outputs[i] for i in state.keep_final}
             inputs = [inp.with_stream(out) for inp, out in zip(inputs, outputs)] if block.path else inputs

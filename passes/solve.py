@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.distributed import LOCAL, Collective
 from structprune_graph.graph import Group
 from structprune_graph.streaming import resident
 from structprune_graph.verify import InvariantError
@@ -51,6 +52,7 @@ class BlockSolveRequest:
     weights_out: Optional[MutableMapping[str, torch.Tensor]] = field(default=None, compare=False)  # e.g. on disk
     fixed_keep: Optional[Mapping[str, tuple[int, ...]]] = None  # another method's keep-set: re-fit only
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # ridge of the re-fit, toward the dense weights (not the OBS damping)
+    collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,25 @@ def block_overrides(model: nn.Module, block: Block, groups: Mapping[str, Group],
     return out
 
 
-def relative_error(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) -> float:
+def relative_error(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor],
+                   collective: Collective = LOCAL) -> float:
     num = sum(float(((p.double() - d.double()) ** 2).sum()) for p, d in zip(pruned, dense))
     den = sum(float((d.double() ** 2).sum()) for d in dense)
+    num, den = collective.sum_floats([num, den], "block error")
     return num / max(den, 1e-30)
+
+
+def consumer_clusters(block: Block, module: nn.Module, groups: Mapping[str, Group]) -> list[list[str]]:
+    """The block's groups in clusters that share no consumer layer (each solved on its own, in block order
+    inside a cluster: a later group's OBS sees the earlier groups' re-fitted weights)."""
+    clusters: list[tuple[set[str], list[str]]] = []
+    for gid in block.group_ids:
+        paths = {p for p, _ in consumers_of(block, module, groups[gid])}
+        joined = [c for c in clusters if c[0] & paths]
+        merged = (paths.union(*(c[0] for c in joined)), [g for c in joined for g in c[1]] + [gid])
+        clusters = [c for c in clusters if not any(c is j for j in joined)] + [merged]
+    order = {gid: i for i, gid in enumerate(block.group_ids)}
+    return sorted((sorted(c[1], key=order.get) for c in clusters), key=lambda c: order[c[0]])
 
 
 class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
@@ -102,6 +119,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         new_weights = state.weights_out if state.weights_out is not None else {}
         errors = []
         inputs = list(state.inputs)
+        measured = {i for i in state.collective.local_positions(range(ERROR_BATCHES)) if i < len(inputs)}  # global 0..7
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
@@ -111,15 +129,16 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 with torch.no_grad():
                     for i, inp in enumerate(inputs):
                         out = run_block(module, inp)
-                        if i < ERROR_BATCHES:
+                        if i in measured:
                             dense.append(out)
             finally:
                 stats.close()
+            stats.reduce(state.collective, f"solve block {block.index}")
             self._solve_block(state, block, module, stats, keep, new_weights)
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights)
             with torch.no_grad():
                 pruned = [run_block(module, inp, overrides) for inp in inputs]
-            errors.append(relative_error(pruned[:ERROR_BATCHES], dense))
+            errors.append(relative_error([pruned[i] for i in sorted(measured)], dense, state.collective))
             del dense
             if state.store is not None and state.keep_boundaries:
                 state.store.put(("pruned", block.index), torch.stack([pruned[i] for i in state.keep_boundaries]))
@@ -130,10 +149,26 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
     @staticmethod
     def _solve_block(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
                      keep: dict, new_weights: dict) -> None:
+        clusters = consumer_clusters(block, module, state.groups)
+        costs = [float(sum(module.get_submodule(p).weight.shape[-1] ** 3 for gid in c
+                           for p, _ in consumers_of(block, module, state.groups[gid]))) for c in clusters]
+        solved = state.collective.map_owned(
+            [lambda c=c: BlockSolvePass._solve_cluster(state, block, module, stats, c) for c in clusters], costs,
+            f"solve block {block.index}")
+        for kept, weights in solved:
+            keep.update(kept)
+            for name, w in weights.items():
+                new_weights[name] = w
+
+    @staticmethod
+    def _solve_cluster(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
+                       gids: Sequence[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+        """Keep-sets and re-fitted weights (parameter name -> tensor) of groups sharing consumer layers."""
         prefix = block.path + "." if block.path else ""
+        keep: dict[str, tuple[int, ...]] = {}
         dropped_cols: dict[str, set[int]] = {}
         current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) float64, updated group by group
-        for gid in block.group_ids:
+        for gid in gids:
             group = state.groups[gid]
             fixed = state.fixed_keep.get(gid) if state.fixed_keep is not None else None
             n = group.size - len(fixed) if fixed is not None else state.counts.get(gid, 0)
@@ -162,6 +197,8 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                     raise InvariantError(f"block solve pass: non-finite weights in {prefix}{c.path} after the "
                                          f"solve of group {gid}; raise damping (now {state.damping})")
                 current[c.path] = w
+        weights = {}
         for path, w in current.items():
             layer = module.get_submodule(path)
-            new_weights[f"{prefix}{path}.weight"] = from_out_in(layer, w, layer.weight)
+            weights[f"{prefix}{path}.weight"] = from_out_in(layer, w, layer.weight)
+        return keep, weights

@@ -29,6 +29,7 @@ from structprune_graph.passes.partition import find_block_list
 from structprune_graph.passes.round_widths import WidthRule
 
 from .blockwise import ActivationStore
+from .distributed import LOCAL, Collective
 from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import DependencyGraph, trace
@@ -62,15 +63,20 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                      output: Union[str, Path], *, solver: Optional[SolverConfig] = None,
                      kinds: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
                      overwrite: bool = False, tokenizer: Any = None, round_to: int = 1,
-                     uniform: bool = False) -> CheckpointPruneResult:
+                     uniform: bool = False, distributed: bool = False) -> CheckpointPruneResult:
     """``prune(method="structprune")`` for a transformers checkpoint folder that is never loaded whole:
     writes the pruned model to ``output`` (shards, config, plan, report), loadable with ``load``;
-    ``round_to``/``uniform`` as for ``prune`` (the folder keeps the dense config and the plan)."""
+    ``round_to``/``uniform`` as for ``prune`` (the folder keeps the dense config and the plan).
+    ``distributed``: one rank of an initialised process group; every rank streams the same checkpoint and
+    runs its share of the batches; rank 0 alone writes ``output``, the others wait for it."""
     folder, output, device = Path(folder), Path(output), torch.device(device)
     batches = tuple(_to(b, device) for b in calibration)
     if not batches or not isinstance(batches[0], Mapping):
         raise StructPruneError("prune_checkpoint needs calibration batches as dicts of keyword tensors "
                                "(input_ids, attention_mask)")
+    collective = Collective.from_process_group() if distributed else LOCAL
+    all_batches, example = len(batches), batches[0]
+    batches = tuple(batches[i] for i in collective.shard(len(batches)))
     check_output_dir(output, overwrite, inputs=(folder,))  # refuse before any work is done
     solver = solver or SolverConfig()
     widths = WidthRule(round_to, uniform)
@@ -78,7 +84,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
     start = time.perf_counter()
     with track_peak_memory() as peak:
         skeleton = empty_model(folder, meta_buffers=True)  # traced and rewritten: shapes only
-        graph = trace(skeleton, meta_inputs(batches[0]))
+        graph = trace(skeleton, meta_inputs(example))
         model = empty_model(folder)  # run: parameters streamed in
         groups = select_groups(graph, kinds)
         list_path = find_block_list(model, groups)
@@ -88,18 +94,28 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
         refitted = ActivationStore(budget_bytes=0)  # re-fitted weights go to disk as each block is solved
         try:
             with WeightStreamer(model, list_path, source, device) as streamer:
-                state = prepare(model, graph, groups, batches, solver, streamer)
-                solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted, widths)
+                state = prepare(model, graph, groups, batches, solver, streamer, collective)
+                solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted, widths, collective)
                 loads = streamer.loads
+            details = solver_details(solver, solved)
+            if collective.active:
+                details["distributed"] = {"ranks": collective.world, "rank": collective.rank,
+                                          "bytes_sent": dict(collective.traffic)}
             pruned = ApplyPass()(RewriteRequest(skeleton, graph, solved.keep)).state  # shapes and attributes
             plan = Plan.from_keep(graph, skeleton, solved.keep, meta={"method": "structprune", "sparsity": sparsity,
                                                                      "bias_compensated": [], "streamed": True})
+            if collective.rank:  # rank 0 writes; the others return once it has
+                collective.barrier("wait for rank 0 to write the output")
+                report = make_report("structprune", sparsity, solved.removed_params, groups, graph, solved.keep,
+                                     count_params(skeleton), count_params(pruned), peak, all_batches,
+                                     details)
+                return CheckpointPruneResult(output, plan, report, graph, loads)
             with atomic_folder(output, overwrite) as tmp:
                 write_shards(tmp, pruned, graph, solved.keep, solved.new_weights, source, list_path)
                 peak.seconds = time.perf_counter() - start  # the report covers the writing too
                 report = make_report("structprune", sparsity, solved.removed_params, groups, graph, solved.keep,
-                                     count_params(skeleton), count_params(pruned), peak, len(batches),
-                                     solver_details(solver, solved))
+                                     count_params(skeleton), count_params(pruned), peak, all_batches,
+                                     details)
                 write_report(tmp, report)
                 pruned.config.save_pretrained(tmp)
                 plan.save(tmp / "plan.json")
@@ -109,7 +125,8 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "tokenizer")
                 with streamed(tmp, device) as written:  # run what we write, from the files themselves
-                    verify_forward(written, _tracing_inputs(batches[0]), where="prune_checkpoint")
+                    verify_forward(written, _tracing_inputs(example), where="prune_checkpoint")
+            collective.barrier("rank 0 wrote the output")
         finally:
             refitted.close()
     return CheckpointPruneResult(output, plan, report, graph, loads)

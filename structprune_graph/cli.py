@@ -59,7 +59,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     from . import data
     from .evaluate import flops_per_token, perplexity
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, source_file
     from .pruning import prune
     from .storage import check_output_dir, loads_with
 
@@ -69,21 +69,25 @@ def _prune(args: argparse.Namespace) -> int:
     _check_texts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.distributed and args.method != "structprune":
+        raise StructPruneError(f"--distributed runs the structprune method only (got --method {args.method})")
     t0 = time.perf_counter()
+    rank = _init_distributed(args)
     if args.stream:
-        return _prune_streamed(args, out, t0)
+        return _prune_streamed(args, out, t0, rank)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     batches, eval_windows = _calibration(args, tokenizer, model)
-    print(f"calibration: {sum(len(b['input_ids']) for b in batches)} x {args.seqlen} tokens of {args.calib or 'pydoc'}; evaluation: "
-          f"{len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
-    t_eval = time.perf_counter()
-    ppl_before = perplexity(model, eval_windows)
-    eval_s = time.perf_counter() - t_eval
+    if rank == 0:
+        print(f"calibration: {sum(len(b['input_ids']) for b in batches)} x {args.seqlen} tokens of "
+              f"{args.calib or 'pydoc'}; evaluation: {len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
     result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
-                   uniform=args.uniform)
-    t_eval = time.perf_counter()
+                   uniform=args.uniform, distributed=args.distributed)
+    if rank:  # every rank holds the result; rank 0 evaluates and writes it
+        return 0
+    t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
+    ppl_before = perplexity(model, eval_windows)
     ppl_after = perplexity(result.model, eval_windows)
-    eval_s += time.perf_counter() - t_eval
+    eval_s = time.perf_counter() - t_eval
     report = result.report.with_metrics(
         ppl_before=ppl_before, ppl_after=ppl_after, eval_data=str(args.eval or "pydoc (evaluation half)"),
         eval_windows=len(eval_windows), eval_seqlen=args.eval_seqlen, 
@@ -92,7 +96,7 @@ def _prune(args: argparse.Namespace) -> int:
         flops_per_token_after=flops_per_token(result.model, 128), eval_seconds=round(eval_s, 1),
         total_seconds=round(time.perf_counter() - t0, 1))
     result = dataclasses.replace(result, report=report)
-    result.save(out, overwrite=args.overwrite, tokenizer=tokenizer)
+    result.save(out, overwrite=args.overwrite, tokenizer=tokenizer, source=source_file(args.model))
     r = result.report
     print(f"{args.method}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable parameters; "
           f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
@@ -101,6 +105,22 @@ def _prune(args: argparse.Namespace) -> int:
     if args.onnx:
         _export_and_report(result.model, out, Path(args.onnx))
     return 0
+
+
+def _init_distributed(args: argparse.Namespace) -> int:
+    """This process's rank: 0 without --distributed; else the process group is set up from torchrun's
+    environment (gloo on CPUs, NCCL with --device cuda) and torn down when the process exits."""
+    if not args.distributed:
+        return 0
+    import atexit
+
+    import torch.distributed as dist
+
+    from .distributed import init_from_env
+
+    collective = init_from_env(args.device)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return collective.rank
 
 
 def _calib_sources(calib: Optional[str]) -> list[Optional[str]]:
@@ -162,7 +182,7 @@ def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list,
     return batches, eval_windows
 
 
-def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
+def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -> int:
     """--stream: the checkpoint is never loaded whole; dense and pruned perplexity run block by block."""
     from .checkpoint import prune_checkpoint, streamed
     from .streaming import check_checkpoint
@@ -176,11 +196,13 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float) -> int:
     check_checkpoint(folder)  # a damaged config or shard is named before the tokenizer reads the config
     tokenizer = load_tokenizer(args.model)
     batches, eval_windows = _calibration(args, tokenizer)
-    with streamed(folder, args.device) as dense:
-        ppl_before = perplexity(dense, eval_windows.to(args.device))
     result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
                               overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
-                              uniform=args.uniform)
+                              uniform=args.uniform, distributed=args.distributed)
+    if rank:  # rank 0 wrote the folder and evaluates it
+        return 0
+    with streamed(folder, args.device) as dense:
+        ppl_before = perplexity(dense, eval_windows.to(args.device))
     with streamed(out, args.device) as pruned:
         ppl_after = perplexity(pruned, eval_windows.to(args.device))
     r = result.report
@@ -250,8 +272,54 @@ def _export_and_report(model, folder: Path, onnx_path: Path) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .storage import load
 
-    _export_and_report(load(args.folder), Path(args.folder), Path(args.onnx))
+    if not (args.onnx or args.onnx_decoder or args.gguf):
+        raise ValueError("export: name a target, --onnx FILE, --onnx-decoder FILE and/or --gguf FILE")
+    model = load(args.folder)
+    if args.onnx:
+        _export_and_report(model, Path(args.folder), Path(args.onnx))
+    if args.onnx_decoder:
+        from .exporters.onnx_decoder import export_decoder
+
+        result = export_decoder(model, args.onnx_decoder)
+        print(f"wrote {result.path} ({result.file_bytes / 2**20:,.1f} MiB, KV heads per layer "
+              f"{sorted(set(result.layout.kv_heads))}, {result.seconds:.1f} s); onnxruntime generates PyTorch's "
+              f"{len(result.greedy_tokens)} greedy tokens with its cache, max |diff| {result.max_abs_diff:.2g}")
+    if args.gguf:
+        _export_gguf(model, Path(args.folder), args)
     return 0
+
+
+def _export_gguf(model, folder: Path, args: argparse.Namespace) -> None:
+    from .exporters.gguf import export_gguf, validate_gguf
+    from .storage import source_of
+
+    tokenizer = args.tokenizer
+    if tokenizer is None:  # the source GGUF's own vocabulary when it was one, else the saved tokenizer
+        source = source_of(folder)
+        tokenizer = source if source is not None and source.suffix == ".gguf" else (
+            folder / "tokenizer" if (folder / "tokenizer" / "tokenizer.json").is_file() else None)
+    result = export_gguf(model, args.gguf, file_type=args.gguf_type, tokenizer=tokenizer)
+    widths = sorted({(w.heads, w.kv_heads, w.ffn) for w in result.layers})
+    print(f"wrote {result.path} ({result.file_bytes / 2**20:,.1f} MiB, {result.file_type}, llama.cpp architecture "
+          f"'{result.architecture}', {len(widths)} distinct layer widths (heads, KV heads, MLP); tokenizer "
+          f"{result.tokenizer}; {result.seconds:.1f} s)")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("not run in llama.cpp: pip install 'structprune-graph[gguf]' to validate the file against PyTorch")
+        return
+    prompt = list(range(1, 33)) if args.prompt is None else _prompt_ids(args.prompt, folder)
+    check = validate_gguf(result.path, model, prompt, steps=32, file_type=args.gguf_type)
+    print(f"llama.cpp matches PyTorch: max |logit diff| {check.max_abs_diff:.2g} (tolerance {check.tolerance:.2g}) "
+          f"on {len(prompt)} prompt tokens, same greedy tokens for {check.steps} steps")
+
+
+def _prompt_ids(text: str, folder: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer").is_dir():
+        raise ValueError(f"--prompt needs the tokenizer saved in {folder / 'tokenizer'}")
+    return AutoTokenizer.from_pretrained(str(folder / "tokenizer"))(text)["input_ids"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,11 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--stream", action="store_true",
                        help="never load the model whole: read each block from the safetensors checkpoint when it "
                             "is needed and write the pruned model block by block (structprune)")
+    prune.add_argument("--distributed", action="store_true",
+                       help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
+                            "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "
+                            "writes the output (structprune; gloo on CPUs, NCCL with --device cuda)")
     prune.set_defaults(func=_prune)
 
-    export = sub.add_parser("export", help="export a pruned output folder to ONNX, validated with onnxruntime")
+    export = sub.add_parser("export", help="export a pruned output folder to ONNX (validated with onnxruntime) "
+                            "and/or GGUF (validated in llama.cpp when llama-cpp-python is installed)")
     export.add_argument("folder", help="a folder written by `structprune prune`")
-    export.add_argument("--onnx", required=True, help="path of the .onnx file to write")
+    export.add_argument("--onnx", default=None, help="path of the .onnx file to write")
+    export.add_argument("--onnx-decoder", default=None, help="path of an .onnx decoder with past/present key-value "
+                        "inputs and outputs, for token-by-token generation (causal LMs; validated by a greedy generation)")
+    export.add_argument("--gguf", default=None, help="path of the .gguf file to write (LLaMA-family models)")
+    export.add_argument("--gguf-type", choices=("f32", "f16"), default="f16", help="GGUF weight type")
+    export.add_argument("--tokenizer", default=None, help="GGUF vocabulary: a .gguf to copy it from, or a folder "
+                        "with tokenizer.json (default: the source .gguf recorded in the folder, else its tokenizer/)")
+    export.add_argument("--prompt", default=None, help="text whose tokens validate the GGUF file (default: ids 1-32)")
     export.set_defaults(func=_export)
     return parser
 

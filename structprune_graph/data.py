@@ -94,6 +94,13 @@ def calibration_windows(tokens: torch.Tensor, spec: WindowSpec) -> torch.Tensor:
     return torch.stack([tokens[s: s + spec.seqlen] for s in starts.tolist()])  # (samples, seqlen)
 
 
+def calibration_batches(tokenizer, source: str | Path | None, samples: int, seqlen: int = 512,
+                        seed: int = 0) -> list[dict]:
+    """``samples`` windows of ``source``'s calibration half, one batch each (``{"input_ids": (1, seqlen)}``)."""
+    windows = calibration_windows(tokenize(tokenizer, load_text(source, "calibration")), WindowSpec(samples, seqlen, seed))
+    return [{"input_ids": windows[i: i + 1]} for i in range(len(windows))]
+
+
 def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows from the start of the text (SparseGPT's convention)."""
     count = tokens.numel() // seqlen

@@ -75,4 +75,18 @@ def stock_config(model: nn.Module, dense_config: Any) -> tuple[Optional[Any], st
     if head_dim:
         config.head_dim = head_dim  # no longer hidden_size / num_attention_heads
     config.hidden_size = int(embed.embedding_dim)
+    extra = _parameters_beyond(model, config)
+    if extra:  # e.g. FLAP's compensation biases on o_proj / down_proj: no config switch adds only those
+        return None, f"the pruned model has parameters its architecture's config cannot describe ({', '.join(extra)})"
     return config, ""
+
+
+def _parameters_beyond(model: nn.Module, config: Any) -> list[str]:
+    """Parameter names (first few) of ``model`` that ``type(model)(config)`` lacks or shapes otherwise;
+    built on the meta device, so nothing is allocated."""
+    import torch
+
+    with torch.device("meta"):
+        stock = type(model)(config)
+    shapes = {name: tuple(p.shape) for name, p in stock.named_parameters()}
+    return [name for name, p in model.named_parameters() if shapes.get(name) != tuple(p.shape)][:3]

@@ -107,6 +107,13 @@ def load_tokenizer(spec: Optional[Union[str, Path]] = None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def source_file(spec: Optional[Union[str, Path]] = None) -> Path:
+    """The file or folder ``load_model(spec)`` reads (recorded in output folders)."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return smollm2_gguf()
+    return Path(spec).expanduser().resolve()
+
+
 def load_model(spec: Optional[Union[str, Path]] = None) -> nn.Module:
     """``None``/``"smollm2"``: the embedded default; a folder with ``config.json``: transformers
     (causal LM when the config says so, else the base model); a ``.gguf`` file."""

@@ -10,6 +10,7 @@ LM head are not prunable by default.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -24,6 +25,7 @@ from structprune_graph.passes.calibrate import Calibration, CalibratePass, Calib
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 
+from .distributed import LOCAL, Collective
 from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import DependencyGraph, Group, trace
@@ -135,12 +137,13 @@ class PruneResult:
     solution: Optional[SolverResult] = field(repr=False, default=None)  # structprune: weights before/after ADMM
 
     def save(self, directory: Union[str, Path], overwrite: bool = False, tokenizer: Any = None,
-             stock: bool = True) -> Path:
+             stock: bool = True, source: Union[str, Path] = "") -> Path:
         """Write the folder; with ``stock`` and the same widths in every layer, a config that stock
-        ``from_pretrained`` loads (checked by loading it so)."""
+        ``from_pretrained`` loads (checked by loading it so). ``source``: the model file pruned (recorded)."""
         from .storage import save_pruned
 
-        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer, stock=stock)
+        return save_pruned(self, Path(directory), overwrite=overwrite, tokenizer=tokenizer, stock=stock,
+                           source=str(source))
 
 
 def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Group], graph: DependencyGraph,
@@ -197,7 +200,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
           kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
           graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None,
           solver: Optional[SolverConfig] = None, reconstruct: bool = False, round_to: int = 1,
-          uniform: bool = False) -> PruneResult:
+          uniform: bool = False, distributed: bool = False) -> PruneResult:
     """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
     calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
     ``reuse``: a previous result of the same method and model whose graph and calibration statistics
@@ -206,7 +209,9 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     consuming layers by least squares, block by block, as structprune does (selection and reconstruction
     measured apart). ``round_to``: every kept width is a multiple of that many channels (or the whole
     group); ``uniform``: every layer keeps the same width per kind (budget met to within one step of
-    either). The input model is not modified."""
+    either). ``distributed``: this process is one rank of an initialised ``torch.distributed`` group; every
+    rank passes the same model and calibration, runs its share of the batches (``distributed.py``) and
+    returns the same result (structprune only). The input model is not modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -218,6 +223,14 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
                                f"the checkpoint before pruning")
     batches = _as_batches(calibration)
     example_inputs = example_inputs if example_inputs is not None else _tracing_inputs(batches[0])
+    collective = LOCAL
+    if distributed:
+        if spec.score != "obs" or reuse is not None:
+            raise StructPruneError(f"distributed=True runs the structprune solver (method {method!r}"
+                                   + (", reuse=" if reuse is not None else "") + " is not distributed)")
+        collective = Collective.from_process_group()
+    all_batches = len(batches)
+    batches = tuple(batches[i] for i in collective.shard(len(batches)))
     if reuse is not None and (reuse.report.method != method or reuse.plan.fingerprint != reuse.graph.fingerprint):
         raise StructPruneError("reuse= needs a result of the same method on the same model")
     solver = solver or SolverConfig()
@@ -231,10 +244,17 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         graph = graph or (reuse.graph if reuse is not None else trace(model, example_inputs))
         groups = select_groups(graph, kinds)
         if spec.score == "obs":
-            state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver)
-            solved = solve(model, state, batches, sparsity, solver, groups, widths=widths)
+            started = time.perf_counter()
+            state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver,
+                                                                         collective=collective)
+            prepared = time.perf_counter()
+            solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
-            details = solver_details(solver, solved)
+            details = {**solver_details(solver, solved), "stage_seconds": {
+                "dense sweep": round(prepared - started, 2), "allocate and solve": round(time.perf_counter() - prepared, 2)}}
+            if collective.active:
+                details["distributed"] = {"ranks": collective.world, "rank": collective.rank,
+                                          "bytes_sent": dict(collective.traffic)}
         else:
             calib = reuse.calibration if reuse is not None else CalibratePass()(CalibrationRequest(
                 model, graph, groups, batches, spec.input_stats, spec.gradients, loss_fn)).state
@@ -252,7 +272,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     if not widths.identity:
         details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
-                         peak, len(batches), details)
+                         peak, all_batches, details)
     plan = Plan.from_keep(graph, model, keep,
                           meta={"method": method, "sparsity": sparsity, "bias_compensated": sorted(updates)})
     return PruneResult(pruned, plan, report, graph, example_inputs, calib, state, solved)

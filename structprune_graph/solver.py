@@ -32,6 +32,7 @@ from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass,
 from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
 
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
+from .distributed import LOCAL, Collective, DistributedError
 from .errors import StructPruneError
 from .evaluate import main_output
 from .graph import DependencyGraph, Group
@@ -114,16 +115,21 @@ Resident = Callable[[nn.Module], nn.Module]
 
 
 def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], batches: Sequence[Any],
-            config: SolverConfig, resident: Resident = in_memory) -> SolverState:
+            config: SolverConfig, resident: Resident = in_memory, collective: Collective = LOCAL) -> SolverState:
     """Partition the model and run the dense block-wise sweep (shared by every sparsity). ``resident``
-    makes a block's weights available before a pass reads them (a ``WeightStreamer`` for weights on disk)."""
+    makes a block's weights available before a pass reads them (a ``WeightStreamer`` for weights on disk);
+    ``collective``: the ranks that share the calibration batches, ``batches`` being this rank's share."""
+    if collective.active and config.rounds:
+        raise DistributedError("distributed runs solve blocks in sequence: ADMM rounds (rounds > 0) are not "
+                               "distributed yet; use rounds=0 (the default)")
     groups = tuple(groups)
     partition, inputs = _blocks(model, graph, groups, batches, config)
     by_id = {g.id: g for g in groups}
     placed = [gid for b in partition.blocks for gid in b.group_ids]
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident)).state
+        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident,
+        collective=collective)).state
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
                      if gid not in calib.curves})
@@ -187,7 +193,7 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
+def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], collective: Collective = LOCAL):
     """(removed units, replacement weights) -> loss on ``batches`` of the model with those units masked (a
     removed unit's channels zeroed at its consumers' inputs) and those weights in place of the dense ones.
     The LM loss when the model gives one, else the relative error of its main output against the dense
@@ -195,7 +201,7 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
     with torch.no_grad():
         dense = None
         try:
-            if not _takes_labels(model, batches[0]):
+            if not batches or not _takes_labels(model, batches[0]):
                 raise CalibrationError("the model takes no labels")
             default_loss(model, batches[0])
         except CalibrationError:
@@ -228,12 +234,15 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any]):
         for name in weights:
             handles += _swap_weight(model, name, weights)
         try:
-            with torch.no_grad():
+            with torch.no_grad():  # sums over this rank's batches, then over the ranks
                 if dense is None:
-                    return float(sum(float(default_loss(model, b)) for b in batches) / len(batches))
+                    total, count = collective.sum_floats(
+                        [sum(float(default_loss(model, b)) for b in batches), len(batches)], "tau trial loss")
+                    return total / count
                 outs = [main_output(run_model(model, b)) for b in batches]
-                return sum(float(((o - d) ** 2).sum()) for o, d in zip(outs, dense)) / \
-                    max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
+                num, den = collective.sum_floats([sum(float(((o - d) ** 2).sum()) for o, d in zip(outs, dense)),
+                                                  sum(float((d ** 2).sum()) for d in dense)], "tau trial error")
+                return num / max(den, 1e-30)
         finally:
             for h in handles:
                 h.remove()
@@ -265,8 +274,14 @@ def _tau_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
     return fit, list(range(n - held, n)) if held else fit
 
 
+def _every_rank_has(positions: Sequence[int], collective: Collective, setting: str) -> None:
+    if collective.active and not positions:
+        raise DistributedError(f"rank {collective.rank}: no tau-search batch on this rank: SolverConfig.{setting} "
+                               f"must be at least the number of ranks ({collective.world})")
+
+
 def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
-              resident: Resident = in_memory) -> Callable[[Mapping[str, int]], float]:
+              resident: Resident = in_memory, collective: Collective = LOCAL) -> Callable[[Mapping[str, int]], float]:
     """counts -> the loss the allocator ranks taus by.
 
     ``masked``: the calibration loss on ``tau_batches`` batches of the model with the first units of each
@@ -274,11 +289,17 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     ``refit``: the block solve itself (masks re-selected on the pruned trajectory, least-squares re-fit)
     on ``tau_batches`` batches, scored on ``tau_holdout`` held-out calibration batches: the re-fitted model
     the run returns, judged on text it was not fitted on."""
+    # the split is over the global batch indices; this rank uses the ones it holds
+    total = int(collective.sum_floats([len(batches)], "count batches")[0])
     if config.tau_search == "masked":
-        score = _trial_loss(model, state, batches[:config.tau_batches])
+        mine = collective.local_positions(range(min(config.tau_batches, total)))
+        _every_rank_has(mine, collective, "tau_batches")
+        score = _trial_loss(model, state, [batches[i] for i in mine], collective)
         return lambda counts: score({gid: state.calibration.curves[gid].order[:n] for gid, n in counts.items()}, {})
-    fit, held = _tau_split(len(batches), config)
-    score = _trial_loss(model, state, [batches[i] for i in held])
+    fit, held = (collective.local_positions(indices) for indices in _tau_split(total, config))
+    _every_rank_has(fit, collective, "tau_batches")
+    _every_rank_has(held, collective, "tau_holdout")
+    score = _trial_loss(model, state, [batches[i] for i in held], collective)
     inputs = [state.inputs[i] for i in fit]
 
     def evaluate(counts: Mapping[str, int]) -> float:
@@ -286,7 +307,7 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
         try:
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
-                resident=resident, weights_out=store, refit_ridge=config.refit_ridge)).state
+                resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective)).state
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
@@ -296,10 +317,12 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
 
 def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
           budget_groups: Sequence[Group], resident: Resident = in_memory,
-          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None, widths: WidthRule = WidthRule()) -> SolverResult:
+          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None, widths: WidthRule = WidthRule(),
+          collective: Collective = LOCAL) -> SolverResult:
     """Allocate the budget, solve the blocks and coordinate them; the model is not modified.
     ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk);
-    ``widths`` rounds the allocation (multiples of N channels, the same width in every layer)."""
+    ``widths`` rounds the allocation (multiples of N channels, the same width in every layer);
+    ``collective``: as for ``prepare`` (every rank returns the same result)."""
     groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
     if not groups:
         raise StructPruneError("structprune: every selected group is excluded: " +
@@ -314,7 +337,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
                                               {g.id: curves[g.id].increments for g in groups}, shapes, target,
                                               widths)).state
 
-    evaluate = _tau_loss(model, state, batches, config, resident) if config.allocation == "softmax" else None
+    evaluate = _tau_loss(model, state, batches, config, resident, collective) if config.allocation == "softmax" else None
     if evaluate is not None and not widths.identity:  # each tau is scored as it will be returned: rounded
         unrounded = evaluate
         evaluate = lambda counts: unrounded(rounded(counts).counts)  # noqa: E731
@@ -332,7 +355,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
-            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge)).state
+            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective)).state
         sequential = solution.new_weights
         admm_errors, best = (), 0
         if config.rounds and len(state.partition.blocks) > 1:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -82,24 +82,31 @@ def atomic_folder(directory: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def write_meta(folder: Path, architecture: str, example_inputs: Any, why_not_stock: str) -> None:
+def write_meta(folder: Path, architecture: str, example_inputs: Any, why_not_stock: str, source: str = "") -> None:
     """``why_not_stock``: "" when ``config.json`` has the pruned sizes (stock ``from_pretrained`` loads it),
-    else why it is the dense config plus the plan."""
+    else why it is the dense config plus the plan. ``source``: the model file pruned, when known (a GGUF
+    export copies its tokenizer from a ``.gguf`` source)."""
     meta = {"format": FORMAT, "architecture": architecture, "example_inputs": _input_spec(example_inputs),
             "config": "dense+plan" if why_not_stock else "stock", "why_not_stock": why_not_stock}
+    if source:
+        meta["source"] = source
     (folder / "structprune.json").write_text(json.dumps(meta, indent=1))
 
 
 def loads_with(directory: Union[str, Path]) -> str:
     """Which loaders read a written folder, and why only ours when that is so."""
     meta = _read_meta(Path(directory))
+    exports = ("; exported: llama.cpp (structprune export DIR --gguf, per-layer arrays for LLaMA-layout models) "
+               "and onnxruntime (--onnx, or --onnx-decoder with a KV cache)")
     if meta.get("config") == "stock":
-        return "stock transformers from_pretrained (config.json has the pruned sizes) and structprune_graph.load"
-    return (f"structprune_graph.load only (config.json is the dense config plus plan.json: "
-            f"{meta.get('why_not_stock', 'not uniform')})")
+        return ("stock transformers from_pretrained (config.json has the pruned sizes) and structprune_graph.load"
+                + exports)
+    return (f"structprune_graph.load only among transformers loaders (config.json is the dense config plus "
+            f"plan.json: {meta.get('why_not_stock', 'not uniform')})" + exports)
 
 
-def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, stock: bool = True) -> Path:
+def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, stock: bool = True,
+                source: str = "") -> Path:
     from safetensors.torch import save_model
 
     from .hf_config import stock_config
@@ -117,7 +124,7 @@ def save_pruned(result: Any, directory: Path, overwrite: bool, tokenizer: Any, s
         save_model(model, str(tmp / WEIGHTS))
         (pruned_config or config).save_pretrained(tmp)
         result.plan.save(tmp / "plan.json")
-        write_meta(tmp, type(model).__name__, result.example_inputs, why)
+        write_meta(tmp, type(model).__name__, result.example_inputs, why, source)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         write_report(tmp, result.report.with_metrics(loads_with=loads_with(tmp)))
@@ -172,6 +179,12 @@ def _read_meta(directory: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise StructPruneError(f"{meta_path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
     return meta
+
+
+def source_of(directory: Union[str, Path]) -> Optional[Path]:
+    """The model file a folder was pruned from, when it was recorded and still exists."""
+    source = _read_meta(Path(directory)).get("source")
+    return Path(source) if source and Path(source).is_file() else None
 
 
 def example_inputs_of(directory: Union[str, Path]) -> dict:

@@ -150,3 +150,46 @@ def test_self_generated_windows_are_seeded_and_mixed_evenly():
     assert a.shape == (3, 8) and torch.equal(a, b)
     mixed = data.mixed_windows([torch.zeros(5, 8, dtype=torch.long), torch.ones(5, 8, dtype=torch.long)], 5)
     assert mixed.shape == (5, 8) and int(mixed[:, 0].sum()) == 2  # 3 from the first source, 2 from the second
+
+
+def test_export_gguf_and_decoder_from_a_pruned_folder(tiny_model_dir, tmp_path, capsys):
+    """`structprune export DIR --gguf / --onnx-decoder`: the folder records its source; the vocabulary comes
+    from the saved tokenizer; the GGUF file computes what ``load(DIR)`` computes; the decoder generates;
+    no target is a clear error."""
+    from gguf_reference import gguf_forward
+
+    import structprune_graph as sp
+
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "flap", "--calib",
+                 str(tiny_model_dir / "text.txt"), "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples",
+                 "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "structprune.json").read_text())["source"] == str((tiny_model_dir / "model").resolve())
+    capsys.readouterr()
+    gguf_path = tmp_path / "m.gguf"
+    assert main(["export", str(out), "--gguf", str(gguf_path), "--gguf-type", "f32"]) == 0
+    printed = capsys.readouterr().out
+    assert "llama.cpp architecture 'deci'" in printed and "converted from" in printed
+    model = sp.load(out)
+    ids = torch.arange(5, 25)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].double()
+    torch.testing.assert_close(gguf_forward(gguf_path, ids), want, atol=1e-5 * (1 + float(want.abs().max())), rtol=0)
+    assert main(["export", str(out), "--onnx-decoder", str(tmp_path / "decoder.onnx")]) == 0
+    assert "onnxruntime generates PyTorch's 16 greedy tokens with its cache" in capsys.readouterr().out
+    assert main(["export", str(out)]) == 2
+    assert "name a target, --onnx FILE, --onnx-decoder FILE and/or --gguf FILE" in capsys.readouterr().err
+
+
+def test_torchrun_distributed_stream_writes_the_single_process_plan(tiny_model_dir, tmp_path):
+    """The README's launch: `torchrun --nproc-per-node 2 -m structprune_graph.cli prune ... --distributed`."""
+    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
+              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "8", "--seqlen", "32", "--eval-seqlen",
+              "64", "--eval-windows", "2", "--stream"]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                               "structprune_graph.cli", *common, "--distributed", "--out", str(tmp_path / "dist")],
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "dist" / "plan.json").read_text() == (tmp_path / "single" / "plan.json").read_text()

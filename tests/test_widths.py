@@ -107,12 +107,26 @@ def test_non_uniform_pruning_keeps_the_dense_config_and_says_why(tmp_path):
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == model.config.intermediate_size
     assert json.loads((out / "structprune.json").read_text())["config"] == "dense+plan"
     why = json.loads((out / "report.json").read_text())["metrics"]["loads_with"]
-    assert "structprune_graph.load only" in why and "differs across layers" in why
+    assert "structprune_graph.load only" in why and "differs across layers" in why and "--gguf" in why
     loaded = sp.load(out)  # generates with a KV cache: the same tokens as without one
     ids = torch.tensor([[5, 17, 3, 60]])
     cached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape == (1, 10) and torch.equal(cached, uncached)
+
+
+def test_uniform_flap_keeps_the_dense_config_because_of_its_biases(tmp_path):
+    """FLAP's compensation biases (o_proj, down_proj) have no stock config switch: the same widths in every
+    layer still save as dense config plus plan, with the reason, instead of failing the stock check."""
+    _, model, _ = traced("llama")
+    result = sp.prune(model, lm_batches(4), 0.4, method="flap", uniform=True)
+    out = result.save(tmp_path / "pruned")
+    meta = json.loads((out / "structprune.json").read_text())
+    assert meta["config"] == "dense+plan" and "cannot describe" in meta["why_not_stock"]
+    assert "down_proj.bias" in meta["why_not_stock"]
+    ids = torch.tensor([[5, 17, 3, 60]])
+    with torch.no_grad():
+        torch.testing.assert_close(sp.load(out)(ids).logits, result.model(ids).logits)
 
 
 def test_a_stock_config_that_does_not_fit_is_never_written(tmp_path, monkeypatch):

@@ -1,0 +1,83 @@
+"""Data-parallel StructPrune (issue 15) with 2 gloo processes on CPU: each rank runs half of the calibration
+batches, the statistics and losses are summed across ranks, and the result equals the single-process run:
+the same plan and tau, weights within 1e-6. A rank that fails makes the other exit with an error naming
+itself and the stage; too many ranks for the batches is a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import structprune_graph as sp
+from conftest import traced
+from structprune_graph.distributed import Collective, DistributedError
+from structprune_graph.solver import SolverConfig
+from test_pruning import lm_batches
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _run_ranks(tmp_path: Path, mode: str, world: int = 2) -> tuple[list[int], Path]:
+    out = tmp_path / "result.pt"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(tmp_path / "rendezvous"),
+                               str(out), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    codes = [p.wait(timeout=300) for p in procs]
+    return codes, out
+
+
+def test_two_ranks_give_the_single_process_plan_and_weights(tmp_path):
+    codes, out = _run_ranks(tmp_path, "prune")
+    errors = [p.read_text() for p in sorted(tmp_path.glob("*.err"))]
+    assert codes == [0, 0], errors
+    got = torch.load(out, weights_only=False)
+    _, model, _ = traced("llama")
+    want = sp.prune(model, lm_batches(8), 0.4, solver=SolverConfig(tau_batches=4))
+    assert got["keep"] == dict(want.plan.keep)
+    assert got["tau"] == want.report.solver["tau"]
+    assert got["block_errors"] == pytest.approx(want.report.solver["block_errors"], rel=1e-9)
+    for name, value in want.model.state_dict().items():
+        torch.testing.assert_close(got["state"][name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_two_ranks_stream_a_checkpoint_and_rank_0_writes_the_single_process_folder(tmp_path):
+    _, model, _ = traced("llama")
+    model.save_pretrained(tmp_path / "checkpoint")
+    codes, out = _run_ranks(tmp_path, "stream")
+    assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("*.err")]
+    single = sp.prune_checkpoint(tmp_path / "checkpoint", lm_batches(8), 0.4, tmp_path / "single",
+                                 solver=SolverConfig(tau_batches=4))
+    assert (out / "plan.json").read_text() == (single.directory / "plan.json").read_text()
+    ids = torch.tensor([[3, 9, 27, 81, 50]])
+    with torch.no_grad():
+        torch.testing.assert_close(sp.load(out)(ids).logits, sp.load(single.directory)(ids).logits,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_a_failing_rank_stops_the_other_with_its_name_and_stage(tmp_path):
+    codes, out = _run_ranks(tmp_path, "fail")
+    assert codes == [1, 1]
+    assert not out.exists()
+    rank0, rank1 = (Path(f"{out}.rank{r}.err").read_text() for r in (0, 1))
+    assert rank1.startswith("ValueError: rank 1 broke in its re-fit")
+    assert rank0.startswith("DistributedError: rank 0 of 2: solve block") and "a peer rank exited" in rank0
+
+
+def test_shards_are_round_robin_and_too_many_ranks_is_refused():
+    assert Collective(rank=1, world=3).shard(8) == (1, 4, 7)
+    assert Collective(rank=1, world=3).local_positions(range(5)) == [0, 1]  # global 1 and 4
+    with pytest.raises(DistributedError, match="4 ranks but 3 calibration batches"):
+        Collective(rank=0, world=4).shard(3)
+    assert Collective(world=2).owners([1.0, 8.0, 1.0, 1.0]) == [1, 0, 1, 1]
+
+
+def test_distributed_without_a_process_group_is_a_clear_error():
+    _, model, _ = traced("llama")
+    with pytest.raises(DistributedError, match="needs an initialised process group"):
+        sp.prune(model, lm_batches(2), 0.3, distributed=True)
+    with pytest.raises(sp.StructPruneError, match="runs the structprune solver"):
+        sp.prune(model, lm_batches(2), 0.3, method="wanda-sp", distributed=True)
