@@ -96,7 +96,7 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
         errors = [self._output_error(state, weights)]
         if state.rounds == 0 or len(blocks) < 2:
             return PassResult(AdmmResult(state.solution, tuple(errors), 0, 0), modified=False)
-        exits = self._exits(state, weights)
+        exits = exits_of(state.model, state.partition, state.groups, state.inputs[0], keep, weights, state.resident)
         for b in range(len(blocks) - 1):
             store.put(("a", b), store.get(("pruned", b)))
             store.put(("u", b), torch.zeros_like(store.get(("pruned", b))))
@@ -106,7 +106,9 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
                 target = (store.get(("a", block.index)) - store.get(("u", block.index))
                           if block.index < len(blocks) - 1 else state.dense_final.cpu())
                 if exits.get(block.index):
-                    self._block_step(state, block, exits[block.index], target, keep, weights)
+                    refit_exit(state.model, block, state.groups, state.resident(block_module(state.model, block)),
+                               exits[block.index], self._inputs(state, block.index), target, keep, weights,
+                               state.damping)
                 p = self._forward(state, block, self._inputs(state, block.index), keep, weights)
                 if block.index < len(blocks) - 1:
                     store.put(("p", block.index), p)
@@ -150,47 +152,52 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
             inputs = [inp.with_stream(out[i]) for i, inp in enumerate(inputs)]
         return relative_error(list(out), list(state.dense_final))
 
-    @staticmethod
-    def _exits(state: AdmmRequest, weights) -> dict[int, str]:
-        exits = {}
-        for block in state.partition.blocks:
-            module = state.resident(block_module(state.model, block))
-            prefix = block.path + "." if block.path else ""
-            candidates = [n[len(prefix):].rpartition(".")[0] for n in weights if n.startswith(prefix)]
-            candidates = [c for c in candidates if is_linear(module.get_submodule(c))]
-            overrides = block_overrides(state.model, block, state.groups, state.solution.keep, weights)
-            found = residual_exit(module, state.inputs[0], overrides, candidates) if candidates else None
-            if found:
-                exits[block.index] = found
-            else:
-                logger.info("admm: block %s has no residual-exit consumer; it is not re-fitted", block.path)
-        return exits
 
-    def _block_step(self, state: AdmmRequest, block: Block, path: str, target: torch.Tensor, keep, weights) -> None:
-        """Least squares on the subset: kept columns of ``path`` move so the block output moves by D."""
-        module = state.resident(block_module(state.model, block))
+
+def exits_of(model: nn.Module, partition: Partition, groups: Mapping[str, Group], first_input: BlockInput,
+             keep, weights: Mapping[str, torch.Tensor], resident_fn: Callable[[nn.Module], nn.Module]) -> dict[int, str]:
+    """Block index -> the re-fitted linear layer whose output is added unchanged to the block's output."""
+    exits = {}
+    for block in partition.blocks:
+        module = resident_fn(block_module(model, block))
         prefix = block.path + "." if block.path else ""
-        name = f"{prefix}{path}.weight"
-        layer = module.get_submodule(path)
-        w = as_out_in(layer, weights[name])  # (out, in)
-        kept = (w != 0).any(0).nonzero().flatten()  # removed columns are exactly zero
-        overrides = block_overrides(state.model, block, state.groups, keep, weights)
-        captured: list[torch.Tensor] = []
-        handle = module.get_submodule(path).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-        h = cross = None  # on the block's device
-        try:
-            with torch.no_grad():
-                for i, inp in enumerate(self._inputs(state, block.index)):
-                    out = run_block(module, inp, overrides)
-                    x = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
-                    d = (target[i].to(out.device) - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
-                    h = x.T @ x if h is None else h + x.T @ x
-                    cross = x.T @ d if cross is None else cross + x.T @ d
-        finally:
-            handle.remove()
-        step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, state.damping)))  # (kept, out)
-        w = w.to(step.device)
-        w[:, kept.to(step.device)] += step.T
-        if not torch.isfinite(w).all():
-            raise InvariantError(f"admm pass: non-finite weights in {name} at the block step; raise damping")
-        weights[name] = from_out_in(layer, w, weights[name])
+        candidates = [n[len(prefix):].rpartition(".")[0] for n in weights if n.startswith(prefix)]
+        candidates = [c for c in candidates if is_linear(module.get_submodule(c))]
+        overrides = block_overrides(model, block, groups, keep, weights)
+        found = residual_exit(module, first_input, overrides, candidates) if candidates else None
+        if found:
+            exits[block.index] = found
+        else:
+            logger.info("block %s has no residual-exit consumer; it is not re-fitted", block.path)
+    return exits
+
+
+def refit_exit(model: nn.Module, block: Block, groups: Mapping[str, Group], module: nn.Module, path: str,
+               inputs: Sequence[BlockInput], target: torch.Tensor, keep, weights: dict, damping: float) -> None:
+    """Least squares on ``inputs``: the kept columns of ``path`` move so that the block's output moves to
+    ``target`` (batches, ...); ``weights[path's weight]`` is replaced."""
+    prefix = block.path + "." if block.path else ""
+    name = f"{prefix}{path}.weight"
+    layer = module.get_submodule(path)
+    w = as_out_in(layer, weights[name])  # (out, in)
+    kept = (w != 0).any(0).nonzero().flatten()  # removed columns are exactly zero
+    overrides = block_overrides(model, block, groups, keep, weights)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    h = cross = None  # on the block's device
+    try:
+        with torch.no_grad():
+            for i, inp in enumerate(inputs):
+                out = run_block(module, inp, overrides)
+                x = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
+                d = (target[i].to(out.device) - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
+                h = x.T @ x if h is None else h + x.T @ x
+                cross = x.T @ d if cross is None else cross + x.T @ d
+    finally:
+        handle.remove()
+    step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, damping)))  # (kept, out)
+    w = w.to(step.device)
+    w[:, kept.to(step.device)] += step.T
+    if not torch.isfinite(w).all():
+        raise InvariantError(f"non-finite weights in {name} at a coordination re-fit; raise the damping")
+    weights[name] = from_out_in(layer, w, weights[name])

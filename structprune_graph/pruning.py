@@ -163,7 +163,10 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
 def solver_details(config: SolverConfig, solved: SolverResult) -> dict:
     return {"config": config.label(), "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
             "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
-            "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded)}
+            "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded),
+            **({"coordination_fit_errors": list(solved.coordination_fit_errors),
+                "coordination_weight_changes": [list(c) for c in solved.coordination_weight_changes]}
+               if solved.coordination_weight_changes else {})}
 
 
 def _rounded_keep(groups: Sequence[Group], scores: Any, keep: Mapping[str, Sequence[int]],

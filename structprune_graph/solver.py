@@ -28,6 +28,7 @@ from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, Bl
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
+from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
 
@@ -41,6 +42,7 @@ from .streaming import resident as in_memory
 logger = logging.getLogger(__name__)
 
 TAU_SEARCHES = ("refit", "masked")
+COORDINATIONS = ("admm", "propagate")
 MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
 
 
@@ -63,6 +65,10 @@ class SolverConfig:
     # ADMM rounds; 0 (sequential solution) by default: on SmolLM2, 2 rounds on 16 batches fit those batches
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
+    # "admm": the auxiliary/dual rounds (passes/admm.py); "propagate": every block re-fitted toward its share
+    # of the output error's gradient in every round, rounds chosen on held-out batches (passes/propagate.py)
+    coordination: str = "admm"
+    propagate_step: float = DEFAULT_STEP
     rho: float = DEFAULT_RHO
     admm_damping: float = ADMM_DAMPING
     admm_batches: int = 16
@@ -72,12 +78,16 @@ class SolverConfig:
     def __post_init__(self) -> None:
         if self.tau_search not in TAU_SEARCHES:
             raise StructPruneError(f"SolverConfig: unknown tau_search {self.tau_search!r}; choose one of {TAU_SEARCHES}")
+        if self.coordination not in COORDINATIONS:
+            raise StructPruneError(f"SolverConfig: unknown coordination {self.coordination!r}; choose one of "
+                                   f"{COORDINATIONS}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
 
     def label(self) -> str:
-        return (f"{self.allocation}, rounds={self.rounds}, "
+        return (f"{self.allocation}, rounds={self.rounds}"
+                + (f" ({self.coordination})" if self.rounds else "") + ", "
                 + (f"reconstruct (ridge {self.refit_ridge:g})" if self.reconstruct else "no reconstruction"))
 
 
@@ -101,6 +111,9 @@ class SolverResult:
     block_errors: tuple[float, ...] = ()
     admm_errors: tuple[float, ...] = ()
     admm_best_round: int = 0
+    # propagate: per round the output error on the fitted batches and each block's relative weight change
+    coordination_fit_errors: tuple[float, ...] = ()
+    coordination_weight_changes: tuple[tuple[float, ...], ...] = ()
     removed_params: int = 0
     target_params: int = 0
     excluded: Mapping[str, str] = field(default_factory=dict)
@@ -128,8 +141,9 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     placed = [gid for b in partition.blocks for gid in b.group_ids]
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(range(min(config.admm_batches, len(inputs)))), resident=resident,
-        collective=collective)).state
+        config.damping, keep_final=tuple(sorted(set(_coordination_split(len(inputs), config)[0])
+                                                | set(_coordination_split(len(inputs), config)[1]))),
+        resident=resident, collective=collective)).state
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
                      if gid not in calib.curves})
@@ -274,6 +288,15 @@ def _tau_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
     return fit, list(range(n - held, n)) if held else fit
 
 
+def _coordination_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
+    """Batches the coordination rounds fit on, and (``propagate``) the held-out ones its rounds are chosen
+    on: the last ``tau_holdout`` calibration batches, never fitted."""
+    if config.coordination != "propagate":
+        return list(range(min(config.admm_batches, n))), []
+    held = min(config.tau_holdout, n // 2)
+    return list(range(min(config.admm_batches, n - held))), list(range(n - held, n))
+
+
 def _every_rank_has(positions: Sequence[int], collective: Collective, setting: str) -> None:
     if collective.active and not positions:
         raise DistributedError(f"rank {collective.rank}: no tau-search batch on this rank: SolverConfig.{setting} "
@@ -348,7 +371,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     if not widths.identity:
         final = rounded(alloc.counts)
         counts, removed = final.counts, final.removed_params
-    admm_idx = tuple(range(min(config.admm_batches, len(state.inputs)))) if config.rounds else ()
+    fit_idx, held_idx = _coordination_split(len(state.inputs), config)
+    admm_idx = tuple(fit_idx) if config.rounds and config.coordination == "admm" else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
     store = ActivationStore(budget_bytes=buffers)
@@ -357,8 +381,20 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective)).state
         sequential = solution.new_weights
-        admm_errors, best = (), 0
-        if config.rounds and len(state.partition.blocks) > 1:
+        admm_errors, best, coordination = (), 0, ((), ())
+        if config.rounds and len(state.partition.blocks) > 1 and config.coordination == "propagate":
+            if not held_idx:
+                raise StructPruneError("coordination='propagate' chooses its rounds on held-out calibration "
+                                       "batches: pass at least 2 batches and tau_holdout >= 1")
+            finals = state.calibration.final_outputs
+            result = PropagatePass()(PropagateRequest(
+                model, state.partition, state.groups, [state.inputs[i] for i in fit_idx],
+                torch.stack([finals[i] for i in fit_idx]), [state.inputs[i] for i in held_idx],
+                torch.stack([finals[i] for i in held_idx]), solution, store, config.rounds,
+                config.propagate_step, config.admm_damping, resident)).state
+            solution, admm_errors, best = result.solution, result.held_errors, result.best_round
+            coordination = (result.output_errors, result.weight_changes)
+        elif config.rounds and len(state.partition.blocks) > 1:
             finals = torch.stack([state.calibration.final_outputs[i] for i in admm_idx])
             result = AdmmPass()(AdmmRequest(model, state.partition, state.groups, [state.inputs[i] for i in admm_idx],
                                             finals, solution, store, config.rounds, config.rho,
@@ -368,7 +404,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
         store.close()
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.losses, solution.block_errors, admm_errors,
-                        best, removed, alloc.target_params, dict(state.excluded), sequential)
+                        best, *coordination, removed, alloc.target_params, dict(state.excluded), sequential)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:
