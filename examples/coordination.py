@@ -38,14 +38,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table-only", action="store_true", help="write OUT/coordination.md from the JSON")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.table_only:
+        return write_table(json.loads((out / "coordination.json").read_text())["rows"], args, out)
     torch.set_num_threads(args.threads)
     import structprune_graph as sp
     from structprune_graph.solver import SolverConfig
 
     model, calib, dev, evals = setup(args)
     rows = [{"variant": "dense", "sparsity": 0.0, "dev": ppl(model, dev), "eval": ppl(model, evals)}]
-    out = Path(args.out)
     first = None
     for s in args.sparsities:
         for name in args.variants:
@@ -61,6 +64,10 @@ def main() -> None:
                          "weight_changes": solver.get("coordination_weight_changes", [])})
             print(json.dumps(rows[-1]), flush=True)
             (out / "coordination.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_table(rows, args, out)
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     d = rows[0]
     lines = ["# Coordination across blocks: SmolLM2-135M, structprune calibrated on Austen", "",
              f"Settings: {args.calib_samples} x {args.seqlen} Austen calibration windows, {args.rounds} rounds, "

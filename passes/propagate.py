@@ -10,8 +10,9 @@ to every block directly:
         vector-Jacobian product of block b at its own input (autograd on one block at a time);
   (iii) forward sweep of re-fits: block b's residual-exit consumer (``down_proj``; any linear layer whose
         output is added unchanged to the block's output) is re-fitted by least squares so that the block's
-        output, on its *current* input, moves by -eta g_b, eta = step / (blocks with an exit). With residual
-        blocks J ~ I, so every block takes an equal share of the output correction.
+        output, on its *current* input, moves by -eta ||p - z|| g_b / ||g_b||, eta = step / (blocks with an
+        exit): the gradient's direction at the residual's size, so every block takes an equal share of the
+        output correction (a raw J^T product grows toward block 0 and made SmolLM2 diverge in round 1).
 
 After every round the output error is measured on held-out calibration batches that no re-fit saw; the
 round with the lowest held-out error is returned, round 0 (the sequential solution) included, so the pass
@@ -80,13 +81,16 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
         best = (held_errors[0], 0, dict(weights))
         changes = []
         for k in tqdm(range(1, state.rounds + 1), desc="propagate", leave=False):
-            grads = self._gradients(state, keep, weights)  # ("g", b) in the store
+            residual = self._gradients(state, keep, weights)  # ||p - z||; ("g", b) in the store
             before = dict(weights)
             stream = list(state.inputs)
             for block in blocks:  # (iii) re-fit each exit toward its share of the correction
                 module = state.resident(block_module(state.model, block))
                 if block.index in exits:
                     g = state.store.get(("g", block.index))
+                    # the gradient's direction at the residual's size: products of Jacobians grow toward
+                    # block 0 (measured on SmolLM2: |g_0| >> |g_B|), and a raw step there diverges
+                    g = g * (residual / max(float(g.norm()), 1e-30))
                     with torch.no_grad():
                         out = torch.stack([run_block(module, inp, block_overrides(state.model, block, state.groups,
                                                                                  keep, weights)) for inp in stream])
@@ -109,8 +113,9 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
                                           tuple(changes)), modified=best[1] > 0)
 
     @staticmethod
-    def _gradients(state: PropagateRequest, keep, weights) -> None:
-        """(i) + (ii): the output error's gradient at every block's output, stored as ("g", b)."""
+    def _gradients(state: PropagateRequest, keep, weights) -> float:
+        """(i) + (ii): the output error's gradient at every block's output, stored as ("g", b); returns the
+        size of the output residual ||p - z||."""
         blocks = state.partition.blocks
         stream = list(state.inputs)
         for block in blocks:  # (i) keep each block's input stream
@@ -121,6 +126,7 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
                 out = [run_block(module, inp, overrides) for inp in stream]
             stream = [inp.with_stream(o) for inp, o in zip(stream, out)]
         g = torch.stack(out).cpu() - state.dense_final.cpu()  # (batches, tokens, hidden) d/dp of ||p - z||^2 / 2
+        residual = float(g.norm())
         for block in reversed(blocks):  # (ii) vector-Jacobian products, one block at a time
             state.store.put(("g", block.index), g)
             x = state.store.get(("x", block.index))
@@ -136,6 +142,7 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
                     out = run_block(module, inp.with_stream(xi), overrides)
                     back.append(torch.autograd.grad(out, xi, g[i].to(out.device))[0].detach().cpu())
             g = torch.stack(back)
+        return residual
 
     def _output_error(self, state: PropagateRequest, inputs: Sequence[BlockInput], final: torch.Tensor,
                       keep, weights) -> float:
