@@ -81,8 +81,11 @@ class Collective:
         try:
             yield
         except RuntimeError as err:
+            peers = [r for r in range(self.world) if r != self.rank]
+            who = f"rank {peers[0]}" if len(peers) == 1 else f"one of ranks {peers}"
             raise DistributedError(f"rank {self.rank} of {self.world}: {name}: a collective failed: a peer rank "
-                                   f"exited or timed out ({str(err).splitlines()[0][:200]}); no output is written") from err
+                                   f"({who}) exited or timed out ({str(err).splitlines()[0][:200]}); no output is "
+                                   f"written") from err
 
     def sum_tensors_(self, tensors: Mapping[Any, torch.Tensor], stage: str) -> None:
         """Sum each tensor over the ranks in place (the same keys on every rank, in sorted order)."""

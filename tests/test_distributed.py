@@ -64,7 +64,7 @@ def test_a_failing_rank_stops_the_other_with_its_name_and_stage(tmp_path):
     assert not out.exists()
     rank0, rank1 = (Path(f"{out}.rank{r}.err").read_text() for r in (0, 1))
     assert rank1.startswith("ValueError: rank 1 broke in its re-fit")
-    assert rank0.startswith("DistributedError: rank 0 of 2: solve block") and "a peer rank exited" in rank0
+    assert rank0.startswith("DistributedError: rank 0 of 2: solve block") and "a peer rank (rank 1) exited" in rank0
 
 
 def test_shards_are_round_robin_and_too_many_ranks_is_refused():
