@@ -15,7 +15,6 @@ produced itself (logits and presents within tolerance).
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 
 from structprune_graph.errors import StructPruneError
+from structprune_graph.evaluate import cache_argument as _cache_argument
+from structprune_graph.evaluate import present_cache as _present
 
 from .onnx import OPSET, TWO_GB, ExportError, providers
 
@@ -60,15 +61,6 @@ class DecoderExportResult:
     seconds: float
     greedy_tokens: tuple[int, ...]
     max_abs_diff: float
-
-
-def _cache_argument(model: nn.Module) -> str:
-    # transformers 5.2x renamed past_key_values -> cache
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _present(output: Any) -> Any:
-    return getattr(output, "cache", None) or output.past_key_values
 
 
 class _DecoderWithCache(nn.Module):

@@ -173,9 +173,10 @@ def exits_of(model: nn.Module, partition: Partition, groups: Mapping[str, Group]
 
 
 def refit_exit(model: nn.Module, block: Block, groups: Mapping[str, Group], module: nn.Module, path: str,
-               inputs: Sequence[BlockInput], target: torch.Tensor, keep, weights: dict, damping: float) -> None:
+               inputs: Sequence[BlockInput], target: torch.Tensor, keep, weights: dict, damping: float,
+               move: bool = False) -> None:
     """Least squares on ``inputs``: the kept columns of ``path`` move so that the block's output moves to
-    ``target`` (batches, ...); ``weights[path's weight]`` is replaced."""
+    ``target`` (batches, ...), or with ``move`` by ``target`` itself; ``weights[path's weight]`` is replaced."""
     prefix = block.path + "." if block.path else ""
     name = f"{prefix}{path}.weight"
     layer = module.get_submodule(path)
@@ -190,7 +191,7 @@ def refit_exit(model: nn.Module, block: Block, groups: Mapping[str, Group], modu
             for i, inp in enumerate(inputs):
                 out = run_block(module, inp, overrides)
                 x = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
-                d = (target[i].to(out.device) - out).reshape(-1, w.shape[0]).double()  # (tokens, out)
+                d = (target[i].to(out.device) - (0 if move else out)).reshape(-1, w.shape[0]).double()  # (tokens, out)
                 h = x.T @ x if h is None else h + x.T @ x
                 cross = x.T @ d if cross is None else cross + x.T @ d
     finally:

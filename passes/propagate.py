@@ -34,7 +34,7 @@ from structprune_graph.graph import Group
 from structprune_graph.streaming import resident
 
 from ._infra import Pass, PassResult
-from .admm import ADMM_DAMPING, AdmmResult, exits_of, refit_exit
+from .admm import ADMM_DAMPING, DEFAULT_ROUNDS, AdmmResult, exits_of, refit_exit
 from .blockwise_calibrate import block_module
 from .partition import Partition
 from .solve import BlockSolution, block_overrides, relative_error
@@ -55,7 +55,7 @@ class PropagateRequest:
     held_final: torch.Tensor
     solution: BlockSolution
     store: ActivationStore = field(compare=False)
-    rounds: int = 2
+    rounds: int = DEFAULT_ROUNDS
     step: float = DEFAULT_STEP
     damping: float = ADMM_DAMPING
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)
@@ -91,11 +91,8 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
                     # the gradient's direction at the residual's size: products of Jacobians grow toward
                     # block 0 (measured on SmolLM2: |g_0| >> |g_B|), and a raw step there diverges
                     g = g * (residual / max(float(g.norm()), 1e-30))
-                    with torch.no_grad():
-                        out = torch.stack([run_block(module, inp, block_overrides(state.model, block, state.groups,
-                                                                                 keep, weights)) for inp in stream])
-                    refit_exit(state.model, block, state.groups, module, exits[block.index], stream,
-                               out.cpu() - eta * g, keep, weights, state.damping)
+                    refit_exit(state.model, block, state.groups, module, exits[block.index], stream, -eta * g,
+                               keep, weights, state.damping, move=True)
                 overrides = block_overrides(state.model, block, state.groups, keep, weights)
                 with torch.no_grad():
                     stream = [inp.with_stream(run_block(module, inp, overrides)) for inp in stream] \

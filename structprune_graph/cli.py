@@ -274,6 +274,11 @@ def _export(args: argparse.Namespace) -> int:
 
     if not (args.onnx or args.onnx_decoder or args.gguf):
         raise ValueError("export: name a target, --onnx FILE, --onnx-decoder FILE and/or --gguf FILE")
+    folder = Path(args.folder).resolve()
+    for target in filter(None, (args.onnx, args.onnx_decoder, args.gguf)):
+        path = Path(target).resolve()
+        if path.exists() and folder in path.parents:  # never replace a file of the folder being exported
+            raise ValueError(f"export: {target} is a file of {args.folder}; write the export elsewhere")
     model = load(args.folder)
     if args.onnx:
         _export_and_report(model, Path(args.folder), Path(args.onnx))

@@ -98,20 +98,29 @@ def track_peak_memory(interval_s: float = 0.02) -> Iterator[PeakMemory]:
             peak.cuda_bytes = torch.cuda.max_memory_allocated()
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a transformers model takes its KV cache by (5.2x renamed past_key_values -> cache)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def present_cache(output) -> object:
+    """The KV cache a transformers forward returned."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
 def greedy_tokens(model: nn.Module, prompt: Sequence[int], steps: int) -> list[int]:
     """``steps`` greedy tokens after ``prompt`` (batch 1) with transformers' KV cache and no end-of-sequence
     stop: the reference exported decoders (ONNX with a cache, GGUF in llama.cpp) are checked against."""
-    import inspect
-
     ids = torch.tensor([list(prompt)])
     out: list[int] = []
     past = None
-    # transformers 5.2x renamed the argument past_key_values -> cache
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_argument(model)
     with torch.no_grad():
         for _ in range(steps):
             output = model(ids if past is None else ids[:, -1:], use_cache=True, **{name: past})
-            past = getattr(output, "cache", None) or output.past_key_values
+            past = present_cache(output)
             token = int(output.logits[0, -1].argmax())
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)

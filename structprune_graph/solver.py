@@ -139,10 +139,10 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     partition, inputs = _blocks(model, graph, groups, batches, config)
     by_id = {g.id: g for g in groups}
     placed = [gid for b in partition.blocks for gid in b.group_ids]
+    fit, held = _coordination_split(len(inputs), config)  # their dense final outputs are the rounds' targets
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(sorted(set(_coordination_split(len(inputs), config)[0])
-                                                | set(_coordination_split(len(inputs), config)[1]))),
+        config.damping, keep_final=tuple(sorted(set(fit) | set(held))),
         resident=resident, collective=collective)).state
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed

@@ -177,6 +177,10 @@ def test_export_gguf_and_decoder_from_a_pruned_folder(tiny_model_dir, tmp_path, 
     torch.testing.assert_close(gguf_forward(gguf_path, ids), want, atol=1e-5 * (1 + float(want.abs().max())), rtol=0)
     assert main(["export", str(out), "--onnx-decoder", str(tmp_path / "decoder.onnx")]) == 0
     assert "onnxruntime generates PyTorch's 16 greedy tokens with its cache" in capsys.readouterr().out
+    weights = (out / "model.safetensors").read_bytes()
+    assert main(["export", str(out), "--gguf", str(out / "model.safetensors")]) == 2
+    assert "is a file of" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights  # the folder's weights are untouched
     assert main(["export", str(out)]) == 2
     assert "name a target, --onnx FILE, --onnx-decoder FILE and/or --gguf FILE" in capsys.readouterr().err
 

@@ -75,6 +75,18 @@ def test_shards_are_round_robin_and_too_many_ranks_is_refused():
     assert Collective(world=2).owners([1.0, 8.0, 1.0, 1.0]) == [1, 0, 1, 1]
 
 
+def test_settings_that_cannot_be_shared_across_ranks_are_refused_before_any_work():
+    from structprune_graph.pruning import select_groups
+    from structprune_graph.solver import _every_rank_has, prepare
+
+    with pytest.raises(DistributedError, match="SolverConfig.tau_batches must be at least the number of ranks"):
+        _every_rank_has([], Collective(rank=1, world=2), "tau_batches")
+    _, model, graph = traced("llama")
+    with pytest.raises(DistributedError, match="ADMM rounds .* are not distributed yet"):
+        prepare(model, graph, select_groups(graph), lm_batches(2), SolverConfig(rounds=1),
+                collective=Collective(rank=0, world=2))
+
+
 def test_distributed_without_a_process_group_is_a_clear_error():
     _, model, _ = traced("llama")
     with pytest.raises(DistributedError, match="needs an initialised process group"):
