@@ -16,12 +16,16 @@ delta to the block's output; a block without one only takes part in steps (ii) a
 on ``batches`` (a subset of the calibration data); a, u and p live in an ``ActivationStore`` (CPU, then
 disk). After the rounds, the weights of the round with the lowest output error on the subset are kept
 (round 0 is the sequential solution itself). Zero rounds returns the solution unchanged.
+
+Given a and u, the block steps are independent, and so are the q_b: with several ranks (``collective``)
+block b is re-fitted on rank b mod K, which then broadcasts its exit weight, p_b and q_{b-1}; the cheap
+element-wise steps (ii)-(iii) run on every rank, so a and u stay identical everywhere.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -29,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.distributed import LOCAL, Collective
 from structprune_graph.graph import Group
 from structprune_graph.streaming import resident
 from structprune_graph.verify import InvariantError
@@ -59,6 +64,9 @@ class AdmmRequest:
     rho: float = DEFAULT_RHO
     damping: float = ADMM_DAMPING
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
+    # ranks sharing the batches: each holds its share of inputs, dense_final and ("pruned", b); the rounds
+    # gather them and solve block b on rank b mod K
+    collective: Collective = field(default=LOCAL, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,9 @@ def residual_exit(module: nn.Module, inp: BlockInput, overrides: Mapping[str, to
 class AdmmPass(Pass[AdmmRequest, AdmmResult]):
     def call(self, state: AdmmRequest) -> PassResult[AdmmResult]:
         blocks = state.partition.blocks
+        col = state.collective
+        if col.active:
+            state = _gathered(state)
         store = state.store
         keep, weights = state.solution.keep, dict(state.solution.new_weights)
         errors = [self._output_error(state, weights)]
@@ -101,8 +112,9 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
             store.put(("a", b), store.get(("pruned", b)))
             store.put(("u", b), torch.zeros_like(store.get(("pruned", b))))
         best = (errors[0], 0, dict(weights))
+        mine = [block for block in blocks if _owner(block.index, col) == col.rank]  # every block in one process
         for k in tqdm(range(1, state.rounds + 1), desc="admm", leave=False):
-            for block in blocks:  # (i) block step; the buffers live on the CPU, the blocks on their device
+            for block in mine:  # (i) block step: independent given a and u; buffers on the CPU, blocks on their device
                 target = (store.get(("a", block.index)) - store.get(("u", block.index))
                           if block.index < len(blocks) - 1 else state.dense_final.cpu())
                 if exits.get(block.index):
@@ -112,9 +124,14 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
                 p = self._forward(state, block, self._inputs(state, block.index), keep, weights)
                 if block.index < len(blocks) - 1:
                     store.put(("p", block.index), p)
+            for b in range(len(blocks) - 1):  # q_b = f_{b+1}(a_b) with block b+1's new weights
+                if _owner(b + 1, col) == col.rank:
+                    store.put(("q", b), self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep,
+                                                      weights).cpu())
+            if col.active:
+                self._share_round(state, exits, weights, k)
             for b in range(len(blocks) - 1):  # (ii) auxiliary step on blocks b and b+1, (iii) dual step
-                a, u, p = store.get(("a", b)), store.get(("u", b)), store.get(("p", b))
-                q = self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep, weights).cpu()
+                a, u, p, q = (store.get((name, b)) for name in ("a", "u", "p", "q"))
                 if b + 1 < len(blocks) - 1:  # a_{b+1} is still the previous round's: a Jacobi sweep
                     nxt = store.get(("a", b + 1)) - store.get(("u", b + 1))
                     a_new = ((p + u) + (a + nxt - q)) / 2
@@ -131,6 +148,23 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
         return PassResult(AdmmResult(solution, tuple(errors), best[1], len(exits)), modified=best[1] > 0)
 
     @staticmethod
+    def _share_round(state: AdmmRequest, exits: Mapping[int, str], weights: dict, k: int) -> None:
+        """Block-parallel rounds: each block's re-fitted exit weight and boundary activations (p_b, and
+        q_{b-1} = f_b(a_{b-1})) go from the block's owner to every rank."""
+        col, blocks, store = state.collective, state.partition.blocks, state.store
+        for block in blocks:
+            src, where = _owner(block.index, col), f"admm round {k}: block {block.index}"
+            if exits.get(block.index):
+                name = f"{block.path + '.' if block.path else ''}{exits[block.index]}.weight"
+                weights[name] = col.broadcast(weights[name] if col.rank == src else None, src, where)
+            if block.index < len(blocks) - 1:
+                store.put(("p", block.index), col.broadcast(
+                    store.get(("p", block.index)) if col.rank == src else None, src, where))
+            if block.index > 0:
+                store.put(("q", block.index - 1), col.broadcast(
+                    store.get(("q", block.index - 1)) if col.rank == src else None, src, where))
+
+    @staticmethod
     def _inputs(state: AdmmRequest, b: int) -> list[BlockInput]:
         if b == 0:
             return list(state.inputs)
@@ -145,13 +179,32 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
             return torch.stack([run_block(module, inp, overrides) for inp in inputs])
 
     def _output_error(self, state: AdmmRequest, weights) -> float:
-        inputs = list(state.inputs)
+        """Relative error of the pruned model's final output; with several ranks each runs its share of
+        the (gathered) batches through every block and the sums are added."""
+        col = state.collective
+        share = range(col.rank, len(state.inputs), col.world)  # global indices, this rank's round-robin share
+        inputs = [state.inputs[i] for i in share]
         out = None
         for block in state.partition.blocks:
             out = self._forward(state, block, inputs, state.solution.keep, weights)
             inputs = [inp.with_stream(out[i]) for i, inp in enumerate(inputs)]
-        return relative_error(list(out), list(state.dense_final))
+        return relative_error(list(out) if out is not None else [], [state.dense_final[i] for i in share], col)
 
+
+def _owner(block_index: int, collective: Collective) -> int:
+    return block_index % collective.world
+
+
+def _gathered(state: AdmmRequest) -> AdmmRequest:
+    """The request with every rank's share of the coordination batches (inputs, dense final outputs and the
+    sequential solution's block outputs) gathered on every rank, in global batch order."""
+    col = state.collective
+    where = "admm: gather the coordination batches"
+    inputs = col.gather_shards(list(state.inputs), where)
+    finals = torch.stack(col.gather_shards(list(state.dense_final), where))
+    for b in range(len(state.partition.blocks) - 1):
+        state.store.put(("pruned", b), torch.stack(col.gather_shards(list(state.store.get(("pruned", b))), where)))
+    return replace(state, inputs=inputs, dense_final=finals)
 
 
 def exits_of(model: nn.Module, partition: Partition, groups: Mapping[str, Group], first_input: BlockInput,

@@ -10,7 +10,10 @@ to rank i mod K. What the solver reduces across ranks, block by block:
 - the work on those statistics: each independent task of a block (a group's OBS curve in calibration, a
   cluster of groups that share consumer layers in the solve) is owned by one rank, balanced by its cost
   (the cube of its matrix sizes), computed there and broadcast to all, so every rank continues with the
-  same curves, keep-sets and re-fitted weights.
+  same curves, keep-sets and re-fitted weights;
+- ADMM rounds (passes/admm.py) run block-parallel: the coordination batches are gathered on every rank
+  once, block b's re-fit runs on rank b mod K, and only block-boundary activations and the re-fitted exit
+  weights are broadcast.
 
 The allocation is computed on every rank from identical curves and losses. Rank 0 alone writes output.
 A rank that fails makes its collectives fail on the others; that is reported as ``DistributedError``
@@ -125,17 +128,36 @@ class Collective:
         """Run each task on its owner and give every rank every result (broadcast from the owner)."""
         if not self.active:
             return [task() for task in tasks]
-        import torch.distributed as dist
-
         owner = self.owners(costs)
         results: list[Any] = [tasks[i]() if owner[i] == self.rank else None for i in range(len(tasks))]
-        self.traffic["broadcast"] += sum(len(pickle.dumps(r)) for i, r in enumerate(results) if owner[i] == self.rank)
+        return [self.broadcast(results[i], owner[i], stage) for i in range(len(tasks))]
+
+    def broadcast(self, value: T, src: int, stage: str) -> T:
+        """``value`` from rank ``src`` on every rank (the others pass anything, e.g. None)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        if self.rank == src:
+            self.traffic["broadcast"] += len(pickle.dumps(value))
+        box = [value if self.rank == src else None]
         with self.stage(stage):
-            for i in range(len(tasks)):
-                box = [results[i]]
-                dist.broadcast_object_list(box, src=owner[i], device=self._device())
-                results[i] = box[0]
-        return results
+            dist.broadcast_object_list(box, src=src, device=self._device())
+        return box[0]
+
+    def gather_shards(self, local: Sequence[T], stage: str) -> list[T]:
+        """Every rank's share of a round-robin sharded list, as the whole list in global order on every rank
+        (global item g is item g // world of rank g % world)."""
+        if not self.active:
+            return list(local)
+        import torch.distributed as dist
+
+        shards: list[Any] = [None] * self.world
+        self.traffic["all_gather"] += len(pickle.dumps(list(local)))
+        with self.stage(stage):
+            dist.all_gather_object(shards, list(local))
+        total = sum(len(s) for s in shards)
+        return [shards[g % self.world][g // self.world] for g in range(total)]
 
     def barrier(self, stage: str) -> None:
         if self.active:

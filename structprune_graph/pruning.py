@@ -253,8 +253,10 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             prepared = time.perf_counter()
             solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
+            solving = time.perf_counter() - prepared - solved.coordination_seconds
             details = {**solver_details(solver, solved), "stage_seconds": {
-                "dense sweep": round(prepared - started, 2), "allocate and solve": round(time.perf_counter() - prepared, 2)}}
+                "dense sweep": round(prepared - started, 2), "allocate and solve": round(solving, 2),
+                "coordinate": round(solved.coordination_seconds, 2)}}
             if collective.active:
                 details["distributed"] = {"ranks": collective.world, "rank": collective.rank,
                                           "bytes_sent": dict(collective.traffic)}

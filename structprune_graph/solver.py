@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
@@ -118,6 +119,7 @@ class SolverResult:
     target_params: int = 0
     excluded: Mapping[str, str] = field(default_factory=dict)
     sequential_weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # before ADMM
+    coordination_seconds: float = 0.0  # wall time of the rounds (ADMM or propagate)
 
 
 def _max_remove(group: Group, max_prune: float) -> int:
@@ -132,14 +134,15 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     """Partition the model and run the dense block-wise sweep (shared by every sparsity). ``resident``
     makes a block's weights available before a pass reads them (a ``WeightStreamer`` for weights on disk);
     ``collective``: the ranks that share the calibration batches, ``batches`` being this rank's share."""
-    if collective.active and config.rounds:
-        raise DistributedError("distributed runs solve blocks in sequence: ADMM rounds (rounds > 0) are not "
-                               "distributed yet; use rounds=0 (the default)")
+    if collective.active and config.rounds and config.coordination != "admm":
+        raise DistributedError(f"coordination={config.coordination!r} is not distributed; use rounds=0 or "
+                               f"coordination='admm' (block-parallel rounds)")
     groups = tuple(groups)
     partition, inputs = _blocks(model, graph, groups, batches, config)
     by_id = {g.id: g for g in groups}
     placed = [gid for b in partition.blocks for gid in b.group_ids]
-    fit, held = _coordination_split(len(inputs), config)  # their dense final outputs are the rounds' targets
+    total = _global_count(len(inputs), collective)
+    fit, held = _coordination_split(total, config, collective)  # their dense final outputs: the rounds' targets
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
         config.damping, keep_final=tuple(sorted(set(fit) | set(held))),
@@ -288,19 +291,29 @@ def _tau_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
     return fit, list(range(n - held, n)) if held else fit
 
 
-def _coordination_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
-    """Batches the coordination rounds fit on, and (``propagate``) the held-out ones its rounds are chosen
-    on: the last ``tau_holdout`` calibration batches, never fitted."""
+def _global_count(n: int, collective: Collective) -> int:
+    """The number of batches of all ranks together (``n`` on this one)."""
+    return int(collective.sum_floats([n], "count batches")[0]) if collective.active else n
+
+
+def _coordination_split(total: int, config: SolverConfig, collective: Collective = LOCAL) -> tuple[list[int], list[int]]:
+    """Positions (in this rank's share of ``total`` batches) of the batches the coordination rounds fit on,
+    and (``propagate``) of the held-out ones its rounds are chosen on: the last ``tau_holdout`` calibration
+    batches, never fitted. The split is over the global batch indices."""
     if config.coordination != "propagate":
-        return list(range(min(config.admm_batches, n))), []
-    held = min(config.tau_holdout, n // 2)
-    return list(range(min(config.admm_batches, n - held))), list(range(n - held, n))
+        fit, held = range(min(config.admm_batches, total)), range(0)
+    else:
+        h = min(config.tau_holdout, total // 2)
+        fit, held = range(min(config.admm_batches, total - h)), range(total - h, total)
+    if collective.active and config.rounds:
+        _every_rank_has(collective.local_positions(fit), collective, "admm_batches")
+    return collective.local_positions(fit), collective.local_positions(held)
 
 
 def _every_rank_has(positions: Sequence[int], collective: Collective, setting: str) -> None:
     if collective.active and not positions:
-        raise DistributedError(f"rank {collective.rank}: no tau-search batch on this rank: SolverConfig.{setting} "
-                               f"must be at least the number of ranks ({collective.world})")
+        raise DistributedError(f"rank {collective.rank}: SolverConfig.{setting} leaves this rank no batch: "
+                               f"SolverConfig.{setting} must be at least the number of ranks ({collective.world})")
 
 
 def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
@@ -313,7 +326,7 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     on ``tau_batches`` batches, scored on ``tau_holdout`` held-out calibration batches: the re-fitted model
     the run returns, judged on text it was not fitted on."""
     # the split is over the global batch indices; this rank uses the ones it holds
-    total = int(collective.sum_floats([len(batches)], "count batches")[0])
+    total = _global_count(len(batches), collective)
     if config.tau_search == "masked":
         mine = collective.local_positions(range(min(config.tau_batches, total)))
         _every_rank_has(mine, collective, "tau_batches")
@@ -371,7 +384,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     if not widths.identity:
         final = rounded(alloc.counts)
         counts, removed = final.counts, final.removed_params
-    fit_idx, held_idx = _coordination_split(len(state.inputs), config)
+    fit_idx, held_idx = _coordination_split(_global_count(len(state.inputs), collective), config, collective)
     admm_idx = tuple(fit_idx) if config.rounds and config.coordination == "admm" else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
@@ -382,6 +395,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective)).state
         sequential = solution.new_weights
         admm_errors, best, coordination = (), 0, ((), ())
+        started = time.perf_counter()
         if config.rounds and len(state.partition.blocks) > 1 and config.coordination == "propagate":
             if not held_idx:
                 raise StructPruneError("coordination='propagate' chooses its rounds on held-out calibration "
@@ -398,13 +412,15 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             finals = torch.stack([state.calibration.final_outputs[i] for i in admm_idx])
             result = AdmmPass()(AdmmRequest(model, state.partition, state.groups, [state.inputs[i] for i in admm_idx],
                                             finals, solution, store, config.rounds, config.rho,
-                                            config.admm_damping, resident)).state
+                                            config.admm_damping, resident, collective)).state
             solution, admm_errors, best = result.solution, result.output_errors, result.best_round
+        rounds_seconds = time.perf_counter() - started
     finally:
         store.close()
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.losses, solution.block_errors, admm_errors,
-                        best, *coordination, removed, alloc.target_params, dict(state.excluded), sequential)
+                        best, *coordination, removed, alloc.target_params, dict(state.excluded), sequential,
+                        rounds_seconds)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

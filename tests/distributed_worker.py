@@ -1,6 +1,6 @@
 """One rank of a distributed pruning in the tests (run as a subprocess by test_distributed.py):
 ``python distributed_worker.py RANK WORLD INIT_FILE OUT MODE`` with MODE ``prune`` (rank 0 saves the plan
-and weights to OUT), ``fail`` (rank 1 raises inside its first re-fit) or ``stream`` (prune_checkpoint of the
+and weights to OUT), ``admm`` (the same with 3 block-parallel ADMM rounds), ``fail`` (rank 1 raises inside its first re-fit) or ``stream`` (prune_checkpoint of the
 folder in OUT's parent, written by rank 0 to OUT). Errors go to OUT.rankN.err and exit 1."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> int:
             def broken(*args, **kwargs):
                 raise ValueError("rank 1 broke in its re-fit")
             solve_pass.least_squares = broken
-        config = SolverConfig(tau_batches=4)
+        config = SolverConfig(tau_batches=4, rounds=3 if mode == "admm" else 0)
         if mode == "stream":
             sp.prune_checkpoint(out.parent / "checkpoint", lm_batches(8), 0.4, out, solver=config, distributed=True)
             return 0
@@ -42,7 +42,9 @@ def main() -> int:
         result = sp.prune(model, lm_batches(8), 0.4, solver=config, distributed=True)
         if rank == 0:
             torch.save({"keep": dict(result.plan.keep), "state": result.model.state_dict(),
-                        "tau": result.report.solver["tau"], "block_errors": result.report.solver["block_errors"]}, out)
+                        "tau": result.report.solver["tau"], "block_errors": result.report.solver["block_errors"],
+                        "admm": result.report.solver["admm_output_errors"],
+                        "traffic": dict(result.report.solver["distributed"]["bytes_sent"])}, out)
         return 0
     except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
         Path(f"{out}.rank{rank}.err").write_text(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
