@@ -200,10 +200,14 @@ def _gathered(state: AdmmRequest) -> AdmmRequest:
     sequential solution's block outputs) gathered on every rank, in global batch order."""
     col = state.collective
     where = "admm: gather the coordination batches"
+
+    def rows(stacked: torch.Tensor) -> list[torch.Tensor]:  # one storage each: a pickled view sends its whole base
+        return [row.clone() for row in stacked]
+
     inputs = col.gather_shards(list(state.inputs), where)
-    finals = torch.stack(col.gather_shards(list(state.dense_final), where))
+    finals = torch.stack(col.gather_shards(rows(state.dense_final), where))
     for b in range(len(state.partition.blocks) - 1):
-        state.store.put(("pruned", b), torch.stack(col.gather_shards(list(state.store.get(("pruned", b))), where)))
+        state.store.put(("pruned", b), torch.stack(col.gather_shards(rows(state.store.get(("pruned", b))), where)))
     return replace(state, inputs=inputs, dense_final=finals)
 
 

@@ -1,7 +1,9 @@
 """A stock transformers config for a pruned model, when one config can describe it.
 
 Stock ``from_pretrained`` builds every layer from the same sizes, so a pruned model loads without this
-library only when every layer kept the same width of each kind (``prune(..., uniform=True)``). The sizes
+library when every layer kept the same width of each kind (``prune(..., uniform=True)``), or when its
+architecture reads transformers' heterogeneous ``per_layer_config`` (in transformers 5.24 a few newer
+modeling files do; Llama, Mistral and Qwen2 do not, which a test checks). The sizes
 are read from the pruned layers themselves (the table below: which config field, which layer of each
 decoder block, which attribute, whether it counts heads) and written into a copy of the config. The
 config is only offered when every table entry is found in every layer with one value; ``save`` then
@@ -46,14 +48,17 @@ def _head_dim(config: Any) -> Optional[int]:
 
 
 def stock_config(model: nn.Module, dense_config: Any) -> tuple[Optional[Any], str]:
-    """(the config with the pruned sizes, "") when every layer has the same sizes, else (None, why)."""
+    """(the config with the pruned sizes, "") when a stock config describes the pruned model, else (None, why).
+    Sizes that differ across layers go to transformers' ``per_layer_config`` (a sparse map from layer index
+    to overrides), offered only where the architecture builds the same shapes from it (checked on the meta
+    device: most modeling files, Llama's included, do not read it)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         return None, f"{type(model).__name__} has no model.layers list"
     head_dim = _head_dim(dense_config)
-    sizes: dict[str, int] = {}
+    sizes: dict[str, list[int]] = {}  # config field -> its value in each layer
     for entry in STOCK_SIZES:
-        values = set()
+        values = []
         for block in layers:
             try:
                 layer = block.get_submodule(entry.layer)
@@ -64,18 +69,29 @@ def stock_config(model: nn.Module, dense_config: Any) -> tuple[Optional[Any], st
                 if not head_dim or value % head_dim:
                     return None, f"{entry.layer}.{entry.attribute} = {value} is not whole heads of {head_dim}"
                 value //= head_dim
-            values.add(value)
-        if len(values) != 1:
-            return None, f"{entry.field} differs across layers ({sorted(values)}); prune with uniform=True"
-        sizes[entry.field] = values.pop()
+            values.append(value)
+        sizes[entry.field] = values
     embed = model.get_input_embeddings()
     config = copy.deepcopy(dense_config)
-    for name, value in sizes.items():
-        setattr(config, name, value)
+    varying = {name: values for name, values in sizes.items() if len(set(values)) > 1}
+    for name, values in sizes.items():
+        if name not in varying:
+            setattr(config, name, values[0])
     if head_dim:
         config.head_dim = head_dim  # no longer hidden_size / num_attention_heads
     config.hidden_size = int(embed.embedding_dim)
-    extra = _parameters_beyond(model, config)
+    try:
+        if varying:  # transformers' heterogeneous config: a sparse map from layer index to overrides
+            config.per_layer_config = {i: {name: values[i] for name, values in varying.items()}
+                                       for i in range(len(layers))}
+        extra = _parameters_beyond(model, config)  # builds the architecture from the config (meta device)
+    except Exception as err:  # noqa: BLE001 - with per-layer sizes: this architecture cannot take them
+        if not varying:
+            raise
+        name, values = next(iter(varying.items()))
+        return None, (f"{name} differs across layers ({sorted(set(values))}) and {type(model).__name__} does not "
+                      f"build from transformers' per_layer_config ({type(err).__name__}); prune with uniform=True "
+                      f"for a stock config")
     if extra:  # e.g. FLAP's compensation biases on o_proj / down_proj: no config switch adds only those
         return None, f"the pruned model has parameters its architecture's config cannot describe ({', '.join(extra)})"
     return config, ""

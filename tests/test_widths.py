@@ -108,11 +108,55 @@ def test_non_uniform_pruning_keeps_the_dense_config_and_says_why(tmp_path):
     assert json.loads((out / "structprune.json").read_text())["config"] == "dense+plan"
     why = json.loads((out / "report.json").read_text())["metrics"]["loads_with"]
     assert "structprune_graph.load only" in why and "differs across layers" in why and "--gguf" in why
+    assert "LlamaForCausalLM does not build from transformers' per_layer_config" in why  # transformers 5.24
     loaded = sp.load(out)  # generates with a KV cache: the same tokens as without one
     ids = torch.tensor([[5, 17, 3, 60]])
     cached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape == (1, 10) and torch.equal(cached, uncached)
+
+
+def test_per_layer_sizes_go_to_per_layer_config_where_the_architecture_reads_it():
+    """An architecture whose layers read ``config.per_layer_config[i]`` gets the pruned widths per layer (only
+    the sizes that vary), and the config builds exactly the pruned shapes."""
+    import transformers
+    from torch import nn
+
+    from structprune_graph.hf_config import stock_config
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.self_attn, self.mlp = nn.Module(), nn.Module()
+            self.self_attn.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
+            self.self_attn.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+            self.mlp.up_proj = nn.Linear(c.hidden_size, c.intermediate_size)
+
+    class PerLayerLM(transformers.PreTrainedModel):
+        config_class = transformers.LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList(
+                Block(config.per_layer_config[i] if config.is_heterogeneous else config)
+                for i in range(config.num_hidden_layers))
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    dense = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    pruned = PerLayerLM(dense)
+    for layer, width in zip(pruned.model.layers, (96, 40, 64)):  # MLP widths differ, heads do not
+        layer.mlp.up_proj = nn.Linear(64, width)
+    config, why = stock_config(pruned, dense)
+    assert why == "" and config.is_heterogeneous
+    assert {i: dict(config.per_layer_config[i].to_dict()).get("intermediate_size") for i in range(3)} == \
+        {0: 96, 1: 40, 2: 64}
+    rebuilt = PerLayerLM(config)
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in pruned.named_parameters()}
 
 
 def test_uniform_flap_keeps_the_dense_config_because_of_its_biases(tmp_path):

@@ -1,0 +1,132 @@
+"""Probes on the development windows of the generalization protocol (issue 12): which part of the solver
+loses perplexity on text it was not calibrated on? SmolLM2-135M, calibration on Austen (16 x 512), scored
+on the development windows of Austen and pydoc (never on an evaluation window); the score is the geometric
+mean over the two of ppl / dense ppl, as in ``generalization.py``.
+
+``--probe selection``: selection against compensation, at one sparsity. FLAP's keep-set and structprune's,
+each with the other's compensation (FLAP: bias compensation; structprune: the least-squares re-fit) and
+with none; then the two halves of a keep-set apart: FLAP's counts per group with structprune's OBS order
+inside each group (and the re-fit), structprune's counts with FLAP's order; and structprune on MLP channels
+only, at the sparsity that removes the same number of parameters (no attention heads).
+
+``--probe damping``: the OBS selection's damping d (``SolverConfig.damping``: H + d mean(diag H) I), the
+re-fit's ridge left at its default.
+
+Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
+cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probe", choices=("selection", "damping"), required=True)
+    parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
+    parser.add_argument("--out", default="examples/results")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import generalization as G
+    import structprune_graph as sp
+    from structprune_graph.passes.allocate import prunable_params
+    from structprune_graph.passes.rewrite import ApplyPass, RewriteRequest
+    from structprune_graph.passes.score import ScorePass, ScoreRequest
+    from structprune_graph.passes.solve import BlockSolvePass, BlockSolveRequest
+    from structprune_graph.pruning import refit, select_groups
+    from structprune_graph.solver import SolverConfig
+
+    out = Path(args.out)
+    setup = argparse.Namespace(calib_samples=16, seqlen=512, eval_windows=4, out=str(out))
+    model, calib, dev, _ = G.setup(setup)  # the evaluation windows are never touched here
+    batches = G.batches_of(calib["austen"])
+    dense = G.ppl(model, dev)
+    rows_path, md_path = out / "generalization_probes.jsonl", out / "generalization_probes.md"
+
+    def emit(run: str, pruned, started: float, **extra) -> None:
+        d = G.ppl(pruned, dev)
+        score = math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
+        row = {"probe": args.probe, "run": run, "sparsity": args.sparsity, "calib": "austen", "dev": d,
+               "dense_dev": dense, "score": round(score, 4), "seconds": round(time.perf_counter() - started), **extra}
+        print(json.dumps(row), flush=True)
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        md_path.write_text(table([json.loads(line) for line in rows_path.read_text().splitlines()]))
+
+    if args.probe == "damping":
+        for d in args.dampings:
+            t = time.perf_counter()
+            r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d))
+            emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
+        return
+
+    t = time.perf_counter()
+    flap = sp.prune(model, batches, args.sparsity, method="flap")
+    emit("flap: FLAP keep-set + bias compensation", flap.model, t)
+    t = time.perf_counter()
+    ours = sp.prune(model, batches, args.sparsity)
+    emit("structprune: OBS keep-set + re-fit", ours.model, t, tau=ours.report.solver["tau"])
+    graph, groups = ours.graph, select_groups(ours.graph, None)
+    removed = {name: {g.id: g.size - len(r.plan.keep.get(g.id, range(g.size))) for g in groups}
+               for name, r in (("flap", flap), ("structprune", ours))}
+    kind_of = {g.id: g.kind for g in groups}
+    by_kind = {name: dict(sum((Counter({kind_of[gid]: n}) for gid, n in c.items()), Counter())) for name, c in removed.items()}
+
+    t = time.perf_counter()
+    w = refit(model, graph, groups, flap.plan.keep, batches, SolverConfig())
+    emit("FLAP keep-set + re-fit", ApplyPass()(RewriteRequest(model, graph, flap.plan.keep, {}, w)).state, t)
+    t = time.perf_counter()
+    emit("FLAP keep-set, no compensation", ApplyPass()(RewriteRequest(model, graph, flap.plan.keep, {}, {})).state, t)
+
+    t = time.perf_counter()  # FLAP's counts, the OBS order inside each group, the re-fit
+    st = ours.solver_state
+    sol = BlockSolvePass()(BlockSolveRequest(model, st.partition, st.groups, st.inputs,
+                                             {g: n for g, n in removed["flap"].items() if g in st.groups},
+                                             SolverConfig().damping, True)).state
+    emit("FLAP counts, OBS order + re-fit", ApplyPass()(RewriteRequest(model, graph, dict(sol.keep), {},
+                                                                       dict(sol.new_weights))).state, t)
+    t = time.perf_counter()  # structprune's counts, FLAP's order inside each group, the re-fit
+    scores = ScorePass()(ScoreRequest(model, tuple(groups), "flap", flap.calibration)).state.per_unit
+    keep = {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -scores[g.id][u])[:g.size - removed["structprune"][g.id]]))
+            for g in groups}
+    w = refit(model, graph, groups, keep, batches, SolverConfig())
+    emit("structprune counts, FLAP order + re-fit", ApplyPass()(RewriteRequest(model, graph, keep, {}, w)).state, t)
+
+    t = time.perf_counter()  # no attention heads: MLP channels only, the same parameters removed
+    mlp = [g for g in groups if g.kind == "mlp_channel"]
+    shapes = graph.param_shapes
+    share = prunable_params(tuple(groups), shapes) / prunable_params(tuple(mlp), shapes)
+    r = sp.prune(model, batches, args.sparsity * share, kinds=["mlp_channel"])
+    emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
+         removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
+         removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["Development windows only (calibration: Austen, 16 x 512; score: geometric mean of ppl / dense ppl "
+             "over the two development domains).", "",
+             "| probe | sparsity | run | dev austen | dev pydoc | score | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['probe']} | {r['sparsity']:.0%} | {r['run']} | {r['dev']['austen']:.2f} | "
+                     f"{r['dev']['pydoc']:.2f} | {r['score']:.3f} | {r['seconds']} |")
+    dense = rows[0]["dense_dev"] if rows else {}
+    if dense:
+        lines += ["", f"Dense: austen {dense['austen']:.2f}, pydoc {dense['pydoc']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
