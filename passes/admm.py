@@ -124,14 +124,14 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
                 p = self._forward(state, block, self._inputs(state, block.index), keep, weights)
                 if block.index < len(blocks) - 1:
                     store.put(("p", block.index), p)
-            for b in range(len(blocks) - 1):  # q_b = f_{b+1}(a_b) with block b+1's new weights
-                if _owner(b + 1, col) == col.rank:
-                    store.put(("q", b), self._forward(state, blocks[b + 1], self._inputs(state, b + 1), keep,
-                                                      weights).cpu())
-            if col.active:
+            if col.active:  # q_b = f_{b+1}(a_b) on block b+1's owner, then shared (one process: inline below)
+                for b in range(len(blocks) - 1):
+                    if _owner(b + 1, col) == col.rank:
+                        store.put(("q", b), self._q(state, b, keep, weights))
                 self._share_round(state, exits, weights, k)
             for b in range(len(blocks) - 1):  # (ii) auxiliary step on blocks b and b+1, (iii) dual step
-                a, u, p, q = (store.get((name, b)) for name in ("a", "u", "p", "q"))
+                a, u, p = (store.get((name, b)) for name in ("a", "u", "p"))
+                q = store.get(("q", b)) if col.active else self._q(state, b, keep, weights)
                 if b + 1 < len(blocks) - 1:  # a_{b+1} is still the previous round's: a Jacobi sweep
                     nxt = store.get(("a", b + 1)) - store.get(("u", b + 1))
                     a_new = ((p + u) + (a + nxt - q)) / 2
@@ -146,6 +146,10 @@ class AdmmPass(Pass[AdmmRequest, AdmmResult]):
                 best = (errors[-1], k, dict(weights))
         solution = BlockSolution(keep, best[2], state.solution.block_errors)
         return PassResult(AdmmResult(solution, tuple(errors), best[1], len(exits)), modified=best[1] > 0)
+
+    def _q(self, state: AdmmRequest, b: int, keep, weights) -> torch.Tensor:
+        """q_b = f_{b+1}(a_b): block b+1 with its new weights on the current auxiliary a_b (on the CPU)."""
+        return self._forward(state, state.partition.blocks[b + 1], self._inputs(state, b + 1), keep, weights).cpu()
 
     @staticmethod
     def _share_round(state: AdmmRequest, exits: Mapping[int, str], weights: dict, k: int) -> None:
