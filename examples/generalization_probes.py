@@ -12,6 +12,17 @@ only, at the sparsity that removes the same number of parameters (no attention h
 ``--probe damping``: the OBS selection's damping d (``SolverConfig.damping``: H + d mean(diag H) I), the
 re-fit's ridge left at its default.
 
+``--probe allocation-source``: the allocation (the dense sweep's OBS curves and the tau search) computed on
+other text than the block solve (OBS order and re-fit, always on Austen): on Austen itself, on the model's
+own samples (``self``), and on Austen mixed with them, at every ``--sparsities``.
+
+``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
+(``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
+median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
+``gradient``: a block's errors times the mean squared loss gradient per channel at its output (a
+diagonal-Fisher estimate of the loss increase an error of that size causes there), from one backward pass
+of the calibration batches (the whole model in memory: a probe, not the streaming solver).
+
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
 """
@@ -33,8 +44,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probe", choices=("selection", "damping"), required=True)
+    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
+    parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
+    parser.add_argument("--energies", nargs="+", default=["robust"])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -56,10 +70,10 @@ def main() -> None:
     dense = G.ppl(model, dev)
     rows_path, md_path = out / "generalization_probes.jsonl", out / "generalization_probes.md"
 
-    def emit(run: str, pruned, started: float, **extra) -> None:
+    def emit(run: str, pruned, started: float, sparsity: float = args.sparsity, **extra) -> None:
         d = G.ppl(pruned, dev)
         score = math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
-        row = {"probe": args.probe, "run": run, "sparsity": args.sparsity, "calib": "austen", "dev": d,
+        row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": "austen", "dev": d,
                "dense_dev": dense, "score": round(score, 4), "seconds": round(time.perf_counter() - started), **extra}
         print(json.dumps(row), flush=True)
         with rows_path.open("a") as f:
@@ -71,6 +85,56 @@ def main() -> None:
             t = time.perf_counter()
             r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d))
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
+        return
+
+    if args.probe == "block-energy":
+        for how in args.energies:
+            config = SolverConfig(block_energy="stream" if how == "gradient" else how)
+            reuse = None
+            if how == "gradient":
+                from structprune_graph.solver import allocate, solve
+
+                t = time.perf_counter()
+                graph, groups, state = gradient_scaled(model, batches, config)
+                sweep = time.perf_counter() - t
+                for s in args.sparsities:
+                    t = time.perf_counter() - sweep
+                    alloc = allocate(model, state, batches, s, config, groups)
+                    result = solve(model, state, batches, s, config, groups, allocation=alloc)
+                    pruned = ApplyPass()(RewriteRequest(model, graph, dict(result.keep), {},
+                                                        dict(result.new_weights))).state
+                    emit("structprune, block energy gradient", pruned, t, s, tau=alloc.tau,
+                         removed_per_group=dict(alloc.counts))
+                continue
+            for s in args.sparsities:
+                t = time.perf_counter()
+                r = sp.prune(model, batches, s, solver=config, reuse=reuse)
+                reuse = r
+                emit(f"structprune, block energy {how}", r.model, t, s, tau=r.report.solver["tau"],
+                     removed_per_group={g: len(range(r.graph.group(g).size)) - len(k) for g, k in r.plan.keep.items()})
+        return
+
+    if args.probe == "allocation-source":
+        from structprune_graph.solver import allocate, prepare, solve
+
+        config = SolverConfig()
+        graph = sp.trace(model, batches[0])
+        groups = select_groups(graph, None)
+        t = time.perf_counter()
+        solve_state = prepare(model, graph, groups, batches, config)
+        prepared = time.perf_counter() - t
+        for source in args.sources:
+            t = time.perf_counter()
+            source_batches = batches if source == "austen" else G.batches_of(calib[source])
+            state = solve_state if source == "austen" else prepare(model, graph, groups, source_batches, config)
+            sweep = time.perf_counter() - t + (prepared if source == "austen" else 0.0)
+            for s in args.sparsities:
+                t = time.perf_counter()
+                alloc = allocate(model, state, source_batches, s, config, groups)
+                result = solve(model, solve_state, batches, s, config, groups, allocation=alloc)
+                pruned = ApplyPass()(RewriteRequest(model, graph, dict(result.keep), {}, dict(result.new_weights))).state
+                emit(f"allocation on {source}, solve on austen", pruned, t - sweep, s, tau=alloc.tau,
+                     removed_per_group=dict(alloc.counts))
         return
 
     t = time.perf_counter()
@@ -113,6 +177,54 @@ def main() -> None:
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})
+
+
+def gradient_scaled(model, batches, config):
+    """A ``reuse=`` result whose dense-sweep curves are rescaled per block: error / (input energy) ->
+    error x (mean squared loss gradient per channel at the block's output), the loss gradient taken on the
+    calibration batches."""
+    import dataclasses
+
+    import structprune_graph as sp
+    from structprune_graph.passes.blockwise_calibrate import GroupCurve
+    from structprune_graph.pruning import select_groups
+    from structprune_graph.solver import prepare
+
+    layers = model.model.layers
+    sums = [0.0] * len(layers)
+    count = 0
+    def watch(i):
+        def add(g):
+            sums[i] += float((g.double() ** 2).sum())
+
+        def hook(module, args, out):  # returns None: the output stays as it is
+            (out[0] if isinstance(out, tuple) else out).register_hook(add)
+        return hook
+
+    handles = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(layers)]
+    try:
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            model(**b, labels=b["input_ids"]).loss.backward()
+            count += b["input_ids"].numel() * model.config.hidden_size
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    fisher = [v / count for v in sums]  # per block: mean g^2 per channel and token
+    graph = sp.trace(model, batches[0])
+    groups = select_groups(graph, None)
+    state = prepare(model, graph, groups, batches, config)
+    curves = dict(state.calibration.curves)
+    for block in state.partition.blocks:
+        scale = state.calibration.input_energy[block.index] * fisher[block.index]
+        for gid in block.group_ids:
+            if gid in curves:
+                c = curves[gid]
+                curves[gid] = GroupCurve(c.order, tuple(x * scale for x in c.increments))
+    state = dataclasses.replace(state, calibration=dataclasses.replace(state.calibration, curves=curves))
+    print(json.dumps({"fisher_per_block": fisher}), flush=True)
+    return graph, groups, state
 
 
 def table(rows: list[dict]) -> str:

@@ -33,6 +33,20 @@ VIT = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=96, nu
            num_attention_heads=4, num_labels=5)
 
 
+def _features(seed: int, mel: int = 16, frames: int = 32, batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_features": torch.randn(batch, mel, frames, generator=g)}
+
+
+def _t5_inputs(seed: int) -> dict:
+    tokens = _tokens(seed)
+    return {**tokens, "decoder_input_ids": tokens["input_ids"].flip(1)}
+
+
+def _text_and_pixels(seed: int) -> dict:
+    return {**_tokens(seed), **_pixels(seed)}
+
+
 def _entry(name: str, model_cls: str, config_cls: str, inputs: Callable[[int], Any] = _tokens, **config) -> ZooEntry:
     return ZooEntry(name, _hf(model_cls, config_cls, **config), inputs)
 
@@ -44,6 +58,14 @@ BENCH: tuple[ZooEntry, ...] = (
     _entry("qwen3", "Qwen3ForCausalLM", "Qwen3Config", **DEC, num_key_value_heads=2, head_dim=16),
     _entry("gemma", "GemmaForCausalLM", "GemmaConfig", **DEC, num_key_value_heads=2, head_dim=16),
     _entry("gemma2", "Gemma2ForCausalLM", "Gemma2Config", **DEC, num_key_value_heads=2, head_dim=16),
+    _entry("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", **DEC, num_key_value_heads=2, head_dim=16,
+           sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    _entry("mixtral", "MixtralForCausalLM", "MixtralConfig", **DEC, num_key_value_heads=2, num_local_experts=4,
+           num_experts_per_tok=2),
+    _entry("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **DEC, num_key_value_heads=2, num_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    _entry("olmoe", "OlmoeForCausalLM", "OlmoeConfig", **DEC, num_key_value_heads=2, num_experts=4,
+           num_experts_per_tok=2, pad_token_id=0),
     _entry("phi", "PhiForCausalLM", "PhiConfig", **DEC),
     _entry("phi3", "Phi3ForCausalLM", "Phi3Config", **DEC, num_key_value_heads=2, pad_token_id=0),
     _entry("stablelm", "StableLmForCausalLM", "StableLmConfig", **DEC, num_key_value_heads=2),
@@ -63,6 +85,22 @@ BENCH: tuple[ZooEntry, ...] = (
            n_heads=4, max_position_embeddings=32),
     _entry("albert", "AlbertModel", "AlbertConfig", **ENC, embedding_size=32),
     _entry("electra", "ElectraModel", "ElectraConfig", **ENC, embedding_size=32),
+    _entry("bart", "BartModel", "BartConfig", vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2,
+           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+           max_position_embeddings=32),
+    _entry("t5", "T5ForConditionalGeneration", "T5Config", _t5_inputs, vocab_size=96, d_model=64, d_kv=16, d_ff=96,
+           num_layers=2, num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    _entry("whisper_encoder", "WhisperForAudioClassification", "WhisperConfig", _features, num_mel_bins=16,
+           d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96, max_source_positions=16,
+           decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=96, num_labels=5),
+    _entry("clip", "CLIPModel", "CLIPConfig", _text_and_pixels, projection_dim=32,
+           text_config=dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=32),
+           vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4)),
+    _entry("segformer", "SegformerForSemanticSegmentation", "SegformerConfig", _pixels, num_encoder_blocks=2,
+           depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], patch_sizes=[7, 3],
+           strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=5),
     _entry("vit", "ViTForImageClassification", "ViTConfig", _pixels, **VIT),
     _entry("deit", "DeiTForImageClassification", "DeiTConfig", _pixels, **VIT),
     _entry("dinov2", "Dinov2Model", "Dinov2Config", _pixels, **{k: v for k, v in VIT.items() if k != "num_labels"},

@@ -28,6 +28,7 @@ from torch import nn
 
 from structprune_graph.errors import StructPruneError
 from structprune_graph.evaluate import main_output
+from structprune_graph.tracing import traceable_experts
 
 OPSET = 20
 TWO_GB = 2 * 1024**3
@@ -139,7 +140,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, Path], *
     wrapper = _MainOutput(model, list(named)).eval()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(model):
             program = torch.onnx.export(wrapper, tuple(named.values()), dynamo=True, opset_version=opset,
                                         input_names=list(named), output_names=["output"],
                                         dynamic_shapes=(_dynamic_shapes(named),), verbose=False)

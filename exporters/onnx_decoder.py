@@ -30,6 +30,7 @@ from torch import nn
 from structprune_graph.errors import StructPruneError
 from structprune_graph.evaluate import cache_argument as _cache_argument
 from structprune_graph.evaluate import present_cache as _present
+from structprune_graph.tracing import traceable_experts
 
 from .onnx import OPSET, TWO_GB, ExportError, providers
 
@@ -111,7 +112,7 @@ def export_decoder(model: nn.Module, path: Union[str, Path], *, prompt: Sequence
     names = layout.names()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(model):
             program = torch.onnx.export(wrapper, (ids, mask, *past), dynamo=True, opset_version=opset,
                                         input_names=["input_ids", "attention_mask", *names],
                                         output_names=["logits", *(n.replace("past.", "present.") for n in names)],

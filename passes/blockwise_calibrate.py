@@ -25,6 +25,7 @@ from structprune_graph.graph import Group
 from structprune_graph.module_attrs import input_dim
 from structprune_graph.streaming import resident
 
+from . import experts as fused
 from ._infra import Pass, PassResult
 from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, greedy_obs, is_linear, kernel_size, unfold, unfoldable
 from .partition import Block, Partition
@@ -50,6 +51,7 @@ class BlockCalibrationRequest:
     max_remove: Mapping[str, int]  # group id -> most units the allocator may remove
     damping: float = DEFAULT_DAMPING
     keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
+    block_energy: str = "stream"  # what a block's errors are relative to (``stream_energy``)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
 
@@ -71,6 +73,9 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
     for m in group.members:
         path, _, attr = m.name.rpartition(".")
         local = path[len(block.path) + 1:] if block.path else path
+        if m.is_param and attr != "weight" and fused.fused_input(module.get_submodule(local), attr, m.dim):
+            found.append((f"{local}.{attr}", [torch.tensor(u, dtype=torch.long) for u in m.indices]))
+            continue  # fused experts: one consumer per expert (passes/experts.py)
         if not m.is_param or attr != "weight":
             continue
         layer = module.get_submodule(local)
@@ -87,7 +92,13 @@ class StatsCollector:
     def __init__(self, module: nn.Module, paths: Sequence[str]) -> None:
         self.hessians: dict[str, torch.Tensor] = {}
         self.energies: dict[str, torch.Tensor] = {}
-        self._handles = [module.get_submodule(p).register_forward_pre_hook(self._hook(p)) for p in set(paths)]
+        self._handles = []
+        for p in sorted(set(paths)):
+            owner, _, attr = p.rpartition(".")
+            if is_fused_param(module, p):  # H per expert, under "path#e"
+                self._handles.append(fused.hook_experts(module.get_submodule(owner), p, self.hessians))
+            else:
+                self._handles.append(module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
 
     def _hook(self, path: str):
         def hook(layer: nn.Module, args: tuple) -> None:
@@ -117,10 +128,29 @@ def obs_cost(consumers: Sequence[Consumer]) -> float:
     return float(sum(c.weight.shape[1] ** 3 for c in consumers))
 
 
+def is_fused_param(module: nn.Module, path: str) -> bool:
+    """Whether a consumer path names a fused experts parameter (``mlp.experts.down_proj``), not a layer."""
+    owner, _, attr = path.rpartition(".")
+    return attr == "down_proj" and fused.is_fused_experts(module.get_submodule(owner))
+
+
+def consumer_width(module: nn.Module, path: str) -> int:
+    """Input width of a consumer: a layer's weight's last dim, or a fused expert tensor's."""
+    if is_fused_param(module, path):
+        return int(module.get_parameter(path).shape[-1])
+    return int(module.get_submodule(path).weight.shape[-1])
+
+
 def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsCollector, damping: float,
                     weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[Consumer]:
     out = []
     for path, columns in consumers_of(block, module, group):
+        if is_fused_param(module, path):  # one consumer per expert; an expert no token reached costs nothing
+            for e, w in enumerate(fused.expert_weights(path, module.get_parameter(path), weights)):
+                h = stats.hessians.get(f"{path}{fused.SEP}{e}")
+                h = h if h is not None and bool(h.any()) else torch.eye(w.shape[1], dtype=torch.float64) * 1e-12
+                out.append(Consumer(f"{path}{fused.SEP}{e}", w.clone(), damped(h, damping), columns))
+            continue
         layer = module.get_submodule(path)
         w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight)
         h = stats.hessians.get(path)
@@ -133,8 +163,30 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
     return out
 
 
-def stream_energy(inputs: Sequence[BlockInput]) -> float:
-    return float(sum(float((i.stream.double() ** 2).sum()) for i in inputs if i.args))
+BLOCK_ENERGIES = ("stream", "robust")
+
+
+def channel_energy(inputs: Sequence[BlockInput]) -> torch.Tensor:
+    """Sum of x^2 of the block's input stream per channel (the last dim; dim 1 of a conv net's maps)."""
+    total = None
+    for i in inputs:
+        if not i.args:
+            continue
+        x = i.stream.double()
+        x = x.movedim(1, -1) if x.dim() == 4 else x
+        e = (x ** 2).reshape(-1, x.shape[-1]).sum(0)  # (channels,)
+        total = e if total is None else total + e
+    return total if total is not None else torch.zeros(1, dtype=torch.float64)
+
+
+def stream_energy(per_channel: torch.Tensor, how: str = "stream") -> float:
+    """The energy a block's errors are relative to: ``stream``, the sum over channels; ``robust``, channels
+    x the median channel's, blind to the few massive channels that hold most of a transformer's stream
+    from a middle layer on (SmolLM2: one channel holds 97% from block 12), which make every error there
+    look small."""
+    if how == "robust":
+        return float(per_channel.median()) * per_channel.numel()
+    return float(per_channel.sum())
 
 
 class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
@@ -161,7 +213,9 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
                 stats.close()
             where = f"calibrate block {block.index}"
             stats.reduce(state.collective, where)
-            energy = state.collective.sum_floats([stream_energy(inputs)], where)[0] if block.path else 1.0
+            per_channel = torch.tensor(state.collective.sum_floats(channel_energy(inputs).tolist(), where),
+                                       dtype=torch.float64)
+            energy = stream_energy(per_channel, state.block_energy) if block.path else 1.0
             energies.append(energy)
             work = {}
             for gid in block.group_ids:

@@ -17,10 +17,12 @@ from structprune_graph.verify import verify_forward, verify_rewrite
 from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer, output_dim
 
 from ._infra import Pass, PassResult
+from .experts import is_fused_experts
 
 logger = logging.getLogger(__name__)
 
 Keep = Mapping[str, tuple[int, ...]]
+GROUPED_MM_ALIGNMENT = 8  # channels: grouped_mm's 16-byte strides in fp32 and in 16-bit weights
 REFERENCE_MAX_BYTES = 2 * 2**30  # above: the masked reference (a copy of the model) is not built
 
 
@@ -135,6 +137,7 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         for path in touched_modules:
             fix_layer(model.get_submodule(path))
         self._fix_attention_modules(model, graph, keep)
+        self._fix_fused_experts(model, touched_modules)
         if isinstance(model, fx.GraphModule) and graph.captured.frontend == "fx":
             self._fix_shape_literals(model, graph, keep)
         return PassResult(model, bool(by_name) or bool(state.bias_updates) or bool(state.weight_updates))
@@ -167,6 +170,26 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
                 targets.append((module.config, f"{group.module}.config"))
             for owner, where in targets:
                 _scale_head_attrs(owner, where, gid, scaled, len(indices), group.size, own=owner is module)
+
+    @staticmethod
+    def _fix_fused_experts(model: nn.Module, touched: set) -> None:
+        """Fused experts sliced to a width grouped_mm cannot run (it needs 16-byte strides: a multiple of 8
+        channels covers fp32 and 16-bit weights) run that layer with the ``eager`` loop, on a config of its
+        own; the other layers keep theirs."""
+        for path in sorted(touched):
+            module = model.get_submodule(path)
+            if not is_fused_experts(module):
+                continue
+            width = module.down_proj.shape[-1]  # (experts, hidden, intermediate)
+            if hasattr(module, "intermediate_dim"):
+                module.intermediate_dim = width
+            config = getattr(module, "config", None)
+            if width % GROUPED_MM_ALIGNMENT and getattr(config, "_experts_implementation", None) == "grouped_mm":
+                module.config = copy.deepcopy(config)
+                module.config._experts_implementation = "eager"
+                logger.warning("%s keeps %d expert channels (not a multiple of %d, as grouped_mm needs): this "
+                               "layer runs its experts with the eager loop; round_to=%d keeps grouped_mm", path,
+                               width, GROUPED_MM_ALIGNMENT, GROUPED_MM_ALIGNMENT)
 
     @staticmethod
     def _fix_shape_literals(model: fx.GraphModule, graph: DependencyGraph, keep: Keep) -> None:

@@ -25,7 +25,8 @@ from structprune_graph.streaming import resident
 from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
-from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumers_of
+from . import experts as fused
+from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of, is_fused_param
 from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares
 from .partition import Block, Partition
 
@@ -150,7 +151,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
     def _solve_block(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
                      keep: dict, new_weights: dict) -> None:
         clusters = consumer_clusters(block, module, state.groups)
-        costs = [float(sum(module.get_submodule(p).weight.shape[-1] ** 3 for gid in c
+        costs = [float(sum(consumer_width(module, p) ** 3 for gid in c
                            for p, _ in consumers_of(block, module, state.groups[gid]))) for c in clusters]
         solved = state.collective.map_owned(
             [lambda c=c: BlockSolvePass._solve_cluster(state, block, module, stats, c) for c in clusters], costs,
@@ -187,7 +188,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 gone = dropped_cols.setdefault(c.path, set())
                 gone.update(int(i) for u in removed for i in c.columns[u])
                 w = originals[c.path]
-                if state.reconstruct and c.hessian is not None:
+                if state.reconstruct and c.hessian is not None and c.path in stats.hessians:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
                     w = least_squares(w, damped(stats.hessians[c.path], state.refit_ridge), kept_cols)
                 else:
@@ -198,7 +199,14 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                                          f"solve of group {gid}; raise damping (now {state.damping})")
                 current[c.path] = w
         weights = {}
+        fused_params = {}
         for path, w in current.items():
+            base = path.partition(fused.SEP)[0]
+            if is_fused_param(module, base):
+                fused_params[base] = module.get_parameter(base)
+                continue
             layer = module.get_submodule(path)
             weights[f"{prefix}{path}.weight"] = from_out_in(layer, w, layer.weight)
+        for base, w in fused.assemble(current, fused_params).items():  # (experts, out, in)
+            weights[f"{prefix}{base}"] = w
         return keep, weights

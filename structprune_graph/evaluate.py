@@ -33,13 +33,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
 
 
 def main_output(output) -> torch.Tensor:
-    """The tensor a model's output stands for: ``logits``, else ``last_hidden_state``, else the tensor."""
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(output, attr):
+    """The tensor a model's output stands for: ``logits``, else ``last_hidden_state``, else (contrastive
+    two-tower models such as CLIP) ``logits_per_image``, which reads both towers, else the tensor."""
+    for attr in ("logits", "last_hidden_state", "logits_per_image"):
+        if getattr(output, attr, None) is not None:  # a ModelOutput lists its unset fields as None
             return getattr(output, attr)
     if isinstance(output, torch.Tensor):
         return output
-    raise TypeError(f"{type(output).__name__} has no logits or last_hidden_state and is not a tensor")
+    raise TypeError(f"{type(output).__name__} has no logits, last_hidden_state or logits_per_image and is not a "
+                    f"tensor")
 
 
 def count_params(model: nn.Module) -> int:

@@ -271,6 +271,9 @@ def _kind(comps: list[int], members: list[Space], shapes: Mapping[str, tuple], r
         return "conv_channel" if convs > linears else "mlp_channel"
     if embedded or residual_norm:
         return "hidden"
+    # a fused expert tensor (experts, out, in) read on its last dim: the MLP channels of every expert at once
+    if any(m.is_param and len(shapes[m.name]) == 3 and m.dim == 2 for m in members):
+        return "expert_channel"
     if convs:
         return "conv_channel"
     return "mlp_channel" if linears >= 2 else "channel"

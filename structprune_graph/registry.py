@@ -252,6 +252,8 @@ def default_registry() -> Registry:
         CouplingRule("squeeze", r.squeeze, aten=("aten.squeeze",), functions=(torch.squeeze,), methods=("squeeze",)),
         CouplingRule("expand", r.expand, aten=("aten.expand", "aten.repeat", "aten.broadcast_to", "aten.expand_as"),
                      methods=("expand", "repeat", "expand_as")),
+        CouplingRule("repeat_interleave", r.repeat_interleave, aten=("aten.repeat_interleave",),
+                     methods=("repeat_interleave",)),
         CouplingRule("slice", r.slice_, aten=("aten.slice", "aten.narrow")),
         CouplingRule("select", r.select, aten=("aten.select",), methods=("select",)),
         CouplingRule("split", r.split, aten=("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind",

@@ -151,7 +151,10 @@ def unknown(ctx: FlowContext, a: Mapping[str, Any], out: Any) -> Any:
 
 
 def reduce_dims(ctx: FlowContext, a: Mapping[str, Any], out: Any) -> Any:
-    """mean/sum/var/amax over ``dim``: reduced channels are not mask-exact (zeroing != removing)."""
+    """mean/sum/var/amax over ``dim``: reduced channels are not mask-exact (zeroing != removing).
+    ``max``/``min`` of two tensors (``aten.min.other``, T5's relative position buckets) is element-wise."""
+    if isinstance(a.get("other"), Labelled):
+        return pointwise(ctx, a, out)
     x: Labelled = a["self"] if "self" in a else a["input"]
     dims = a.get("dim")
     if dims is None or dims == []:
@@ -379,16 +382,18 @@ def group_norm(ctx: FlowContext, a: Mapping[str, Any], out: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------- shape / index
-def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Pair runs of input dims with runs of output dims of equal product (size-1 dims stand alone)."""
+def reshape_groups(src: Sequence[int], dst: Sequence[int], src_joins: frozenset = frozenset(),
+                   dst_joins: frozenset = frozenset()) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input dims with runs of output dims of equal product. Size-1 dims stand alone, except
+    those in ``src_joins`` / ``dst_joins``, which join the run that follows them."""
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(src) or j < len(dst):
-        if i < len(src) and src[i] == 1:
+        if i < len(src) and src[i] == 1 and (i not in src_joins or i == len(src) - 1):
             groups.append(([i], []))
             i += 1
             continue
-        if j < len(dst) and dst[j] == 1:
+        if j < len(dst) and dst[j] == 1 and (j not in dst_joins or j == len(dst) - 1):
             groups.append(([], [j]))
             j += 1
             continue
@@ -411,14 +416,32 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
 def reshape(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     """view/reshape/flatten/unflatten. Splitting a channel dim (hidden -> heads x head_dim) keeps the outer
     dim as the unit: the inner block is removed whole (never prune inside a head). Merging a channel dim
-    with data dims repeats its atoms; merging two channel dims is not supported and pins them."""
+    with data dims repeats its atoms; merging two channel dims is not supported and pins them.
+
+    A single head is a channel dim of width 1: split off by a size the code leaves to be inferred (``-1``
+    in ``view(b, n, -1, head_dim)``), or carrying a label when merged back. Such a size-1 dim is paired
+    with the dims after it, so that its head stays one unit rather than its head_dim channels becoming
+    prunable behind a hard-coded ``head_dim``."""
     x: Labelled = a["self"] if "self" in a else a["input"]
     dims: list[Label] = [None] * out.ndim
-    for gi, gj in reshape_groups(x.shape, out.shape):
+    size = a.get("size", a.get("shape"))
+    inferred = frozenset(k for k, v in enumerate(size) if v == -1 and out.shape[k] == 1) \
+        if isinstance(size, (list, tuple)) and len(size) == out.ndim else frozenset()
+    single_heads = frozenset(i for i in range(x.ndim) if x.shape[i] == 1 and x.dims[i] is not None)
+    runs = reshape_groups(x.shape, out.shape, single_heads, inferred)
+    infers = [k for k, v in enumerate(size) if v == -1] if isinstance(size, (list, tuple)) else []
+    for gi, gj in runs:
         labelled = [i for i in gi if x.dims[i] is not None]
         if not labelled or not gj:
             continue
-        if len(gi) == 1 and len(gj) == 1:
+        if len(gi) == 1 and len(gj) == 1 and infers and infers[0] > gj[0]:
+            # the channel count is a constant and a later dim is inferred: once pruned, that dim would absorb
+            # the change and the data be reinterpreted (a count read from another tensor: SegFormer's
+            # ``reshape(b, num_channels, -1)`` after its reduction conv). ``view(-1, channels)``, which
+            # flattens the leading dims, is not affected
+            ctx.pin(x.dims[gi[0]], f"a reshape writes this channel count as a constant ({out.shape[gj[0]]}) and "
+                                   f"infers another dimension (-1): pruned, the data would be reinterpreted")
+        elif len(gi) == 1 and len(gj) == 1:
             dims[gj[0]] = x.dims[gi[0]]
         elif len(gi) == 1:  # split: outer output dim is the unit, inner ones are whole blocks
             blocks = x.dims[gi[0]].view(out.shape[gj[0]], -1)
@@ -455,6 +478,20 @@ def unsqueeze(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled
     x: Labelled = a["self"]
     d = norm_dim(a["dim"], out.ndim)
     return out.with_dims(x.dims[:d] + (None,) + x.dims[d:])
+
+
+def repeat_interleave(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
+    """``x.repeat_interleave(k, dim)``: each slice along ``dim`` repeated k times (a mixture of experts'
+    tokens, one copy per routed expert); channels on the other dims pass, channels repeated are pinned."""
+    x: Labelled = a["self"]
+    dim = a.get("dim")
+    if dim is None:  # flattened first
+        ctx.pin_all(x, "repeat_interleave without a dim flattens the channels")
+        return out.with_dims([None] * out.ndim)
+    d = norm_dim(dim, x.ndim)
+    if x.dims[d] is not None:
+        ctx.pin(x.dims[d], "repeat_interleave repeats these channels")
+    return out.with_dims(tuple(None if i == d else lab for i, lab in enumerate(x.dims)))
 
 
 def squeeze(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:

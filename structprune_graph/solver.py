@@ -24,8 +24,10 @@ from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, AdmmPass, A
 from structprune_graph.passes.allocate import prunable_params
 from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
-from structprune_graph.passes.blockwise_calibrate import (BlockCalibratePass, BlockCalibration,
-                                                          BlockCalibrationRequest, block_module, consumers_of)
+from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration,
+                                                          BlockCalibrationRequest, block_module, consumers_of,
+                                                          is_fused_param)
+from structprune_graph.passes.experts import is_fused_experts
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
@@ -60,6 +62,7 @@ class SolverConfig:
     tau_batches: int = 8  # calibration batches each tau is re-fitted on ("masked": evaluated on)
     tau_holdout: int = 4  # "refit": the last calibration batches, never fitted, each tau is scored on
     max_prune: float = 0.8  # most of a group's units the allocator may remove
+    block_energy: str = "stream"  # a block's OBS errors relative to its input's energy: "stream" or "robust"
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
@@ -82,6 +85,9 @@ class SolverConfig:
         if self.coordination not in COORDINATIONS:
             raise StructPruneError(f"SolverConfig: unknown coordination {self.coordination!r}; choose one of "
                                    f"{COORDINATIONS}")
+        if self.block_energy not in BLOCK_ENERGIES:
+            raise StructPruneError(f"SolverConfig: unknown block_energy {self.block_energy!r}; choose one of "
+                                   f"{BLOCK_ENERGIES}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
@@ -145,7 +151,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     fit, held = _coordination_split(total, config, collective)  # their dense final outputs: the rounds' targets
     calib = BlockCalibratePass()(BlockCalibrationRequest(
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
-        config.damping, keep_final=tuple(sorted(set(fit) | set(held))),
+        config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=config.block_energy,
         resident=resident, collective=collective)).state
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
@@ -235,21 +241,31 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], co
                     continue
                 for path, columns in consumers_of(block, module, state.groups[gid]):
                     full = prefix + path
-                    layer = model.get_submodule(full)
-                    width = layer.weight.shape[1] if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) else layer.weight.shape[0]
+                    if is_fused_param(module, path):  # (experts, out, in): masked on its last dim
+                        width = module.get_parameter(path).shape[-1]
+                    else:
+                        layer = model.get_submodule(full)
+                        width = layer.weight.shape[1] if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) else layer.weight.shape[0]
                     mask = masks.setdefault(full, torch.ones(width))
                     mask[torch.cat([columns[u] for u in units])] = 0.0
         return masks
 
     def score(removed: Mapping[str, Sequence[int]], weights: Mapping[str, torch.Tensor]) -> float:
         handles = []
+        masked_params = set()
         for full, mask in masks_of(removed).items():
+            owner, _, attr = full.rpartition(".")
+            if attr == "down_proj" and is_fused_experts(model.get_submodule(owner)):
+                handles += _swap_weight(model, full, weights, scale=mask)  # a removed channel's column is zero
+                masked_params.add(full)
+                continue
             layer = model.get_submodule(full)
             dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
             shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
             handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s.to(a[0].device), *a[1:])))
         for name in weights:
-            handles += _swap_weight(model, name, weights)
+            if name not in masked_params:
+                handles += _swap_weight(model, name, weights)
         try:
             with torch.no_grad():  # sums over this rank's batches, then over the ranks
                 if dense is None:
@@ -266,9 +282,11 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], co
     return score
 
 
-def _swap_weight(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor]) -> list:
-    """Hooks that put ``weights[name]`` in place of the parameter for the layer's forward (read when the
-    layer runs: a disk-backed store holds one layer's tensor at a time) and put the parameter back after."""
+def _swap_weight(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor],
+                 scale: Optional[torch.Tensor] = None) -> list:
+    """Hooks that put ``weights[name]`` (the parameter itself when absent) times ``scale`` (on its last
+    dim) in place of the parameter for the layer's forward (read when the layer runs: a disk-backed store
+    holds one layer's tensor at a time) and put the parameter back after."""
     path, attr = name.rsplit(".", 1)
     layer = model.get_submodule(path)
     saved: list = []
@@ -276,7 +294,8 @@ def _swap_weight(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor
     def swap_in(module, args):
         current = module._parameters[attr]
         saved.append(current)
-        module._parameters[attr] = weights[name].to(current.device, current.dtype)
+        value = weights[name].to(current.device, current.dtype) if name in weights else current.detach()
+        module._parameters[attr] = value * scale.to(value.device, value.dtype) if scale is not None else value
 
     def swap_back(module, args, output):
         module._parameters[attr] = saved.pop()
@@ -351,21 +370,26 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     return evaluate
 
 
-def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
-          budget_groups: Sequence[Group], resident: Resident = in_memory,
-          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None, widths: WidthRule = WidthRule(),
-          collective: Collective = LOCAL) -> SolverResult:
-    """Allocate the budget, solve the blocks and coordinate them; the model is not modified.
-    ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk);
-    ``widths`` rounds the allocation (multiples of N channels, the same width in every layer);
-    ``collective``: as for ``prepare`` (every rank returns the same result)."""
-    groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
-    if not groups:
-        raise StructPruneError("structprune: every selected group is excluded: " +
-                               "; ".join(f"{k}: {v}" for k, v in list(state.excluded.items())[:3]))
+@dataclass(frozen=True)
+class Allocation:
+    """Units to remove per group (rounded when a ``WidthRule`` asks), the parameters that removes, and the
+    softmax temperature with the loss of every tau tried."""
+
+    counts: Mapping[str, int]
+    removed_params: int
+    target_params: int
+    tau: Optional[float] = None
+    tau_losses: Mapping[float, float] = field(default_factory=dict)
+
+
+def allocate(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
+             budget_groups: Sequence[Group], resident: Resident = in_memory, widths: WidthRule = WidthRule(),
+             collective: Collective = LOCAL) -> Allocation:
+    """Spread the budget over the groups from the dense sweep's OBS curves (softmax over tau, scored on
+    ``batches``); the model is not modified."""
+    groups = _solvable(state)
     shapes = _shapes(model, tuple(budget_groups) + groups)
     curves = state.calibration.curves
-
     target = round(sparsity * prunable_params(tuple(budget_groups), shapes))
 
     def rounded(counts: Mapping[str, int]):  # -> RoundedCounts
@@ -384,6 +408,28 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     if not widths.identity:
         final = rounded(alloc.counts)
         counts, removed = final.counts, final.removed_params
+    return Allocation(dict(counts), removed, alloc.target_params, alloc.tau, dict(alloc.losses))
+
+
+def _solvable(state: SolverState) -> tuple[Group, ...]:
+    groups = tuple(g for gid, g in state.groups.items() if gid not in state.excluded)
+    if not groups:
+        raise StructPruneError("structprune: every selected group is excluded: " +
+                               "; ".join(f"{k}: {v}" for k, v in list(state.excluded.items())[:3]))
+    return groups
+
+
+def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity: float, config: SolverConfig,
+          budget_groups: Sequence[Group], resident: Resident = in_memory,
+          weights_out: Optional[MutableMapping[str, torch.Tensor]] = None, widths: WidthRule = WidthRule(),
+          collective: Collective = LOCAL, allocation: Optional[Allocation] = None) -> SolverResult:
+    """Allocate the budget, solve the blocks and coordinate them; the model is not modified.
+    ``weights_out`` receives the re-fitted weights block by block (e.g. an ``ActivationStore`` on disk);
+    ``widths`` rounds the allocation (multiples of N channels, the same width in every layer);
+    ``collective``: as for ``prepare`` (every rank returns the same result); ``allocation``: counts
+    already chosen (e.g. on other calibration text), solved here on ``state``'s batches."""
+    alloc = allocation or allocate(model, state, batches, sparsity, config, budget_groups, resident, widths, collective)
+    counts, removed = alloc.counts, alloc.removed_params
     fit_idx, held_idx = _coordination_split(_global_count(len(state.inputs), collective), config, collective)
     admm_idx = tuple(fit_idx) if config.rounds and config.coordination == "admm" else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
@@ -418,7 +464,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     finally:
         store.close()
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
-    return SolverResult(keep, solution.new_weights, alloc.tau, alloc.losses, solution.block_errors, admm_errors,
+    return SolverResult(keep, solution.new_weights, alloc.tau, alloc.tau_losses, solution.block_errors, admm_errors,
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), sequential,
                         rounds_seconds)
 

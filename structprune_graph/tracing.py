@@ -70,6 +70,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+# the fused-experts implementation whose graph is plain ATen (index the expert weights by the routed expert,
+# then bmm); grouped_mm goes through transformers' own op, which neither the coupling rules nor the ONNX
+# exporter know
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+@contextmanager
+def traceable_experts(model: nn.Module) -> Iterator[None]:
+    """Run transformers mixture-of-experts layers (fused expert tensors) with ``batched_mm`` while the
+    model is traced or exported, and give the model back with the implementations it came with (a pruned
+    layer may have a config of its own: ``passes/rewrite.py``). The expert tensors are sliced uniformly,
+    so every implementation runs the pruned model."""
+    configs = {id(c): c for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+               if c is not None and getattr(c, "_experts_implementation", None) not in (None, TRACEABLE_EXPERTS)}
+    saved = {key: c._experts_implementation for key, c in configs.items()}
+    for c in configs.values():
+        c._experts_implementation = TRACEABLE_EXPERTS
+    try:
+        yield
+    finally:
+        for key, c in configs.items():
+            c._experts_implementation = saved[key]
+
+
 def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     """transformers decoders return a KV cache object that export cannot return; ask for none."""
     try:
@@ -82,7 +106,8 @@ def _without_cache(model: nn.Module, kwargs: dict) -> dict:
 
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    ep = torch.export.export(model, args, kwargs=_without_cache(model, kwargs), strict=False)
+    with traceable_experts(model):
+        ep = torch.export.export(model, args, kwargs=_without_cache(model, kwargs), strict=False)
     state_of = {}
     for spec in ep.graph_signature.input_specs:
         if spec.kind in (torch.export.graph_signature.InputKind.PARAMETER,

@@ -71,3 +71,15 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.1)  # several sampling intervals
         del block
     assert 240 * 2**20 < peak.rss_bytes - start < 400 * 2**20 and peak.seconds >= 0.1
+
+
+def test_main_output_of_a_two_tower_model_is_its_image_text_logits():
+    """CLIP's output has neither logits nor last_hidden_state: its image-text logits read both towers."""
+    from transformers.models.clip.modeling_clip import CLIPOutput
+
+    from structprune_graph.evaluate import main_output
+
+    logits = torch.randn(2, 3)
+    assert main_output(CLIPOutput(logits_per_image=logits, logits_per_text=logits.T)) is logits
+    with pytest.raises(TypeError, match="no logits, last_hidden_state or logits_per_image"):
+        main_output(CLIPOutput())

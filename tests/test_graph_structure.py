@@ -158,16 +158,87 @@ def test_convnextv2_mlp_channels_through_grn_are_mlp_and_streams_hidden():
     assert {result.report.group_kinds[g] for g in result.report.kept_fraction} == {"mlp_channel"}
 
 
-def test_mixtral_traces_with_heads_prunable_and_experts_pinned_with_the_op_named():
-    """Mixture of experts: until the fused expert op has a coupling rule, its groups are pinned with a
-    reason that names it (never guessed), and attention stays prunable."""
+def _mixtral():
     import transformers
 
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=96,
                                      max_position_embeddings=64)
     torch.manual_seed(0)
-    graph = sp.trace(transformers.MixtralForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 96, (2, 8))})
-    assert {g.kind for g in graph.prunable_groups} == {"kv_group", "query_head"}
-    experts = [g for g in graph.groups if ".experts." in g.id]
-    assert experts and all(not g.prunable and "grouped_mm" in g.reason for g in experts)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def test_mixtral_expert_channels_are_one_group_across_the_fused_experts_and_prune_exactly():
+    """Fused experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)): traced through batched_mm, the I channels
+    of every expert are one ``expert_channel`` group (gate and up rows together, down's columns); the
+    expert dim is pinned (indexed by the router); the model keeps its own experts implementation."""
+    model = _mixtral()
+    ids = {"input_ids": torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))}
+    graph = sp.trace(model, ids)
+    assert model.config._experts_implementation == "grouped_mm"
+    kinds = {g.kind for g in graph.prunable_groups}
+    assert kinds == {"hidden", "kv_group", "query_head", "expert_channel"}
+    (experts,) = [g for g in graph.prunable_groups if g.kind == "expert_channel"]
+    assert experts.size == 48 and experts.mask_exact
+    assert {(m.name, m.dim) for m in experts.members if m.is_param} == {
+        ("model.layers.0.mlp.experts.gate_up_proj", 1), ("model.layers.0.mlp.experts.down_proj", 2)}
+    pinned = [g for g in graph.groups if g.id.endswith("gate_up_proj[0]")]
+    assert pinned and "indexed" in pinned[0].reason
+    keep = {experts.id: list(range(0, 48, 2))}
+    pruned = sp.apply(model, graph, keep)
+    assert tuple(pruned.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 48, 32)
+    assert tuple(pruned.model.layers[0].mlp.experts.down_proj.shape) == (4, 32, 24)
+    with torch.no_grad():  # the pruned model runs with grouped_mm, the reference is the masked dense model
+        torch.testing.assert_close(pruned(**ids).logits, sp.mask(model, graph, keep)(**ids).logits)
+
+
+def test_a_single_head_stays_one_unit_and_a_constant_channel_count_pins_its_channels():
+    """SegFormer: stage 0 has one attention head, split by ``view(b, n, -1, head_dim)``: the head is one
+    unit (its head_dim channels are not prunable behind the constant head_dim); its reduction conv's output
+    is reshaped with the *input's* channel count (``reshape(b, num_channels, -1)``), so those channels are
+    pinned, while ``view(-1, channels)`` (Mixtral's router) leaves channels prunable."""
+    import transformers
+
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2],
+                                       mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    graph = sp.trace(model, (torch.randn(2, 3, 32, 32),))
+    by_id = {g.id: g for g in graph.groups}
+    single = by_id["attention_head:segformer.stages.0.blocks.0.attention"]
+    assert single.size == 1 and not single.prunable
+    assert not any(g.id.startswith("mlp_channel:segformer.stages.0.blocks.0.attention.q_proj") for g in graph.groups)
+    reduced = by_id["conv_channel:segformer.stages.0.blocks.0.attention.sequence_reduction.sequence_reduction.weight[0]"]
+    assert not reduced.prunable and "writes this channel count as a constant" in reduced.reason
+    assert by_id["attention_head:segformer.stages.1.blocks.0.attention"].prunable
+    from structprune_graph.errors import RewriteError
+    from structprune_graph.pruning import select_groups
+
+    keep = {g.id: list(range(g.size // 2)) for g in select_groups(graph)}  # every default group, at half
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sp.apply(model, graph, keep)(x).logits, sp.mask(model, graph, keep)(x).logits)
+    # the stage's stream is the reduction's input; its code reshapes the conv's output to the stream's width,
+    # which no trace can see: the first forward of the pruned model fails, and the rewrite refuses it
+    stream = by_id["hidden:segformer.stages.0.patch_embeddings.proj.weight[0]"]
+    with pytest.raises(RewriteError, match="sequence_reduction"):
+        sp.apply(model, graph, {stream.id: list(range(8))})
+
+
+def test_t5_relative_position_min_of_two_tensors_is_elementwise():
+    """``torch.min(a, b)`` (aten.min.other, T5's position buckets) is element-wise, not a reduction."""
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, relative_attention_num_buckets=8)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(0, 96, (2, 8))
+    graph = sp.trace(model, {"input_ids": ids, "decoder_input_ids": ids.flip(1)})
+    heads = {g.module: g for g in graph.groups if g.kind == "attention_head"}
+    assert heads["encoder.block.0.layer.0.SelfAttention"].prunable
+    assert heads["decoder.block.0.layer.0.SelfAttention"].prunable
+    # cross-attention adds a zero position bias built with the config's head count: pinned, with the op named
+    cross = heads["decoder.block.0.layer.1.EncDecAttention"]
+    assert not cross.prunable and "scaled_dot_product_attention" in cross.reason

@@ -158,3 +158,25 @@ def test_refit_ridge_to_infinity_gives_the_unrefitted_weights(llama):
         torch.testing.assert_close(stiff.model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
     probe = batches[0]
     assert not torch.allclose(run(loose.model, probe), run(plain.model, probe), atol=1e-3)
+
+
+def test_robust_block_energy_ignores_massive_channels_and_changes_only_the_curves_scale(llama):
+    """A block's errors are relative to its input energy: ``robust`` is channels x the median channel's,
+    so one massive channel does not shrink every error of the block; the curves' orders stay the same."""
+    from structprune_graph.passes.blockwise_calibrate import stream_energy
+
+    per_channel = torch.tensor([1.0, 2.0, 3.0, 1000.0], dtype=torch.float64)
+    assert stream_energy(per_channel, "stream") == 1006.0
+    assert stream_energy(per_channel, "robust") == 4 * 2.0  # torch's median: the lower middle value
+    graph = sp.trace(llama, lm_batches(1)[0])
+    groups = select_groups(graph)
+    plain = prepare(llama, graph, groups, lm_batches(4), SolverConfig())
+    robust = prepare(llama, graph, groups, lm_batches(4), SolverConfig(block_energy="robust"))
+    assert plain.calibration.curves.keys() == robust.calibration.curves.keys()
+    ratios = set()
+    for gid, curve in plain.calibration.curves.items():
+        assert robust.calibration.curves[gid].order == curve.order
+        ratios.add(round(robust.calibration.curves[gid].error(3) / curve.error(3), 6))
+    assert len(ratios) > 1  # the blocks' scales move apart: the allocation can change
+    with pytest.raises(sp.StructPruneError, match="unknown block_energy 'median'"):
+        SolverConfig(block_energy="median")
