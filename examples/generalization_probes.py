@@ -21,7 +21,9 @@ own samples (``self``), and on Austen mixed with them, at every ``--sparsities``
 median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
 ``gradient``: a block's errors times the mean squared loss gradient per channel at its output (a
 diagonal-Fisher estimate of the loss increase an error of that size causes there), from one backward pass
-of the calibration batches (the whole model in memory: a probe, not the streaming solver).
+of the calibration batches (``passes/sensitivity.py``; the whole model in memory). The gradient rows in
+the results file were measured with this probe's own copy of that computation (commit 9f4a3f2), before it
+moved into the library; the maths is the same.
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
@@ -89,23 +91,8 @@ def main() -> None:
 
     if args.probe == "block-energy":
         for how in args.energies:
-            config = SolverConfig(block_energy="stream" if how == "gradient" else how)
+            config = SolverConfig(block_energy=how)
             reuse = None
-            if how == "gradient":
-                from structprune_graph.solver import allocate, solve
-
-                t = time.perf_counter()
-                graph, groups, state = gradient_scaled(model, batches, config)
-                sweep = time.perf_counter() - t
-                for s in args.sparsities:
-                    t = time.perf_counter() - sweep
-                    alloc = allocate(model, state, batches, s, config, groups)
-                    result = solve(model, state, batches, s, config, groups, allocation=alloc)
-                    pruned = ApplyPass()(RewriteRequest(model, graph, dict(result.keep), {},
-                                                        dict(result.new_weights))).state
-                    emit("structprune, block energy gradient", pruned, t, s, tau=alloc.tau,
-                         removed_per_group=dict(alloc.counts))
-                continue
             for s in args.sparsities:
                 t = time.perf_counter()
                 r = sp.prune(model, batches, s, solver=config, reuse=reuse)
@@ -177,54 +164,6 @@ def main() -> None:
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})
-
-
-def gradient_scaled(model, batches, config):
-    """A ``reuse=`` result whose dense-sweep curves are rescaled per block: error / (input energy) ->
-    error x (mean squared loss gradient per channel at the block's output), the loss gradient taken on the
-    calibration batches."""
-    import dataclasses
-
-    import structprune_graph as sp
-    from structprune_graph.passes.blockwise_calibrate import GroupCurve
-    from structprune_graph.pruning import select_groups
-    from structprune_graph.solver import prepare
-
-    layers = model.model.layers
-    sums = [0.0] * len(layers)
-    count = 0
-    def watch(i):
-        def add(g):
-            sums[i] += float((g.double() ** 2).sum())
-
-        def hook(module, args, out):  # returns None: the output stays as it is
-            (out[0] if isinstance(out, tuple) else out).register_hook(add)
-        return hook
-
-    handles = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(layers)]
-    try:
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            model(**b, labels=b["input_ids"]).loss.backward()
-            count += b["input_ids"].numel() * model.config.hidden_size
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-    fisher = [v / count for v in sums]  # per block: mean g^2 per channel and token
-    graph = sp.trace(model, batches[0])
-    groups = select_groups(graph, None)
-    state = prepare(model, graph, groups, batches, config)
-    curves = dict(state.calibration.curves)
-    for block in state.partition.blocks:
-        scale = state.calibration.input_energy[block.index] * fisher[block.index]
-        for gid in block.group_ids:
-            if gid in curves:
-                c = curves[gid]
-                curves[gid] = GroupCurve(c.order, tuple(x * scale for x in c.increments))
-    state = dataclasses.replace(state, calibration=dataclasses.replace(state.calibration, curves=curves))
-    print(json.dumps({"fisher_per_block": fisher}), flush=True)
-    return graph, groups, state
 
 
 def table(rows: list[dict]) -> str:

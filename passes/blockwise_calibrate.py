@@ -163,7 +163,7 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
     return out
 
 
-BLOCK_ENERGIES = ("stream", "robust")
+BLOCK_ENERGIES = ("stream", "robust", "gradient")  # gradient: passes/sensitivity.py, applied by the solver
 
 
 def channel_energy(inputs: Sequence[BlockInput]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, AdmmPass, A
 from structprune_graph.passes.allocate import prunable_params
 from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
-from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration,
+from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration, GroupCurve,
                                                           BlockCalibrationRequest, block_module, consumers_of,
                                                           is_fused_param)
 from structprune_graph.passes.experts import is_fused_experts
@@ -32,6 +32,7 @@ from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
+from structprune_graph.passes.sensitivity import BlockSensitivity, BlockSensitivityPass, SensitivityRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
 
@@ -62,7 +63,10 @@ class SolverConfig:
     tau_batches: int = 8  # calibration batches each tau is re-fitted on ("masked": evaluated on)
     tau_holdout: int = 4  # "refit": the last calibration batches, never fitted, each tau is scored on
     max_prune: float = 0.8  # most of a group's units the allocator may remove
-    block_energy: str = "stream"  # a block's OBS errors relative to its input's energy: "stream" or "robust"
+    # what the allocator compares blocks by: their OBS errors relative to the input stream's energy ("stream"),
+    # to a robust energy blind to massive channels ("robust"), or times the loss's sensitivity at the block's
+    # output ("gradient": passes/sensitivity.py; in memory, one process)
+    block_energy: str = "stream"
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
@@ -153,10 +157,27 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
         config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=config.block_energy,
         resident=resident, collective=collective)).state
+    if config.block_energy == "gradient":
+        if collective.active or resident is not in_memory:
+            raise StructPruneError("SolverConfig(block_energy='gradient') runs the whole model backward in one "
+                                   "process; use block_energy='stream' with --stream or --distributed")
+        calib = _gradient_scaled(calib, partition,
+                                 BlockSensitivityPass()(SensitivityRequest(model, partition, batches)).state)
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
                      if gid not in calib.curves})
     return SolverState(partition, by_id, tuple(inputs), calib, excluded)
+
+
+def _gradient_scaled(calib: BlockCalibration, partition: Partition, sensitivity: BlockSensitivity) -> BlockCalibration:
+    """Block errors relative to the input energy -> times the block's loss sensitivity f_b."""
+    curves = dict(calib.curves)
+    for block, energy, f in zip(partition.blocks, calib.input_energy, sensitivity.per_block):
+        for gid in block.group_ids:
+            if gid in curves:
+                curve = curves[gid]
+                curves[gid] = GroupCurve(curve.order, tuple(x * energy * f for x in curve.increments))
+    return replace(calib, curves=curves)
 
 
 def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], keep: Mapping[str, Sequence[int]],
