@@ -22,8 +22,8 @@ median channel's energy) that the massive channels of the middle and late blocks
 ``gradient``: a block's errors times the mean squared loss gradient per channel at its output (a
 diagonal-Fisher estimate of the loss increase an error of that size causes there), from one backward pass
 of the calibration batches (``passes/sensitivity.py``; the whole model in memory). The gradient rows in
-the results file were measured with this probe's own copy of that computation (commit 9f4a3f2), before it
-moved into the library; the maths is the same.
+the results file were first measured with this probe's own copy of that computation (commit 9f4a3f2);
+the library option, re-run at 30%, gives the same row to the last digit (the last gradient row).
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
