@@ -94,9 +94,9 @@ class StatsCollector:
         self.energies: dict[str, torch.Tensor] = {}
         self._handles = []
         for p in sorted(set(paths)):
-            owner, _, attr = p.rpartition(".")
-            if is_fused_param(module, p):  # H per expert, under "path#e"
-                self._handles.append(fused.hook_experts(module.get_submodule(owner), p, self.hessians))
+            if fused.is_fused_path(module, p):  # H per expert, under "path#e"
+                self._handles.append(fused.hook_experts(module.get_submodule(p.rpartition(".")[0]), p,
+                                                        self.hessians))
             else:
                 self._handles.append(module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
 
@@ -128,15 +128,9 @@ def obs_cost(consumers: Sequence[Consumer]) -> float:
     return float(sum(c.weight.shape[1] ** 3 for c in consumers))
 
 
-def is_fused_param(module: nn.Module, path: str) -> bool:
-    """Whether a consumer path names a fused experts parameter (``mlp.experts.down_proj``), not a layer."""
-    owner, _, attr = path.rpartition(".")
-    return attr == "down_proj" and fused.is_fused_experts(module.get_submodule(owner))
-
-
 def consumer_width(module: nn.Module, path: str) -> int:
     """Input width of a consumer: a layer's weight's last dim, or a fused expert tensor's."""
-    if is_fused_param(module, path):
+    if fused.is_fused_path(module, path):
         return int(module.get_parameter(path).shape[-1])
     return int(module.get_submodule(path).weight.shape[-1])
 
@@ -145,7 +139,7 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
                     weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[Consumer]:
     out = []
     for path, columns in consumers_of(block, module, group):
-        if is_fused_param(module, path):  # one consumer per expert; an expert no token reached costs nothing
+        if fused.is_fused_path(module, path):  # one consumer per expert; an expert no token reached costs nothing
             for e, w in enumerate(fused.expert_weights(path, module.get_parameter(path), weights)):
                 h = stats.hessians.get(f"{path}{fused.SEP}{e}")
                 h = h if h is not None and bool(h.any()) else torch.eye(w.shape[1], dtype=torch.float64) * 1e-12
@@ -163,7 +157,9 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
     return out
 
 
-BLOCK_ENERGIES = ("stream", "robust", "gradient")  # gradient: passes/sensitivity.py, applied by the solver
+# "gradient" divides by the stream energy here like "stream"; the solver then multiplies that energy back
+# out and scales by the block's loss sensitivity (passes/sensitivity.py)
+BLOCK_ENERGIES = ("stream", "robust", "gradient")
 
 
 def channel_energy(inputs: Sequence[BlockInput]) -> torch.Tensor:

@@ -30,6 +30,12 @@ def is_fused_experts(module: nn.Module) -> bool:
             and callable(getattr(module, "act_fn", None)))
 
 
+def is_fused_path(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` (under ``root``) names a fused ``down_proj`` parameter rather than a layer."""
+    owner, _, attr = path.rpartition(".")
+    return attr == "down_proj" and is_fused_experts(root.get_submodule(owner))
+
+
 def fused_input(module: nn.Module, attr: str, dim: int) -> bool:
     """Whether member (``attr``, ``dim``) of ``module`` is the input dim of its fused ``down_proj``."""
     return attr == "down_proj" and dim == 2 and is_fused_experts(module)

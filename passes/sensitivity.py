@@ -65,27 +65,27 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                     h.register_hook(add)
             return hook
 
+        def track(module: nn.Module, args: tuple, out: torch.Tensor) -> None:  # the graph starts here
+            out.requires_grad_(True)
+
         model = state.model
         saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
         handles = [block_module(model, b).register_forward_hook(watch(i)) for i, b in enumerate(blocks)]
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embed is not None:
+            handles.append(embed.register_forward_hook(track))
         try:
             for p in model.parameters():  # gradients flow to the activations only
                 p.requires_grad_(False)
                 p.grad = None
             for batch in state.batches:
                 with torch.enable_grad():
-                    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-                    grab = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) \
-                        if embed is not None else None
                     try:
                         loss = default_loss(model, batch)
                     except CalibrationError as err:
                         raise StructPruneError("block sensitivity pass: block_energy='gradient' needs a model that "
                                                "returns a loss for the calibration batches (a causal LM fed "
                                                "input_ids); use block_energy='stream'") from err
-                    finally:
-                        if grab is not None:
-                            grab.remove()
                     loss.backward()
         finally:
             for h in handles:

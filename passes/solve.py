@@ -26,7 +26,7 @@ from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
 from . import experts as fused
-from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of, is_fused_param
+from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of
 from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares
 from .partition import Block, Partition
 
@@ -188,7 +188,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 gone = dropped_cols.setdefault(c.path, set())
                 gone.update(int(i) for u in removed for i in c.columns[u])
                 w = originals[c.path]
-                if state.reconstruct and c.hessian is not None and c.path in stats.hessians:
+                if state.reconstruct and c.hessian is not None:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
                     w = least_squares(w, damped(stats.hessians[c.path], state.refit_ridge), kept_cols)
                 else:
@@ -202,7 +202,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         fused_params = {}
         for path, w in current.items():
             base = path.partition(fused.SEP)[0]
-            if is_fused_param(module, base):
+            if fused.is_fused_path(module, base):
                 fused_params[base] = module.get_parameter(base)
                 continue
             layer = module.get_submodule(path)

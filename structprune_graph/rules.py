@@ -425,11 +425,10 @@ def reshape(ctx: FlowContext, a: Mapping[str, Any], out: Labelled) -> Labelled:
     x: Labelled = a["self"] if "self" in a else a["input"]
     dims: list[Label] = [None] * out.ndim
     size = a.get("size", a.get("shape"))
-    inferred = frozenset(k for k, v in enumerate(size) if v == -1 and out.shape[k] == 1) \
-        if isinstance(size, (list, tuple)) and len(size) == out.ndim else frozenset()
+    written = list(size) if isinstance(size, (list, tuple)) and len(size) == out.ndim else []  # the code's sizes
+    infers = [k for k, v in enumerate(written) if v == -1]
     single_heads = frozenset(i for i in range(x.ndim) if x.shape[i] == 1 and x.dims[i] is not None)
-    runs = reshape_groups(x.shape, out.shape, single_heads, inferred)
-    infers = [k for k, v in enumerate(size) if v == -1] if isinstance(size, (list, tuple)) else []
+    runs = reshape_groups(x.shape, out.shape, single_heads, frozenset(k for k in infers if out.shape[k] == 1))
     for gi, gj in runs:
         labelled = [i for i in gi if x.dims[i] is not None]
         if not labelled or not gj:

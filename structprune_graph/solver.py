@@ -24,10 +24,10 @@ from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, AdmmPass, A
 from structprune_graph.passes.allocate import prunable_params
 from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
-from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration, GroupCurve,
-                                                          BlockCalibrationRequest, block_module, consumers_of,
-                                                          is_fused_param)
-from structprune_graph.passes.experts import is_fused_experts
+from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration,
+                                                          BlockCalibrationRequest, GroupCurve, block_module,
+                                                          consumers_of)
+from structprune_graph.passes.experts import is_fused_path
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
 from structprune_graph.passes.obs import DEFAULT_DAMPING
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
@@ -147,6 +147,9 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     if collective.active and config.rounds and config.coordination != "admm":
         raise DistributedError(f"coordination={config.coordination!r} is not distributed; use rounds=0 or "
                                f"coordination='admm' (block-parallel rounds)")
+    if config.block_energy == "gradient" and (collective.active or resident is not in_memory):
+        raise StructPruneError("SolverConfig(block_energy='gradient') runs the whole model backward in one "
+                               "process; use block_energy='stream' with --stream or --distributed")
     groups = tuple(groups)
     partition, inputs = _blocks(model, graph, groups, batches, config)
     by_id = {g.id: g for g in groups}
@@ -158,9 +161,6 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=config.block_energy,
         resident=resident, collective=collective)).state
     if config.block_energy == "gradient":
-        if collective.active or resident is not in_memory:
-            raise StructPruneError("SolverConfig(block_energy='gradient') runs the whole model backward in one "
-                                   "process; use block_energy='stream' with --stream or --distributed")
         calib = _gradient_scaled(calib, partition,
                                  BlockSensitivityPass()(SensitivityRequest(model, partition, batches)).state)
     excluded = dict(partition.excluded)
@@ -262,7 +262,7 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], co
                     continue
                 for path, columns in consumers_of(block, module, state.groups[gid]):
                     full = prefix + path
-                    if is_fused_param(module, path):  # (experts, out, in): masked on its last dim
+                    if is_fused_path(module, path):  # (experts, out, in): masked on its last dim
                         width = module.get_parameter(path).shape[-1]
                     else:
                         layer = model.get_submodule(full)
@@ -275,8 +275,7 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], co
         handles = []
         masked_params = set()
         for full, mask in masks_of(removed).items():
-            owner, _, attr = full.rpartition(".")
-            if attr == "down_proj" and is_fused_experts(model.get_submodule(owner)):
+            if is_fused_path(model, full):
                 handles += _swap_weight(model, full, weights, scale=mask)  # a removed channel's column is zero
                 masked_params.add(full)
                 continue

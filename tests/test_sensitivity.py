@@ -68,3 +68,14 @@ def test_gradient_block_energy_needs_a_loss():
     entry, model, _ = traced("bert")
     with pytest.raises(sp.StructPruneError, match="needs a model that returns a loss"):
         sp.prune(model, [entry.inputs(s) for s in range(2)], 0.3, solver=SolverConfig(block_energy="gradient"))
+
+
+def test_gradient_block_energy_is_refused_for_streamed_weights_before_any_sweep():
+    model = traced("llama")[1]
+    batches = lm_batches(2)
+    graph = sp.trace(model, batches[0])
+    swept = []
+    with pytest.raises(sp.StructPruneError, match="block_energy='stream' with --stream or --distributed"):
+        prepare(model, graph, select_groups(graph), batches, SolverConfig(block_energy="gradient"),
+                resident=lambda module: swept.append(module) or module)  # a streamer stand-in
+    assert not swept  # refused up front, not after the dense sweep
