@@ -37,10 +37,15 @@ AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "auste
 CODE_MODULES = ("argparse", "dataclasses", "typing", "enum", "functools", "pathlib", "subprocess", "logging",
                 "collections", "json.decoder", "email.message", "http.client")
 OLD_RIDGE = 0.01  # the re-fit used the OBS damping before: the "before" rows
-# phase C: how the budget is spread (issue 12, item 4); tau searched with or without the re-fit in the loop
-ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit"),
-               "softmax-masked": dict(allocation="softmax", tau_search="masked"),
-               "uniform": dict(allocation="uniform"), "global-threshold": dict(allocation="global-threshold")}
+# phase C: how the budget is spread (issue 12, item 4); tau searched with or without the re-fit in the loop;
+# blocks compared by their errors relative to the stream's energy (the rows measured before "gradient") or
+# times the loss sensitivity at their output (block_energy="gradient", the default for a causal LM since)
+ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", block_energy="stream"),
+               "softmax-masked": dict(allocation="softmax", tau_search="masked", block_energy="stream"),
+               "softmax-gradient": dict(allocation="softmax", tau_search="masked", block_energy="gradient"),
+               "uniform": dict(allocation="uniform", block_energy="stream"),
+               "global-threshold": dict(allocation="global-threshold", block_energy="stream"),
+               "global-threshold-gradient": dict(allocation="global-threshold", block_energy="gradient")}
 
 
 def code_text() -> str:
@@ -198,14 +203,14 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
     import structprune_graph as sp
     from structprune_graph.solver import SolverConfig
 
-    first = None
+    sweeps = {}  # one dense sweep per block energy
     for s in args.sparsities:
         for name in args.allocations:
             t = time.perf_counter()
             config = SolverConfig(refit_ridge=ridge, **ALLOCATIONS[name])  # the library's tau batches
-            result = sp.prune(model, batches, s, reuse=first, solver=config)
+            result = sp.prune(model, batches, s, reuse=sweeps.get(config.block_energy), solver=config)
             seconds = round(time.perf_counter() - t, 1)
-            first = first or result
+            sweeps.setdefault(config.block_energy, result)
             d = ppl(result.model, dev)
             emit({"phase": "eval", "method": f"structprune, {name}", "calib": source, "sparsity": s, "dev": d,
                   "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),

@@ -12,7 +12,7 @@ the next block runs: only one block's H matrices exist at a time. The model is n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ class BlockCalibrationRequest:
     block_energy: str = "stream"  # what a block's errors are relative to (``stream_energy``)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
+    # where the sweep leaves every block's input stream, key (block, batch), and the last block's output, key
+    # ("final", batch), for a later pass that re-runs blocks (passes/sensitivity.py); None: kept nowhere
+    streams_out: Optional[MutableMapping] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,9 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
 
 
 # "gradient" divides by the stream energy here like "stream"; the solver then multiplies that energy back
-# out and scales by the block's loss sensitivity (passes/sensitivity.py)
-BLOCK_ENERGIES = ("stream", "robust", "gradient")
+# out and scales by the block's loss sensitivity (passes/sensitivity.py). "auto": "gradient" where the
+# model gives a loss for the calibration batches (a causal LM), else "stream"
+BLOCK_ENERGIES = ("auto", "stream", "robust", "gradient")
 
 
 def channel_energy(inputs: Sequence[BlockInput]) -> torch.Tensor:
@@ -203,7 +207,9 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
             outputs = []
             try:
                 with torch.no_grad():
-                    for inp in inputs:
+                    for j, inp in enumerate(inputs):
+                        if state.streams_out is not None:
+                            state.streams_out[(block.index, j)] = inp.stream
                         outputs.append(run_block(module, inp))
             finally:
                 stats.close()
@@ -226,5 +232,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
             del stats, work
             if block.index == len(blocks) - 1:
                 finals = {i: outputs[i] for i in state.keep_final}
+                for j, out in enumerate(outputs if state.streams_out is not None else ()):
+                    state.streams_out[("final", j)] = out
             inputs = [inp.with_stream(out) for inp, out in zip(inputs, outputs)] if block.path else inputs
         return PassResult(BlockCalibration(curves, tuple(energies), finals), modified=False)

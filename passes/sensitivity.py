@@ -5,19 +5,31 @@ and token, f_b = E[ ||dL/dh_b||^2 ] / (tokens x channels), on the calibration ba
 raises the loss by about 1/2 e^T F e with F the Fisher of h_b; with its diagonal averaged, by f_b ||e||^2 / 2.
 ``SolverConfig(block_energy="gradient")`` multiplies each block's OBS errors by f_b (instead of dividing
 them by the energy of the block's input stream), so that the allocator compares blocks by the loss they
-cost. One forward and backward pass of the whole model per batch: the model must be in memory (not
-streamed) and give a loss. The model's parameters and gradients are left as they were.
+cost.
+
+Block by block, with the memory of one block (the streaming solver's rule): a forward sweep stores every
+block's input stream (in an ``ActivationStore``: memory up to a budget, then temporary files; or the dense
+calibration sweep has stored them already, ``streams``); the head
+(everything after the block list: final norm, LM head, loss) runs on the last block's output with the
+blocks stood in for by pass-throughs that read no weights, giving dL/dh at the last block; then a backward
+sweep from the last block to the first re-runs each block on its stored input and carries the gradient
+back through the block's vector-Jacobian product. Each block is made resident twice (forward, backward).
+The model's parameters, gradients and block list are left as they were.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.distributed import LOCAL, Collective
 from structprune_graph.errors import StructPruneError
+from structprune_graph.streaming import resident as in_memory
 
 from ._infra import Pass, PassResult
 from .blockwise_calibrate import block_module
@@ -25,11 +37,23 @@ from .calibrate import CalibrationError, default_loss
 from .partition import Partition
 
 
+class NoLossError(StructPruneError):
+    """The model gives no loss for the calibration batches, so there is no loss gradient to measure."""
+
+
 @dataclass(frozen=True)
 class SensitivityRequest:
     model: nn.Module
     partition: Partition
-    batches: Sequence[Any]
+    inputs: Sequence[BlockInput]  # the first block's inputs, one per calibration batch
+    batches: Sequence[Any]  # the same batches: the head's loss reads their labels
+    resident: Callable[[nn.Module], nn.Module] = field(default=in_memory, compare=False)  # streamed weights
+    collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches
+    buffer_budget: Optional[int] = None  # bytes of stored block inputs kept in memory; the rest go to files
+    # every block's input stream, key (block, batch), and the last block's output, key ("final", batch), as
+    # ``BlockCalibratePass(streams_out=...)`` leaves them (consumed: dropped as the backward sweep passes);
+    # None: this pass runs its own forward sweep
+    streams: Optional[MutableMapping] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -37,64 +61,118 @@ class BlockSensitivity:
     per_block: tuple[float, ...]  # f_b: mean squared loss gradient per channel and token at block b's output
 
 
-def _stream(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+class _PassThrough(nn.Module):
+    """Stands in for a block while only the head runs: hands on its input stream (the last block: a given
+    tensor) in the block's output format, reading none of the block's weights (so no streamer loads them).
+    Attributes the model's loop reads from its blocks (``attention_type``) come from the block itself."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool, value: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its weights stay out of this module
+        object.__setattr__(self, "_as_tuple", as_tuple)
+        object.__setattr__(self, "_value", value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._value if self._value is not None else (args[0] if args else next(iter(kwargs.values())))
+        return (stream,) if self._as_tuple else stream
+
+
+def head_gradient(model: nn.Module, list_path: str, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """dL/dh for the last block's output h = ``final`` (batch, tokens, hidden): the model's own forward and
+    loss with every block a pass-through, so only the embeddings and the head compute."""
+    blocks = model.get_submodule(list_path)
+    originals = list(blocks)
+    h = final.detach().clone().requires_grad_(True)
+    try:
+        for i, block in enumerate(originals):
+            blocks[i] = _PassThrough(block, as_tuple, h if i == len(originals) - 1 else None)
+        with torch.enable_grad():
+            try:
+                loss = default_loss(model, batch)
+            except CalibrationError as err:
+                raise NoLossError("block sensitivity pass: block_energy='gradient' needs a model that returns "
+                                       "a loss for the calibration batches (a causal LM fed input_ids); use "
+                                       "block_energy='stream'") from err
+            (grad,) = torch.autograd.grad(loss, h, allow_unused=True)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if grad is None:
+        raise StructPruneError(f"block sensitivity pass: the loss does not depend on the output of the last block "
+                               f"of {list_path!r}; use block_energy='stream'")
+    return grad  # (batch, tokens, hidden)
 
 
 class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
     def requires(self, state: SensitivityRequest) -> None:
-        if not state.batches:
-            raise StructPruneError("block sensitivity pass: no calibration batches")
-        if any(p.is_meta for p in state.model.parameters()):
-            raise StructPruneError("block sensitivity pass: block_energy='gradient' runs the whole model forward "
-                                   "and backward, and this model's weights are streamed; use block_energy='stream'")
+        if not state.inputs or len(state.inputs) != len(state.batches):
+            raise StructPruneError(f"block sensitivity pass: needs one first-block input per calibration batch, "
+                                   f"got {len(state.inputs)} inputs for {len(state.batches)} batches")
 
     def call(self, state: SensitivityRequest) -> PassResult[BlockSensitivity]:
         blocks = state.partition.blocks
+        if state.partition.list_path is None or len(blocks) == 1:
+            # one block: a common factor of every curve, which cannot change the allocation
+            return PassResult(BlockSensitivity((1.0,) * len(blocks)), modified=False)
+        own = state.streams is None
+        store = ActivationStore(state.buffer_budget) if own else state.streams
+        try:
+            if own:
+                self._forward(state, store)
+            per_block = self._backward(state, store)
+        finally:
+            if own:
+                store.close()
+        return PassResult(per_block, modified=False)
+
+    @staticmethod
+    def _forward(state: SensitivityRequest, store: MutableMapping) -> None:
+        blocks = state.partition.blocks
+        current = list(state.inputs)
+        with torch.no_grad():
+            for block in tqdm(blocks, desc="sensitivity: forward", leave=False):
+                module = state.resident(block_module(state.model, block))
+                for j, inp in enumerate(current):
+                    store[(block.index, j)] = inp.stream  # (batch, tokens, hidden)
+                    current[j] = inp.with_stream(run_block(module, inp))
+        for j, inp in enumerate(current):
+            store[("final", j)] = inp.stream
+
+    @staticmethod
+    def _backward(state: SensitivityRequest, store: MutableMapping) -> BlockSensitivity:
+        blocks = state.partition.blocks
         sums = [0.0] * len(blocks)
         counts = [0] * len(blocks)
-
-        def watch(i: int):
-            def add(grad: torch.Tensor) -> None:
-                sums[i] += float((grad.double() ** 2).sum())
-                counts[i] += grad.numel()
-
-            def hook(module: nn.Module, args: tuple, out: Any) -> None:
-                h = _stream(out)
-                if isinstance(h, torch.Tensor) and h.requires_grad:
-                    h.register_hook(add)
-            return hook
-
-        def track(module: nn.Module, args: tuple, out: torch.Tensor) -> None:  # the graph starts here
-            out.requires_grad_(True)
-
-        model = state.model
-        saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-        handles = [block_module(model, b).register_forward_hook(watch(i)) for i, b in enumerate(blocks)]
-        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if embed is not None:
-            handles.append(embed.register_forward_hook(track))
-        try:
-            for p in model.parameters():  # gradients flow to the activations only
-                p.requires_grad_(False)
-                p.grad = None
-            for batch in state.batches:
-                with torch.enable_grad():
-                    try:
-                        loss = default_loss(model, batch)
-                    except CalibrationError as err:
-                        raise StructPruneError("block sensitivity pass: block_energy='gradient' needs a model that "
-                                               "returns a loss for the calibration batches (a causal LM fed "
-                                               "input_ids); use block_energy='stream'") from err
-                    loss.backward()
-        finally:
-            for h in handles:
-                h.remove()
-            for p, requires, grad in saved:
-                p.requires_grad_(requires)
-                p.grad = grad
-        if not all(counts):
-            missing = [b.path for b, c in zip(blocks, counts) if not c]
-            raise StructPruneError(f"block sensitivity pass: no loss gradient reached the output of {missing[:3]}; "
-                                   f"use block_energy='stream'")
-        return PassResult(BlockSensitivity(tuple(s / c for s, c in zip(sums, counts))), modified=False)
+        for block in tqdm(blocks[::-1], desc="sensitivity: backward", leave=False):
+            module = state.resident(block_module(state.model, block))
+            if block.index == len(blocks) - 1:  # the head's gradient, in the format the block returns
+                with torch.no_grad():
+                    first = state.inputs[0].with_stream(store[(block.index, 0)])
+                    as_tuple = isinstance(module(*first.args, **first.kwargs), (tuple, list))
+                for j, batch in enumerate(state.batches):
+                    store[("grad", j)] = head_gradient(state.model, state.partition.list_path, batch,
+                                                       store[("final", j)], as_tuple)
+                    del store[("final", j)]
+            for j, inp in enumerate(state.inputs):
+                grad = store[("grad", j)]  # dL / d(block output): (batch, tokens, hidden)
+                sums[block.index] += float((grad.double() ** 2).sum())
+                counts[block.index] += grad.numel()
+                if block.index > 0:
+                    x = store[(block.index, j)].clone().requires_grad_(True)  # (batch, tokens, hidden)
+                    with torch.enable_grad():
+                        out = run_block(module, inp.with_stream(x))
+                        (grad_in,) = torch.autograd.grad(out, x, grad)
+                    store[("grad", j)] = grad_in
+                del store[(block.index, j)]
+        for j in range(len(state.inputs)):
+            del store[("grad", j)]
+        where = "block sensitivity"
+        sums = state.collective.sum_floats(sums, where)
+        counts = state.collective.sum_floats([float(c) for c in counts], where)
+        return BlockSensitivity(tuple(s / c for s, c in zip(sums, counts)))

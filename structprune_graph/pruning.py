@@ -161,7 +161,7 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
 
 
 def solver_details(config: SolverConfig, solved: SolverResult) -> dict:
-    return {"config": config.label(), "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
+    return {"config": config.label(), "block_energy": solved.block_energy, "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
             "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
             "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded),
             **({"coordination_fit_errors": list(solved.coordination_fit_errors),
@@ -248,6 +248,10 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         groups = select_groups(graph, kinds)
         if spec.score == "obs":
             started = time.perf_counter()
+            if reuse is not None and reuse.solver_state.sweep != solver.sweep_settings():
+                raise StructPruneError(f"reuse= holds a dense sweep made with {dict(reuse.solver_state.sweep)}; this "
+                                       f"call's SolverConfig asks for {solver.sweep_settings()}: use the same "
+                                       f"settings, or reuse=None for a new sweep")
             state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver,
                                                                          collective=collective)
             prepared = time.perf_counter()

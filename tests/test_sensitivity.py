@@ -1,26 +1,26 @@
 """Block sensitivity pass (passes/sensitivity.py): the mean squared loss gradient per channel and token at
-each block's output, equal to a direct autograd computation; SolverConfig(block_energy="gradient") scales
-the dense sweep's curves by it and leaves the model as it was."""
+each block's output, computed block by block, equal to a direct autograd computation of the whole model
+(in memory, with block inputs spilled to files, and with weights streamed from a checkpoint);
+SolverConfig(block_energy="gradient") scales the dense sweep's curves by it and leaves the model as it was."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import structprune_graph as sp
 from conftest import traced
+from structprune_graph.checkpoint import prune_checkpoint
 from structprune_graph.passes.sensitivity import BlockSensitivityPass, SensitivityRequest
 from structprune_graph.pruning import select_groups
 from structprune_graph.solver import SolverConfig, prepare
+from structprune_graph.streaming import CheckpointWeights, WeightStreamer, empty_model
 from test_pruning import lm_batches
 
 
-def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output():
-    model = traced("llama")[1]
-    batches = lm_batches(3)
-    graph = sp.trace(model, batches[0])
-    state = prepare(model, graph, select_groups(graph), batches, SolverConfig())
-    found = BlockSensitivityPass()(SensitivityRequest(model, state.partition, batches)).state.per_block
+def _direct(model, batches):
+    """Per layer: the mean squared loss gradient at its output, from one backward pass of the whole model."""
     layers = model.model.layers
     sums, count = [0.0] * len(layers), [0] * len(layers)
     for batch in batches:  # direct: keep every layer's output, then read its .grad
@@ -41,7 +41,41 @@ def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output():
         for i, o in enumerate(outs):
             sums[i] += float((o.grad.double() ** 2).sum())
             count[i] += o.grad.numel()
-    torch.testing.assert_close(torch.tensor(found), torch.tensor([s / c for s, c in zip(sums, count)]))
+    return torch.tensor([s / c for s, c in zip(sums, count)])
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["in-memory", "spilled-to-files"])
+def test_block_by_block_sensitivity_equals_the_whole_models_backward_pass(budget):
+    model = traced("llama")[1]
+    batches = lm_batches(3)
+    graph = sp.trace(model, batches[0])
+    state = prepare(model, graph, select_groups(graph), batches, SolverConfig())
+    layers = list(model.model.layers)
+    found = BlockSensitivityPass()(SensitivityRequest(model, state.partition, state.inputs, batches,
+                                                      buffer_budget=budget)).state.per_block
+    assert len(found) == len(layers) > 1
+    assert all(a is b for a, b in zip(model.model.layers, layers))  # the pass-throughs are gone again
+    torch.testing.assert_close(torch.tensor(found), _direct(model, batches))
+
+
+def test_streamed_sensitivity_reads_each_block_twice_and_equals_the_in_memory_one(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "tiny")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(3)]
+    want = _direct(model, batches)
+    skeleton = empty_model(tmp_path / "tiny")
+    graph = sp.trace(model, batches[0])
+    with WeightStreamer(skeleton, "model.layers", CheckpointWeights(tmp_path / "tiny")) as streamer:
+        state = prepare(skeleton, graph, select_groups(graph), batches, SolverConfig(), resident=streamer)
+        loads = streamer.loads
+        found = BlockSensitivityPass()(SensitivityRequest(skeleton, state.partition, state.inputs, batches,
+                                                          resident=streamer)).state.per_block
+        assert streamer.loads - loads <= 2 * 3  # forward and backward sweep: each block at most twice
+    torch.testing.assert_close(torch.tensor(found), want)
 
 
 def test_gradient_block_energy_scales_each_blocks_curves_and_leaves_the_model_alone():
@@ -52,7 +86,7 @@ def test_gradient_block_energy_scales_each_blocks_curves_and_leaves_the_model_al
     groups = select_groups(graph)
     plain = prepare(model, graph, groups, batches, SolverConfig())
     scaled = prepare(model, graph, groups, batches, SolverConfig(block_energy="gradient"))
-    f = BlockSensitivityPass()(SensitivityRequest(model, plain.partition, batches)).state.per_block
+    f = BlockSensitivityPass()(SensitivityRequest(model, plain.partition, plain.inputs, batches)).state.per_block
     for block, energy, fb in zip(plain.partition.blocks, plain.calibration.input_energy, f):
         for gid in block.group_ids:
             a, b = plain.calibration.curves[gid], scaled.calibration.curves[gid]
@@ -70,12 +104,41 @@ def test_gradient_block_energy_needs_a_loss():
         sp.prune(model, [entry.inputs(s) for s in range(2)], 0.3, solver=SolverConfig(block_energy="gradient"))
 
 
-def test_gradient_block_energy_is_refused_for_streamed_weights_before_any_sweep():
+def test_gradient_block_energy_streams_from_a_checkpoint_like_the_in_memory_run(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "tiny")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(4)]
+    solver = SolverConfig(block_energy="gradient")
+    reference = sp.prune(model, batches, 0.3, method="structprune", solver=solver)
+    result = prune_checkpoint(tmp_path / "tiny", batches, 0.3, tmp_path / "out", solver=solver)
+    assert result.plan.keep == reference.plan.keep
+
+
+def test_the_default_block_energy_is_the_gradient_for_a_causal_lm_and_the_stream_for_an_encoder():
+    model = traced("llama")[1]
+    batches = lm_batches(3)
+    assert SolverConfig().block_energy == "auto"
+    result = sp.prune(model, batches, 0.3)
+    assert result.report.solver["block_energy"] == "gradient"
+    explicit = sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="gradient"))
+    assert explicit.plan.keep == result.plan.keep
+    entry, bert, _ = traced("bert")
+    encoded = sp.prune(bert, [entry.inputs(s) for s in range(2)], 0.3)
+    assert encoded.report.solver["block_energy"] == "stream"
+    stream = sp.prune(bert, [entry.inputs(s) for s in range(2)], 0.3, solver=SolverConfig(block_energy="stream"))
+    assert stream.plan.keep == encoded.plan.keep
+
+
+def test_a_dense_sweep_is_not_reused_under_other_sweep_settings():
     model = traced("llama")[1]
     batches = lm_batches(2)
-    graph = sp.trace(model, batches[0])
-    swept = []
-    with pytest.raises(sp.StructPruneError, match="block_energy='stream' with --stream or --distributed"):
-        prepare(model, graph, select_groups(graph), batches, SolverConfig(block_energy="gradient"),
-                resident=lambda module: swept.append(module) or module)  # a streamer stand-in
-    assert not swept  # refused up front, not after the dense sweep
+    first = sp.prune(model, batches, 0.2, solver=SolverConfig(block_energy="stream"))
+    assert first.solver_state.sweep["block_energy"] == "stream"
+    again = sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="stream", rounds=1), reuse=first)
+    assert again.report.solver["block_energy"] == "stream"
+    with pytest.raises(sp.StructPruneError, match="reuse= holds a dense sweep made with .*'block_energy': 'stream'"):
+        sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="gradient"), reuse=first)
