@@ -82,13 +82,18 @@ def config_of(size: Size):
 
 
 def write_checkpoint(size: Size, folder: Path, shard_bytes: int = 1 << 30) -> None:
-    """Random-init weights (normal, std 0.02; norms 1) written shard by shard: at most one shard in memory."""
+    write_random_checkpoint(config_of(size), folder, shard_bytes)
+
+
+def write_random_checkpoint(config, folder: Path, shard_bytes: int = 1 << 30, dtype=None, tokenizer=None) -> None:
+    """Random-init weights (normal, std 0.02; norms 1) of a transformers config, written shard by shard in
+    ``dtype`` (default fp32): at most one shard in memory."""
     import torch
     from safetensors.torch import save_file
 
     from structprune_graph.storage import atomic_folder
 
-    config = config_of(size)
+    dtype = dtype or torch.float32
     with torch.device("meta"):
         import transformers
 
@@ -98,8 +103,8 @@ def write_checkpoint(size: Size, folder: Path, shard_bytes: int = 1 << 30) -> No
         for i, (name, shape) in enumerate(shapes.items()):
             g = torch.Generator().manual_seed(i)
             value = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
-            shard[name] = value
-            used += value.numel() * 4
+            shard[name] = value.to(dtype)
+            used += value.numel() * shard[name].element_size()
             if used >= shard_bytes or i == len(shapes) - 1:
                 file = f"model-{index:05d}.safetensors"
                 save_file(shard, str(tmp / file), metadata={"format": "pt"})
@@ -107,6 +112,8 @@ def write_checkpoint(size: Size, folder: Path, shard_bytes: int = 1 << 30) -> No
                 shard, used, index = {}, 0, index + 1
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def calibration():

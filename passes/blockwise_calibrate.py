@@ -12,7 +12,7 @@ the next block runs: only one block's H matrices exist at a time. The model is n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, MutableMapping, Optional, Sequence
+from typing import Callable, Collection, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -126,11 +126,6 @@ class StatsCollector:
         collective.sum_tensors_(self.energies, f"{stage}: channel energies")
 
 
-def obs_cost(consumers: Sequence[Consumer]) -> float:
-    """Relative cost of a group's OBS work: the cube of its consumers' input widths."""
-    return float(sum(c.weight.shape[1] ** 3 for c in consumers))
-
-
 def consumer_width(module: nn.Module, path: str) -> int:
     """Input width of a consumer: a layer's weight's last dim, or a fused expert tensor's."""
     if fused.is_fused_path(module, path):
@@ -139,24 +134,30 @@ def consumer_width(module: nn.Module, path: str) -> int:
 
 
 def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsCollector, damping: float,
-                    weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[Consumer]:
+                    weights: Optional[Mapping[str, torch.Tensor]] = None, consume: Collection[str] = ()) -> list[Consumer]:
+    """The group's consumers with their damped H. ``consume``: consumer paths whose H this group is the last
+    to read: taken out of ``stats`` and damped in place instead of copied (one H less at the peak)."""
+    def hessian(key: str, path: str) -> Optional[torch.Tensor]:
+        return stats.hessians.pop(key, None) if path in consume else stats.hessians.get(key)
+
     out = []
     for path, columns in consumers_of(block, module, group):
         if fused.is_fused_path(module, path):  # one consumer per expert; an expert no token reached costs nothing
             for e, w in enumerate(fused.expert_weights(path, module.get_parameter(path), weights)):
-                h = stats.hessians.get(f"{path}{fused.SEP}{e}")
+                h = hessian(f"{path}{fused.SEP}{e}", path)
                 h = h if h is not None and bool(h.any()) else torch.eye(w.shape[1], dtype=torch.float64) * 1e-12
-                out.append(Consumer(f"{path}{fused.SEP}{e}", w.clone(), damped(h, damping), columns))
+                out.append(Consumer(f"{path}{fused.SEP}{e}", w.clone(), damped(h, damping, path in consume), columns))
             continue
         layer = module.get_submodule(path)
         w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight)
-        h = stats.hessians.get(path)
+        h = hessian(path, path)
         energy = stats.energies.get(path)
         k = kernel_size(layer)
         if k > 1:  # a channel of a convolution is its k kernel columns (see as_out_in)
             columns = [(c[:, None] * k + torch.arange(k)).reshape(-1) for c in columns]
             energy = energy.repeat_interleave(k) if energy is not None else None
-        out.append(Consumer(path, w.clone(), damped(h, damping) if h is not None else None, columns, energy=energy))
+        out.append(Consumer(path, w.clone(), damped(h, damping, path in consume) if h is not None else None, columns,
+                            energy=energy))
     return out
 
 
@@ -219,17 +220,24 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
                                        dtype=torch.float64)
             energy = stream_energy(per_channel, state.block_energy) if block.path else 1.0
             energies.append(energy)
-            work = {}
-            for gid in block.group_ids:
-                consumers = build_consumers(block, module, state.groups[gid], stats, state.damping)
-                if consumers:  # else no consumer layer: the allocator treats the group with a reason
-                    work[gid] = consumers
+            # consumers built one group at a time, inside its OBS task: only that group's damped H exist, and
+            # the last group to read a consumer's H damps it in place
+            paths_of = {gid: [p for p, _ in consumers_of(block, module, state.groups[gid])] for gid in block.group_ids}
+            work = [gid for gid in block.group_ids if paths_of[gid]]  # else the allocator gives the reason
+            last = {p: gid for gid in work for p in paths_of[gid]}
+
+            def curve(gid: str, stats: StatsCollector = stats) -> tuple[list[int], list[float]]:
+                consumers = build_consumers(block, module, state.groups[gid], stats, state.damping,
+                                            consume={p for p in paths_of[gid] if last[p] == gid})
+                return greedy_obs(consumers, state.groups[gid].size, state.max_remove[gid])
+
             found = state.collective.map_owned(
-                [lambda gid=gid: greedy_obs(work[gid], state.groups[gid].size, state.max_remove[gid]) for gid in work],
-                [obs_cost(c) for c in work.values()], f"{where}: OBS curves")
+                [lambda gid=gid: curve(gid) for gid in work],
+                [float(sum(consumer_width(module, p) ** 3 for p in paths_of[gid])) for gid in work],
+                f"{where}: OBS curves")
             for gid, (order, inc) in zip(work, found):
                 curves[gid] = GroupCurve(tuple(order), tuple(i / energy for i in inc))
-            del stats, work
+            del stats
             if block.index == len(blocks) - 1:
                 finals = {i: outputs[i] for i in state.keep_final}
                 for j, out in enumerate(outputs if state.streams_out is not None else ()):

@@ -21,7 +21,7 @@ cheap Wanda-style saliency (||W_:,C||^2 * ||X_C||^2) and no update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 from typing import Optional, Sequence
 
@@ -72,9 +72,10 @@ def from_out_in(module: nn.Module, w: torch.Tensor, like: torch.Tensor) -> torch
     return w.reshape(like.shape).to(like.dtype).contiguous()
 
 
-def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """H + damping * mean(diag H) * I; dead inputs (never non-zero) get a unit diagonal."""
-    h = h.double().clone()
+def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tensor:
+    """H + damping * mean(diag H) * I; dead inputs (never non-zero) get a unit diagonal. ``inplace``: a
+    float64 H is damped where it is (its last user: the 7B MLP's H is 0.9 GB)."""
+    h = h.double() if inplace else h.double().clone()
     diag = h.diagonal()
     dead = diag <= 0
     diag[dead] = 1.0
@@ -83,6 +84,8 @@ def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def _inverse(h: torch.Tensor) -> torch.Tensor:
+    # cholesky_inverse: H and two more copies at its peak, and on an idle CPU the fastest of the forms tried
+    # (1.8 s at width 4096 against 2.5 s for two triangular solves; cholesky_solve against I holds 4 copies)
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
@@ -116,17 +119,26 @@ def _unit_errors(c: Consumer, units: Sequence[int]) -> torch.Tensor:
 
 
 def _remove(c: Consumer, cols: torch.Tensor) -> float:
-    """OBS step: drop columns, update the rest and down-date H^-1; returns the error it costs."""
+    """OBS step on the consumer's remaining columns: drop ``cols`` (positions in them), move the others
+    and keep only their rows and columns of H^-1 (the down-date computed on those alone: 2 r^2 |S| flops
+    for r remaining columns instead of 2 in^2 |S|); returns the error it costs."""
+    alive = torch.ones(c.weight.shape[1], dtype=torch.bool)
+    alive[cols] = False
     if c.hessian is None:
         err = float(((c.weight[:, cols] ** 2).sum(0) * (c.energy[cols] if c.energy is not None else 1.0)).sum())
-        c.weight[:, cols] = 0.0
+        c.weight = c.weight[:, alive]
+        c.energy = c.energy[alive] if c.energy is not None else None
         return err
     m_inv = _inverse(c.hinv[cols][:, cols])  # (|S|, |S|)
     w_s = c.weight[:, cols]  # (out, |S|)
     err = float((w_s @ m_inv * w_s).sum())
-    c.weight -= (w_s @ m_inv) @ c.hinv[cols, :]  # (out, in)
-    c.hinv -= c.hinv[:, cols] @ m_inv @ c.hinv[cols, :]
-    c.weight[:, cols] = 0.0
+    keep = alive.nonzero().squeeze(1)
+    h_sr = c.hinv[cols][:, keep]  # (|S|, r)
+    # one gather to the (r, r) block, then the down-date in place: H^-1 is never held three times over
+    rest = c.hinv[keep[:, None], keep[None, :]]  # (r, r)
+    c.hinv = None
+    c.hinv = rest.addmm_(h_sr.T, m_inv @ h_sr, alpha=-1.0)
+    c.weight = c.weight[:, keep].addmm_(w_s @ m_inv, h_sr, alpha=-1.0)  # (out, r)
     return err
 
 
@@ -134,10 +146,12 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
                ) -> tuple[list[int], list[float]]:
     """Remove ``n_remove`` of ``n_units`` units greedily; returns the removal order and, per removed unit,
     its share of the error of the step it was removed in (a step's error split by the units' own errors).
-    The consumers' weights are updated in place (OBS reconstruction)."""
-    for c in consumers:
-        if c.hessian is not None:
-            c.hinv = _inverse(c.hessian)
+    The work runs on copies that shrink to the remaining columns as units leave (at 80% removed, about 40%
+    of the down-date flops of a full-size H^-1); at the end each consumer's weight is the OBS update (removed
+    columns zero)."""
+    work = [replace(c, columns=list(c.columns), hinv=_inverse(c.hessian) if c.hessian is not None else None)
+            for c in consumers]
+    origin = [torch.arange(c.weight.shape[1]) for c in consumers]  # per work column: its column in the layer
     remaining = list(range(n_units))
     order: list[int] = []
     increments: list[float] = []
@@ -146,15 +160,29 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
         if left <= 0:
             break
         k = ceil(left / (steps - step))
-        errs = sum(_unit_errors(c, remaining) for c in consumers)  # (remaining,)
+        errs = sum(_unit_errors(c, remaining) for c in work)  # (remaining,)
         picked_pos = torch.argsort(errs, stable=True)[:k].tolist()
         picked = [remaining[p] for p in picked_pos]
         own = errs[picked_pos].clamp_min(0.0)
-        total = sum(_remove(c, torch.cat([c.columns[u] for u in picked])) for c in consumers)
+        gone = set(picked)
+        remaining = [u for u in remaining if u not in gone]
+        total = 0.0
+        for i, c in enumerate(work):
+            cols = torch.cat([c.columns[u] for u in picked])
+            total += _remove(c, cols)
+            position = torch.full((c.weight.shape[1] + len(cols),), -1, dtype=torch.long)
+            alive = torch.ones(len(position), dtype=torch.bool)
+            alive[cols] = False
+            position[alive] = torch.arange(int(alive.sum()))
+            origin[i] = origin[i][alive]
+            for u in remaining:  # the units' columns, renumbered among the remaining ones
+                c.columns[u] = position[c.columns[u]]
         share = own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1.0 / len(own))
         increments += (share * total).tolist()
         order += picked
-        remaining = [u for u in remaining if u not in set(picked)]
+    for c, w, cols in zip(consumers, work, origin):
+        c.weight.zero_()
+        c.weight[:, cols] = w.weight
     return order, increments
 
 
@@ -162,7 +190,7 @@ def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.
                   cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept columns re-fitted: argmin ||X_K V^T - (X W^T + D)||^2 with H = X^T X (damped), cross = X_K^T D
     (in_kept, out); removed columns are zero. weight: (out, in) float64; returns (out, in) float64."""
-    h_kk = hessian[keep_cols][:, keep_cols]  # (k, k)
+    h_kk = hessian[keep_cols[:, None], keep_cols[None, :]]  # (k, k), one gather
     rhs = hessian[keep_cols, :] @ weight.T  # (k, out)
     if cross is not None:
         rhs = rhs + cross

@@ -184,11 +184,14 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 order, _ = greedy_obs(consumers, group.size, n)
                 removed = set(order[:n])
             keep[gid] = tuple(u for u in range(group.size) if u not in removed)
+            second_order = {c.path: c.hessian is not None for c in consumers}
+            for c in consumers:  # the damped H are done with: not held beside the re-fit's own
+                c.hessian = None
             for c in consumers:
                 gone = dropped_cols.setdefault(c.path, set())
                 gone.update(int(i) for u in removed for i in c.columns[u])
                 w = originals[c.path]
-                if state.reconstruct and c.hessian is not None:
+                if state.reconstruct and second_order[c.path]:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
                     w = least_squares(w, damped(stats.hessians[c.path], state.refit_ridge), kept_cols)
                 else:

@@ -31,7 +31,7 @@ from structprune_graph.passes.round_widths import WidthRule
 from .blockwise import ActivationStore
 from .distributed import LOCAL, Collective
 from .errors import StructPruneError
-from .evaluate import count_params, track_peak_memory
+from .evaluate import STAGE_LOG, count_params, track_peak_memory
 from .graph import DependencyGraph, trace
 from .plan import Plan
 from .pruning import PruneReport, _tracing_inputs, make_report, select_groups, solver_details
@@ -63,12 +63,16 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                      output: Union[str, Path], *, solver: Optional[SolverConfig] = None,
                      kinds: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
                      overwrite: bool = False, tokenizer: Any = None, round_to: int = 1,
-                     uniform: bool = False, distributed: bool = False) -> CheckpointPruneResult:
+                     uniform: bool = False, distributed: bool = False,
+                     dtype: Optional[torch.dtype] = None) -> CheckpointPruneResult:
     """``prune(method="structprune")`` for a transformers checkpoint folder that is never loaded whole:
     writes the pruned model to ``output`` (shards, config, plan, report), loadable with ``load``;
     ``round_to``/``uniform`` as for ``prune`` (the folder keeps the dense config and the plan).
     ``distributed``: one rank of an initialised process group; every rank streams the same checkpoint and
-    runs its share of the batches; rank 0 alone writes ``output``, the others wait for it."""
+    runs its share of the batches; rank 0 alone writes ``output``, the others wait for it.
+    ``dtype``: the working precision of the weights (a bf16 checkpoint computed in fp32, or an fp32 one in
+    bf16 at half the memory); None: as stored. Statistics are float64 whatever it is; every tensor is
+    written in the precision the checkpoint stores it in."""
     folder, output, device = Path(folder), Path(output), torch.device(device)
     batches = tuple(_to(b, device) for b in calibration)
     if not batches or not isinstance(batches[0], Mapping):
@@ -93,11 +97,13 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                                    f"needs one; load the model and use prune() instead")
         refitted = ActivationStore(budget_bytes=0)  # re-fitted weights go to disk as each block is solved
         try:
-            with WeightStreamer(model, list_path, source, device) as streamer:
+            # two blocks resident only for the coordination rounds' coupling step
+            with WeightStreamer(model, list_path, source, device, capacity=2 if solver.rounds else 1,
+                                dtype=dtype) as streamer:
                 state = prepare(model, graph, groups, batches, solver, streamer, collective)
                 solved = solve(model, state, batches, sparsity, solver, groups, streamer, refitted, widths, collective)
                 loads = streamer.loads
-            details = solver_details(solver, solved)
+            details = solver_details(solver, solved, state)
             if collective.active:
                 details["distributed"] = {"ranks": collective.world, "rank": collective.rank,
                                           "bytes_sent": dict(collective.traffic)}
@@ -111,7 +117,10 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                                      details)
                 return CheckpointPruneResult(output, plan, report, graph, loads)
             with atomic_folder(output, overwrite) as tmp:
+                written = time.perf_counter()
                 write_shards(tmp, pruned, graph, solved.keep, solved.new_weights, source, list_path)
+                details["stages"]["write"] = round(time.perf_counter() - written, 3)
+                logger.info(STAGE_LOG, "write", details["stages"]["write"])
                 peak.seconds = time.perf_counter() - start  # the report covers the writing too
                 report = make_report("structprune", sparsity, solved.removed_params, groups, graph, solved.keep,
                                      count_params(skeleton), count_params(pruned), peak, all_batches,
@@ -124,7 +133,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                            "a streamed pruning keeps the dense config")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "tokenizer")
-                with streamed(tmp, device) as written:  # run what we write, from the files themselves
+                with streamed(tmp, device, dtype) as written:  # run what we write, from the files themselves
                     verify_forward(written, _tracing_inputs(example), where="prune_checkpoint")
             collective.barrier("rank 0 wrote the output")
         finally:
@@ -154,7 +163,9 @@ def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: 
         values = source.read(set(stored.values()))
         tensors = {}
         for name in shard_names:
-            value = refitted[name] if name in refitted else values[stored[name]]
+            # re-fitted weights come in the working precision (--dtype): written in the checkpoint's own
+            value = refitted[name].to(source.dtype_of(_stored_name(name, aliases, source))) if name in refitted \
+                else values[stored[name]]
             for dim, indices in kept.get(aliases.get(name, name), ()):
                 value = value.index_select(dim, torch.tensor(indices, dtype=torch.long))
             tensors[name] = value.contiguous()
@@ -186,7 +197,8 @@ def block_list_path(model: nn.Module) -> str:
 
 
 @contextmanager
-def streamed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Iterator[nn.Module]:
+def streamed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             dtype: Optional[torch.dtype] = None) -> Iterator[nn.Module]:
     """A model backed by a checkpoint folder (or a folder written by the pruner) whose blocks are read from
     disk as they run: evaluate a model larger than memory (perplexity, outputs) one block at a time."""
     from .storage import example_inputs_of, pruned_structure
@@ -196,5 +208,5 @@ def streamed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu")
     if (folder / "structprune.json").is_file():  # a pruned folder: its shapes come from the plan
         graph = trace(empty_model(folder, meta_buffers=True), meta_inputs(example_inputs_of(folder)))
         model = pruned_structure(folder, model, graph)
-    with WeightStreamer(model, block_list_path(model), CheckpointWeights(folder), device):
+    with WeightStreamer(model, block_list_path(model), CheckpointWeights(folder), device, dtype=dtype):
         yield model

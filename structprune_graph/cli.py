@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 from .errors import StructPruneError
 
+DTYPES = ("stored", "float32", "bfloat16", "float16")  # --dtype: the working precision of streamed weights
+
 
 def _inspect(args: argparse.Namespace) -> int:
     from .graph import trace
@@ -147,6 +149,9 @@ def _check_texts(args: argparse.Namespace) -> None:
             except UnicodeDecodeError:
                 raise StructPruneError(f"{flag} {file} is not UTF-8 text; give a .txt file or a folder of them") from None
     sources = _calib_sources(args.calib)
+    if args.dtype != "stored" and not args.stream:
+        raise StructPruneError(f"--dtype {args.dtype} sets the precision of streamed weights; add --stream (a model "
+                               f"loaded whole keeps its own precision)")
     if args.stream and "self" in sources:
         raise StructPruneError("--calib self samples from the model, which --stream never loads whole; give "
                                "calibration text with --stream")
@@ -186,7 +191,7 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -
     """--stream: the checkpoint is never loaded whole; dense and pruned perplexity run block by block."""
     from .checkpoint import prune_checkpoint, streamed
     from .streaming import check_checkpoint
-    from .evaluate import perplexity
+    from .evaluate import STAGE_LOG, perplexity
     from .models import checkpoint_folder, load_tokenizer
 
     if args.method != "structprune":
@@ -196,15 +201,22 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -
     check_checkpoint(folder)  # a damaged config or shard is named before the tokenizer reads the config
     tokenizer = load_tokenizer(args.model)
     batches, eval_windows = _calibration(args, tokenizer)
+    import torch
+
+    dtype = None if args.dtype == "stored" else getattr(torch, args.dtype)
     result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
                               overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
-                              uniform=args.uniform, distributed=args.distributed)
+                              uniform=args.uniform, distributed=args.distributed, dtype=dtype)
     if rank:  # rank 0 wrote the folder and evaluates it
         return 0
-    with streamed(folder, args.device) as dense:
+    started = time.perf_counter()
+    with streamed(folder, args.device, dtype) as dense:
         ppl_before = perplexity(dense, eval_windows.to(args.device))
-    with streamed(out, args.device) as pruned:
+    logging.getLogger(__name__).info(STAGE_LOG, "evaluate dense", time.perf_counter() - started)
+    started = time.perf_counter()
+    with streamed(out, args.device, dtype) as pruned:
         ppl_after = perplexity(pruned, eval_windows.to(args.device))
+    logging.getLogger(__name__).info(STAGE_LOG, "evaluate pruned", time.perf_counter() - started)
     r = result.report
     print(f"structprune (streamed from {folder}): removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable "
           f"parameters; params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
@@ -372,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--stream", action="store_true",
                        help="never load the model whole: read each block from the safetensors checkpoint when it "
                             "is needed and write the pruned model block by block (structprune)")
+    prune.add_argument("--dtype", default="stored", choices=DTYPES,
+                       help="--stream: the precision the weights are computed in (statistics stay float64; the "
+                            "output keeps the checkpoint's precision): 'stored' (default) as in the checkpoint, "
+                            "bfloat16 or float16 to halve an fp32 checkpoint's memory, float32 for a half-"
+                            "precision checkpoint on a CPU")
     prune.add_argument("--distributed", action="store_true",
                        help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
                             "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "

@@ -62,6 +62,11 @@ def flops_per_token(model: nn.Module, seqlen: int = 128) -> float:
     return counter.get_total_flops() / seqlen
 
 
+# one log record per finished stage of a pruning (solver stages, writing, evaluation): the benchmarks that
+# attribute peak memory to stages read these records' times (examples/scale_7b.py)
+STAGE_LOG = "stage %s done in %.2f s"
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -160,8 +160,11 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
         group_kinds={g.id: g.kind for g in groups}, solver=dict(solver))
 
 
-def solver_details(config: SolverConfig, solved: SolverResult) -> dict:
-    return {"config": config.label(), "block_energy": solved.block_energy, "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
+def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[SolverState] = None) -> dict:
+    return {"config": config.label(), "block_energy": solved.block_energy,
+            # wall seconds per stage of the solver (the dense sweep's only where this call ran it)
+            "stages": {**(state.stage_seconds if state is not None else {}), **solved.stage_seconds},
+            "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
             "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
             "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded),
             **({"coordination_fit_errors": list(solved.coordination_fit_errors),
@@ -258,7 +261,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
             solving = time.perf_counter() - prepared - solved.coordination_seconds
-            details = {**solver_details(solver, solved), "stage_seconds": {
+            details = {**solver_details(solver, solved, None if reuse is not None else state), "stage_seconds": {
                 "dense sweep": round(prepared - started, 2), "allocate and solve": round(solving, 2),
                 "coordinate": round(solved.coordination_seconds, 2)}}
             if collective.active:

@@ -40,7 +40,7 @@ from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, B
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
 from .distributed import LOCAL, Collective, DistributedError
 from .errors import StructPruneError
-from .evaluate import main_output
+from .evaluate import STAGE_LOG, main_output
 from .graph import DependencyGraph, Group
 from .streaming import resident as in_memory
 
@@ -122,6 +122,7 @@ class SolverState:
     excluded: Mapping[str, str]  # group id -> reason the solver leaves it whole
     block_energy: str = "stream"  # the one the curves were scaled by ("auto" resolved)
     sweep: Mapping[str, Any] = field(default_factory=dict)  # SolverConfig.sweep_settings() of the sweep
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time: partition, dense sweep, ...
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class SolverResult:
     target_params: int = 0
     excluded: Mapping[str, str] = field(default_factory=dict)
     block_energy: str = "stream"  # what the allocator compared blocks by ("auto" resolved)
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time: allocation, block solve, rounds
     sequential_weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # before ADMM
     coordination_seconds: float = 0.0  # wall time of the rounds (ADMM or propagate)
 
@@ -160,7 +162,9 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         raise DistributedError(f"coordination={config.coordination!r} is not distributed; use rounds=0 or "
                                f"coordination='admm' (block-parallel rounds)")
     groups = tuple(groups)
+    clock = _StageClock()
     partition, inputs = _blocks(model, graph, groups, batches, config)
+    clock.mark("partition")
     by_id = {g.id: g for g in groups}
     placed = [gid for b in partition.blocks for gid in b.group_ids]
     total = _global_count(len(inputs), collective)
@@ -176,6 +180,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
             config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=energy,
             resident=resident, collective=collective, streams_out=streams)).state
+        clock.mark("dense_sweep")
         if streams is not None:
             try:
                 sensitivity = BlockSensitivityPass()(SensitivityRequest(
@@ -186,13 +191,29 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                     raise
                 energy = "stream"  # "auto" on a model without a loss (an encoder, a CNN): the curves as swept
                 logger.info("block energy: stream (%s)", err)
+            clock.mark("sensitivity")
     finally:
         if streams is not None:
             streams.close()
     excluded = dict(partition.excluded)
     excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
                      if gid not in calib.curves})
-    return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings())
+    return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings(),
+                       clock.seconds)
+
+
+class _StageClock:
+    """Wall time of consecutive stages: ``mark(name)`` closes the stage that ran since the last mark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+        logger.info(STAGE_LOG, stage, self.seconds[stage])
 
 
 def _gradient_scaled(calib: BlockCalibration, partition: Partition, sensitivity: BlockSensitivity) -> BlockCalibration:
@@ -308,7 +329,8 @@ def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], co
             layer = model.get_submodule(full)
             dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
             shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
-            handles.append(layer.register_forward_pre_hook(lambda m, a, s=shaped: (a[0] * s.to(a[0].device), *a[1:])))
+            handles.append(layer.register_forward_pre_hook(
+                lambda m, a, s=shaped: (a[0] * s.to(a[0].device, a[0].dtype), *a[1:])))
         for name in weights:
             if name not in masked_params:
                 handles += _swap_weight(model, name, weights)
@@ -474,7 +496,9 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     ``widths`` rounds the allocation (multiples of N channels, the same width in every layer);
     ``collective``: as for ``prepare`` (every rank returns the same result); ``allocation``: counts
     already chosen (e.g. on other calibration text), solved here on ``state``'s batches."""
+    clock = _StageClock()
     alloc = allocation or allocate(model, state, batches, sparsity, config, budget_groups, resident, widths, collective)
+    clock.mark("allocation")  # the tau search: one masked forward pass per tau
     counts, removed = alloc.counts, alloc.removed_params
     fit_idx, held_idx = _coordination_split(_global_count(len(state.inputs), collective), config, collective)
     admm_idx = tuple(fit_idx) if config.rounds and config.coordination == "admm" else ()
@@ -486,6 +510,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective)).state
         sequential = solution.new_weights
+        clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())
         started = time.perf_counter()
         if config.rounds and len(state.partition.blocks) > 1 and config.coordination == "propagate":
@@ -507,12 +532,14 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
                                             config.admm_damping, resident, collective)).state
             solution, admm_errors, best = result.solution, result.output_errors, result.best_round
         rounds_seconds = time.perf_counter() - started
+        if config.rounds:
+            clock.mark("coordination")
     finally:
         store.close()
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.tau_losses, solution.block_errors, admm_errors,
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
-                        sequential, rounds_seconds)
+                        clock.seconds, sequential, rounds_seconds)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,7 @@ import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .errors import StructPruneError
 logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 SINGLE = "model.safetensors"
 
 
@@ -95,6 +98,18 @@ class CheckpointWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype a tensor is stored in (read from the file's header, not its data)."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.folder}")
+        with safe_open(str(self.folder / self.files[name]), framework="pt") as f:
+            code = f.get_slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.folder} is stored as {code}, which is not supported")
+        return SAFETENSORS_DTYPES[code]
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named tensors, copied out of the files (the files are unmapped before this returns)."""
         from safetensors import safe_open
@@ -151,8 +166,10 @@ class WeightStreamer:
     module docstring). Use as a context manager; ``close`` removes the hooks and drops every block."""
 
     def __init__(self, model: nn.Module, blocks_path: str, source: CheckpointWeights,
-                 device: Union[str, torch.device] = "cpu", capacity: int = 2) -> None:
+                 device: Union[str, torch.device] = "cpu", capacity: int = 2,
+                 dtype: Optional[torch.dtype] = None) -> None:
         self.model, self.source, self.device, self.capacity = model, source, torch.device(device), capacity
+        self.dtype = dtype  # floating-point weights are cast to it as they are read; None: as stored
         self.blocks = model.get_submodule(blocks_path)
         self._paths = {id(b): f"{blocks_path}.{i}" for i, b in enumerate(self.blocks)}
         self._owner = {id(m): b for b in self.blocks for m in b.modules()}  # any module inside -> its block
@@ -184,7 +201,9 @@ class WeightStreamer:
             wanted[pid] = stored
         values = self.source.read(wanted.values())
         for pid, names in params.items():
-            param = nn.Parameter(values[wanted[pid]].to(self.device), requires_grad=False)
+            value = values[wanted[pid]]
+            dtype = self.dtype if self.dtype is not None and value.is_floating_point() else value.dtype
+            param = nn.Parameter(value.to(self.device, dtype), requires_grad=False)
             for owner, attr, _ in names:
                 owner._parameters[attr] = param
 
@@ -199,6 +218,12 @@ class WeightStreamer:
         """Make ``block`` (a child of the block list, or any module inside it) resident; returns it."""
         owner = self._owner.get(id(block))
         if owner is None:
+            inside = {id(m) for m in block.modules()}
+            contained = [b for b in self.blocks if id(b) in inside]
+            if contained:  # a module above the blocks (a model solved as one block): all of them, kept
+                self.capacity = max(self.capacity, len(contained))
+                for b in contained:
+                    self(b)
             return block  # outside the blocks: always resident
         key = id(owner)
         if key in self._resident:

@@ -133,6 +133,10 @@ def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch,
     assert json.loads((out / "report.json").read_text())["calibration_batches"] == 4
     streamed = ["prune", str(tiny_model_dir / "model"), "--stream", "--calib", "self", "--out", str(tiny_model_dir / "s2")]
     assert main(streamed) == 2 and "--calib self samples from the model" in capsys.readouterr().err
+    in_memory = ["prune", str(tiny_model_dir / "model"), "--dtype", "bfloat16", "--out", str(tiny_model_dir / "s3")]
+    assert main(in_memory) == 2 and "--dtype bfloat16 sets the precision of streamed weights; add --stream" in \
+        capsys.readouterr().err
+    assert not (tiny_model_dir / "s3").exists()
 
 
 def test_self_generated_windows_are_seeded_and_mixed_evenly():

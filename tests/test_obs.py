@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from structprune_graph.passes.obs import Consumer, damped, greedy_obs, least_squares
@@ -99,3 +100,45 @@ def test_a_convolution_is_refit_on_its_unfolded_patches():
     err = float(((dense - pruned) ** 2).sum())
     assert abs(increments[0] - err) <= 1e-5 * err
     torch.testing.assert_close(as_out_in(conv, refit), consumer.weight)
+
+
+def _full_size_greedy(w, h, columns, n_remove, steps=16):
+    """The greedy structured OBS on a full-size H^-1 and W (the textbook form the pass computes on shrinking
+    copies): per step the k cheapest units by tr(W_C M^-1 W_C^T), M = [H^-1]_CC, then the update of W and H^-1."""
+    hinv, w = torch.linalg.inv(h), w.clone()
+    remaining, order, total = list(range(len(columns))), [], []
+    for step in range(steps):
+        left = n_remove - len(order)
+        if left <= 0:
+            break
+        k = -(-left // (steps - step))
+        errs = torch.stack([(w[:, columns[u]].T * torch.linalg.solve(hinv[columns[u]][:, columns[u]],
+                                                                        w[:, columns[u]].T)).sum() for u in remaining])
+        picked = [remaining[p] for p in torch.argsort(errs, stable=True)[:k].tolist()]
+        cols = torch.cat([columns[u] for u in picked])
+        m_inv = torch.linalg.inv(hinv[cols][:, cols])
+        total.append(float((w[:, cols] @ m_inv * w[:, cols]).sum()))
+        w -= w[:, cols] @ m_inv @ hinv[cols, :]
+        hinv -= hinv[:, cols] @ m_inv @ hinv[cols, :]
+        w[:, cols] = 0.0
+        order += picked
+        remaining = [u for u in remaining if u not in picked]
+    return order, total, w
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_greedy_obs_on_shrinking_copies_equals_the_full_size_computation(unit):
+    x, _ = _problem()
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([x, torch.randn(x.shape[0], 12, generator=g, dtype=x.dtype)], 1)  # 24 inputs
+    w = torch.randn(7, 24, generator=g, dtype=x.dtype)
+    h = damped(x.T @ x, 0.01)
+    columns = [torch.arange(unit * i, unit * i + unit) for i in range(24 // unit)]
+    consumer = Consumer("fc", w.clone(), h, [c.clone() for c in columns])
+    n_remove = len(columns) * 3 // 4
+    order, increments = greedy_obs([consumer], len(columns), n_remove, steps=5)
+    want_order, step_errors, want_w = _full_size_greedy(w, h, columns, n_remove, steps=5)
+    assert order == want_order
+    assert all(torch.equal(a, b) for a, b in zip(consumer.columns, columns))  # the units' columns are untouched
+    torch.testing.assert_close(torch.tensor(sum(increments)), torch.tensor(sum(step_errors)), rtol=1e-9, atol=0)
+    torch.testing.assert_close(consumer.weight, want_w, rtol=1e-7, atol=1e-9)

@@ -44,6 +44,17 @@ def _direct(model, batches):
     return torch.tensor([s / c for s, c in zip(sums, count)])
 
 
+def _saved_llama(folder, n_batches):
+    """A tiny 3-layer Llama saved as a checkpoint folder, and its calibration batches."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    return model, [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(n_batches)]
+
+
 @pytest.mark.parametrize("budget", [None, 0], ids=["in-memory", "spilled-to-files"])
 def test_block_by_block_sensitivity_equals_the_whole_models_backward_pass(budget):
     model = traced("llama")[1]
@@ -59,13 +70,7 @@ def test_block_by_block_sensitivity_equals_the_whole_models_backward_pass(budget
 
 
 def test_streamed_sensitivity_reads_each_block_twice_and_equals_the_in_memory_one(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "tiny")
-    g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(3)]
+    model, batches = _saved_llama(tmp_path / "tiny", 3)
     want = _direct(model, batches)
     skeleton = empty_model(tmp_path / "tiny")
     graph = sp.trace(model, batches[0])
@@ -105,13 +110,7 @@ def test_gradient_block_energy_needs_a_loss():
 
 
 def test_gradient_block_energy_streams_from_a_checkpoint_like_the_in_memory_run(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "tiny")
-    g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(4)]
+    model, batches = _saved_llama(tmp_path / "tiny", 4)
     solver = SolverConfig(block_energy="gradient")
     reference = sp.prune(model, batches, 0.3, method="structprune", solver=solver)
     result = prune_checkpoint(tmp_path / "tiny", batches, 0.3, tmp_path / "out", solver=solver)

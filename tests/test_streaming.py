@@ -178,3 +178,25 @@ def test_a_streamed_cnn_uses_its_stored_batchnorm_statistics(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     with streamed(tmp_path / "resnet") as dense, torch.no_grad():
         torch.testing.assert_close(dense(**batches[0]).logits, model(**batches[0]).logits, rtol=0, atol=1e-6)
+
+
+def test_a_bf16_checkpoint_streams_in_its_own_precision_or_in_fp32_and_is_written_in_bf16(checkpoint, tmp_path):
+    folder, batches, model = checkpoint
+    half = transformers.LlamaForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16")
+    half.float().save_pretrained(tmp_path / "upcast")  # the same values, stored in fp32
+    assert CheckpointWeights(tmp_path / "bf16").dtype_of("model.layers.0.mlp.down_proj.weight") == torch.bfloat16
+    wide = prune_checkpoint(tmp_path / "bf16", batches, 0.3, tmp_path / "wide", dtype=torch.float32)
+    upcast = prune_checkpoint(tmp_path / "upcast", batches, 0.3, tmp_path / "upcast-out")
+    assert wide.plan.keep == upcast.plan.keep  # fp32 work on bf16 weights: what the fp32 copy gives
+    got, want = CheckpointWeights(tmp_path / "wide"), CheckpointWeights(tmp_path / "upcast-out")
+    for name in want.files:
+        assert got.dtype_of(name) == torch.bfloat16  # written in the checkpoint's precision
+        torch.testing.assert_close(got.read([name])[name], want.read([name])[name].to(torch.bfloat16), rtol=0, atol=0)
+    native = prune_checkpoint(tmp_path / "bf16", batches, 0.3, tmp_path / "native")  # bf16 all the way
+    with streamed(tmp_path / "native") as pruned, torch.no_grad():
+        logits = pruned(**batches[0]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert native.report.sparsity_achieved == pytest.approx(0.3, abs=0.03)

@@ -1,0 +1,89 @@
+"""How much memory a streamed pruning (``prune_checkpoint``, ``structprune prune --stream``) needs at its
+peak, from the block sizes alone: the formula behind the O(one block) claim, checked against measured runs
+(``examples/scale_7b.py``, ``tests/test_memory_model.py``).
+
+    peak - baseline = resident + capacity x block + statistics + activations
+
+- resident: the parameters outside the block list (embeddings, final norm, LM head), always in memory;
+- block: the largest block's parameters, ``capacity`` of them resident (1; 2 with coordination rounds);
+- statistics: the solver's float64 work on the block with the widest consumer layers: every consumer's
+  H = X^T X (in x in) of the block held at once, plus, for the widest consumer, ``OBS_COPIES`` more
+  matrices of its size (the damped H, and while H^-1 is formed its Cholesky factor and H^-1: 2.0 copies
+  measured at the peak of ``obs._inverse``; or, in the re-fit, the ridge-damped H, its kept block and that
+  block's factor) and ``WEIGHT_COPIES`` float64 copies of its weight (out x in: the original kept for the
+  re-fit, the OBS working copy, its shrinking update, the re-fitted result);
+- activations: the calibration tokens' residual stream twice (the inputs and outputs of the current
+  block for every batch) plus one batch's widest intermediate (the MLP's, three tensors wide).
+
+The stored block inputs of the gradient block energy and the re-fitted weights go to temporary files
+beyond ``SolverConfig.buffer_budget`` and 0 bytes respectively, so they add at most the buffer budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+OBS_COPIES = 4
+WEIGHT_COPIES = 4
+INTERMEDIATE_COPIES = 3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    resident: int
+    blocks: int
+    statistics: int
+    activations: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.blocks + self.statistics + self.activations + self.buffers
+
+    def as_gib(self) -> dict:
+        gib = {k: round(v / 2**30, 3) for k, v in vars(self).items()}
+        return {**gib, "total_gib": round(self.total / 2**30, 3)}
+
+
+def _consumer_shapes(block: torch.nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of the layers that read a block's prunable channels: every linear layer whose input is not
+    the residual stream (attention's output projection, the MLP's down projection)."""
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return []
+    stream = max(set(m.in_features for m in linears), key=[m.in_features for m in linears].count)
+    return [(m.out_features, m.in_features) for m in linears if m.in_features != stream]
+
+
+def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_tokens: Optional[int] = None,
+                   dtype: Optional[torch.dtype] = None, capacity: int = 1,
+                   buffer_budget: int = 256 * 2**20) -> MemoryEstimate:
+    """The predicted net peak (bytes over the process's baseline) of pruning the checkpoint ``folder`` with
+    ``calibration_tokens`` tokens in batches of ``batch_tokens`` (default: all in one), weights in ``dtype``
+    (default: the config's, else fp32)."""
+    from .checkpoint import block_list_path
+    from .streaming import CheckpointWeights, empty_model
+
+    model = empty_model(folder, meta_buffers=True)
+    path = block_list_path(model)
+    blocks = model.get_submodule(path)
+    if dtype is None:  # as stored
+        dtype = CheckpointWeights(folder).dtype_of(f"{path}.0.{next(iter(dict(blocks[0].named_parameters())))}")
+    width = dtype.itemsize
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    in_blocks = sum(p.numel() for p in blocks.parameters())
+    resident = sum(p.numel() for p in model.parameters()) - in_blocks
+    shapes = max((_consumer_shapes(b) for b in blocks), key=lambda s: sum(i * i for _, i in s), default=[])
+    h = sum(i * i * 8 for _, i in shapes)
+    widest = max(shapes, key=lambda s: s[1], default=(0, 0))
+    statistics = h + OBS_COPIES * widest[1] ** 2 * 8 + WEIGHT_COPIES * widest[0] * widest[1] * 8
+    hidden = model.config.hidden_size
+    intermediate = max((i for _, i in shapes), default=hidden)
+    activations = 2 * calibration_tokens * hidden * 4 + \
+        INTERMEDIATE_COPIES * (batch_tokens or calibration_tokens) * intermediate * 4
+    return MemoryEstimate(resident * width, capacity * block_params * width, statistics, activations,
+                          min(buffer_budget, calibration_tokens * hidden * 4 * len(blocks)))
