@@ -44,6 +44,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+# the selection, damping and allocation-source probes were recorded when the stream energy was the default
+# (before 2026-12-02); they keep it, so that their rows reproduce
+RECORDED_ENERGY = "stream"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy"), required=True)
@@ -85,7 +90,7 @@ def main() -> None:
     if args.probe == "damping":
         for d in args.dampings:
             t = time.perf_counter()
-            r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d))
+            r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d, block_energy=RECORDED_ENERGY))
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
         return
 
@@ -104,7 +109,7 @@ def main() -> None:
     if args.probe == "allocation-source":
         from structprune_graph.solver import allocate, prepare, solve
 
-        config = SolverConfig()
+        config = SolverConfig(block_energy=RECORDED_ENERGY)
         graph = sp.trace(model, batches[0])
         groups = select_groups(graph, None)
         t = time.perf_counter()
@@ -128,7 +133,7 @@ def main() -> None:
     flap = sp.prune(model, batches, args.sparsity, method="flap")
     emit("flap: FLAP keep-set + bias compensation", flap.model, t)
     t = time.perf_counter()
-    ours = sp.prune(model, batches, args.sparsity)
+    ours = sp.prune(model, batches, args.sparsity, solver=SolverConfig(block_energy=RECORDED_ENERGY))
     emit("structprune: OBS keep-set + re-fit", ours.model, t, tau=ours.report.solver["tau"])
     graph, groups = ours.graph, select_groups(ours.graph, None)
     removed = {name: {g.id: g.size - len(r.plan.keep.get(g.id, range(g.size))) for g in groups}
@@ -160,7 +165,8 @@ def main() -> None:
     mlp = [g for g in groups if g.kind == "mlp_channel"]
     shapes = graph.param_shapes
     share = prunable_params(tuple(groups), shapes) / prunable_params(tuple(mlp), shapes)
-    r = sp.prune(model, batches, args.sparsity * share, kinds=["mlp_channel"])
+    r = sp.prune(model, batches, args.sparsity * share, kinds=["mlp_channel"],
+                 solver=SolverConfig(block_energy=RECORDED_ENERGY))
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})

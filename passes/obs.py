@@ -118,12 +118,10 @@ def _unit_errors(c: Consumer, units: Sequence[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _remove(c: Consumer, cols: torch.Tensor) -> float:
-    """OBS step on the consumer's remaining columns: drop ``cols`` (positions in them), move the others
-    and keep only their rows and columns of H^-1 (the down-date computed on those alone: 2 r^2 |S| flops
-    for r remaining columns instead of 2 in^2 |S|); returns the error it costs."""
-    alive = torch.ones(c.weight.shape[1], dtype=torch.bool)
-    alive[cols] = False
+def _remove(c: Consumer, cols: torch.Tensor, alive: torch.Tensor) -> float:
+    """OBS step on the consumer's remaining columns: drop ``cols`` (positions in them; ``alive``: the
+    others), move the others and keep only their rows and columns of H^-1 (the down-date computed on those
+    alone: 2 r^2 |S| flops for r remaining columns instead of 2 in^2 |S|); returns the error it costs."""
     if c.hessian is None:
         err = float(((c.weight[:, cols] ** 2).sum(0) * (c.energy[cols] if c.energy is not None else 1.0)).sum())
         c.weight = c.weight[:, alive]
@@ -169,10 +167,10 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
         total = 0.0
         for i, c in enumerate(work):
             cols = torch.cat([c.columns[u] for u in picked])
-            total += _remove(c, cols)
-            position = torch.full((c.weight.shape[1] + len(cols),), -1, dtype=torch.long)
-            alive = torch.ones(len(position), dtype=torch.bool)
+            alive = torch.ones(c.weight.shape[1], dtype=torch.bool)
             alive[cols] = False
+            total += _remove(c, cols, alive)
+            position = torch.full((len(alive),), -1, dtype=torch.long)
             position[alive] = torch.arange(int(alive.sum()))
             origin[i] = origin[i][alive]
             for u in remaining:  # the units' columns, renumbered among the remaining ones

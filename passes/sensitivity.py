@@ -97,8 +97,8 @@ def head_gradient(model: nn.Module, list_path: str, batch: Any, final: torch.Ten
                 loss = default_loss(model, batch)
             except CalibrationError as err:
                 raise NoLossError("block sensitivity pass: block_energy='gradient' needs a model that returns "
-                                       "a loss for the calibration batches (a causal LM fed input_ids); use "
-                                       "block_energy='stream'") from err
+                                  "a loss for the calibration batches (a causal LM fed input_ids); use "
+                                  "block_energy='stream'") from err
             (grad,) = torch.autograd.grad(loss, h, allow_unused=True)
     finally:
         for i, block in enumerate(originals):

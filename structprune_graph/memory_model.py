@@ -8,10 +8,10 @@ peak, from the block sizes alone: the formula behind the O(one block) claim, che
 - block: the largest block's parameters, ``capacity`` of them resident (1; 2 with coordination rounds);
 - statistics: the solver's float64 work on the block with the widest consumer layers: every consumer's
   H = X^T X (in x in) of the block held at once, plus, for the widest consumer, ``OBS_COPIES`` more
-  matrices of its size (the damped H, and while H^-1 is formed its Cholesky factor and H^-1: 2.0 copies
-  measured at the peak of ``obs._inverse``; or, in the re-fit, the ridge-damped H, its kept block and that
-  block's factor) and ``WEIGHT_COPIES`` float64 copies of its weight (out x in: the original kept for the
-  re-fit, the OBS working copy, its shrinking update, the re-fitted result);
+  matrices of its size: in the block solve (the peak) its damped H, H^-1, and H^-1's shrinking copy while
+  the first units leave (the dense sweep damps the last reader's H in place, and the re-fit runs after the
+  damped H is released); and ``WEIGHT_COPIES`` float64 copies of its weight (out x in: the original kept
+  for the re-fit, the OBS working copy, its shrinking update, the re-fitted result);
 - activations: the calibration tokens' residual stream twice (the inputs and outputs of the current
   block for every batch) plus one batch's widest intermediate (the MLP's, three tensors wide).
 
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-OBS_COPIES = 4
+OBS_COPIES = 3
 WEIGHT_COPIES = 4
 INTERMEDIATE_COPIES = 3
 
@@ -49,26 +49,21 @@ class MemoryEstimate:
         return {**gib, "total_gib": round(self.total / 2**30, 3)}
 
 
-def _consumer_shapes(block: torch.nn.Module) -> list[tuple[int, int]]:
-    """(out, in) of the layers that read a block's prunable channels: every linear layer whose input is not
-    the residual stream (attention's output projection, the MLP's down projection)."""
-    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        return []
-    stream = max(set(m.in_features for m in linears), key=[m.in_features for m in linears].count)
-    return [(m.out_features, m.in_features) for m in linears if m.in_features != stream]
-
-
 def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_tokens: Optional[int] = None,
                    dtype: Optional[torch.dtype] = None, capacity: int = 1,
-                   buffer_budget: int = 256 * 2**20) -> MemoryEstimate:
+                   buffer_budget: int = 256 * 2**20, kinds: Optional[Sequence[str]] = None) -> MemoryEstimate:
     """The predicted net peak (bytes over the process's baseline) of pruning the checkpoint ``folder`` with
     ``calibration_tokens`` tokens in batches of ``batch_tokens`` (default: all in one), weights in ``dtype``
-    (default: the config's, else fp32)."""
+    (default: as stored), the groups of ``kinds`` selected (default: the pruning default)."""
     from .checkpoint import block_list_path
-    from .streaming import CheckpointWeights, empty_model
+    from .graph import trace
+    from .passes.calibrate import consumer_modules
+    from .pruning import select_groups
+    from .streaming import CheckpointWeights, empty_model, meta_inputs
 
-    model = empty_model(folder, meta_buffers=True)
+    model = empty_model(folder, meta_buffers=True)  # shapes only, as prune_checkpoint traces it
+    graph = trace(model, meta_inputs({"input_ids": torch.zeros(2, 8, dtype=torch.long)}))
+    consumers = consumer_modules(model, select_groups(graph, kinds))  # the layers the solver takes H of
     path = block_list_path(model)
     blocks = model.get_submodule(path)
     if dtype is None:  # as stored
@@ -77,7 +72,12 @@ def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_toke
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     in_blocks = sum(p.numel() for p in blocks.parameters())
     resident = sum(p.numel() for p in model.parameters()) - in_blocks
-    shapes = max((_consumer_shapes(b) for b in blocks), key=lambda s: sum(i * i for _, i in s), default=[])
+
+    def shapes_in(i: int) -> list[tuple[int, int]]:  # (out, in) of block i's consumer layers
+        weights = {c: model.get_submodule(c).weight for c in consumers if c.startswith(f"{path}.{i}.")}
+        return [(w.numel() // w.shape[consumers[c]], w.shape[consumers[c]]) for c, w in weights.items()]
+
+    shapes = max((shapes_in(i) for i in range(len(blocks))), key=lambda s: sum(i * i for _, i in s), default=[])
     h = sum(i * i * 8 for _, i in shapes)
     widest = max(shapes, key=lambda s: s[1], default=(0, 0))
     statistics = h + OBS_COPIES * widest[1] ** 2 * 8 + WEIGHT_COPIES * widest[0] * widest[1] * 8
