@@ -143,6 +143,10 @@ def main() -> None:
     parser.add_argument("--folder", required=True, help="where the checkpoint is written (kept for later runs)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the checkpoint")
+    parser.add_argument("--work-dtype", choices=("stored", "float32", "bfloat16"), default="stored",
+                        help="the CLI's --dtype: the precision the streamed weights are computed in")
+    parser.add_argument("--statistics", choices=("float64", "float32"), default="float64",
+                        help="the CLI's --statistics: the precision of the solver's H and its inverse")
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -166,7 +170,8 @@ def main() -> None:
     shutil.rmtree(pruned, ignore_errors=True)
     cli_args = ["prune", str(folder), "--stream", "--sparsity", str(args.sparsity), "--calib", "pydoc",
                 "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen), "--eval", "pydoc",
-                "--eval-windows", str(args.eval_windows), "--eval-seqlen", str(args.eval_seqlen), "--out", str(pruned)]
+                "--eval-windows", str(args.eval_windows), "--eval-seqlen", str(args.eval_seqlen), "--out", str(pruned),
+                "--dtype", args.work_dtype, "--statistics", args.statistics]
     dropped = _drop_page_cache()
     proc = subprocess.run([sys.executable, __file__, "--child", *cli_args],
                           capture_output=True, text=True, env={**os.environ, **ALLOCATOR})
@@ -175,14 +180,17 @@ def main() -> None:
         raise SystemExit(f"the run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     row = json.loads(lines[-1])
     report = json.loads((pruned / "report.json").read_text()) if (pruned / "report.json").is_file() else {}
+    work = getattr(torch, args.dtype if args.work_dtype == "stored" else args.work_dtype)
     row.update({"label": args.label, "layers": args.layers, "dtype": args.dtype, "sparsity": args.sparsity,
+                "work_dtype": args.work_dtype, "statistics": args.statistics,
                 "calibration": f"{args.calib_samples} x {args.seqlen}", "checkpoint_gib": round(
                     sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30, 2),
                 "write_checkpoint_s": wrote, "page_cache_dropped": dropped,
                 "cli_summary": next((ln for ln in proc.stdout.splitlines() if ln.startswith("structprune (")), ""),
                 "params_before": report.get("params_before"), "params_after": report.get("params_after"),
-                "predicted": streaming_peak(folder, args.calib_samples * args.seqlen, args.seqlen,
-                                            getattr(torch, args.dtype)).as_gib()})
+                "pruned_ppl": report.get("ppl_after"), "dense_ppl": report.get("ppl_before"),
+                "predicted": streaming_peak(folder, args.calib_samples * args.seqlen, args.seqlen, work,
+                                            statistics=getattr(torch, args.statistics)).as_gib()})
     if not args.keep_output:
         shutil.rmtree(pruned, ignore_errors=True)
     path = out / "scale_7b.json"
@@ -194,11 +202,13 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | layers | checkpoint | GiB on disk | calibration | peak RSS GiB | baseline GiB | predicted net GiB | "
-             "read GiB | total s | stages (s; net peak GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | layers | checkpoint | weights computed in | statistics | GiB on disk | calibration | peak RSS GiB | "
+             "baseline GiB | predicted net GiB | read GiB | total s | stages (s; net peak GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stages = "; ".join(f"{s['stage']} {s['seconds']} ({s['peak_net_gib']})" for s in r["stages"])
-        lines.append(f"| {r.get('label', '')} | {r['layers']} | {r['dtype']} | {r['checkpoint_gib']} | {r['calibration']} | {r['peak_gib']} | "
+        lines.append(f"| {r.get('label', '')} | {r['layers']} | {r['dtype']} | {r.get('work_dtype', 'stored')} | "
+                     f"{r.get('statistics', 'float64')} | {r['checkpoint_gib']} | {r['calibration']} | {r['peak_gib']} | "
                      f"{r['baseline_gib']} | {r['predicted']['total_gib']} | {r['read_gib']} | {r['seconds']} | "
                      f"{stages} |")
     return "\n".join(lines) + "\n"

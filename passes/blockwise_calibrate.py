@@ -52,6 +52,7 @@ class BlockCalibrationRequest:
     damping: float = DEFAULT_DAMPING
     keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
     block_energy: str = "stream"  # what a block's errors are relative to (``stream_energy``)
+    statistics_dtype: torch.dtype = torch.float64  # of H, H^-1 and the OBS work (passes/obs.py)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
     # where the sweep leaves every block's input stream, key (block, batch), and the last block's output, key
@@ -90,16 +91,18 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
 
 
 class StatsCollector:
-    """Forward pre-hooks accumulating H = X^T X (linear layers) or per-channel sum x^2 (others)."""
+    """Forward pre-hooks accumulating H = X^T X (linear layers, in ``dtype``: the solver's working precision)
+    or per-channel sum x^2 (others)."""
 
-    def __init__(self, module: nn.Module, paths: Sequence[str]) -> None:
+    def __init__(self, module: nn.Module, paths: Sequence[str], dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
         self.hessians: dict[str, torch.Tensor] = {}
         self.energies: dict[str, torch.Tensor] = {}
         self._handles = []
         for p in sorted(set(paths)):
             if fused.is_fused_path(module, p):  # H per expert, under "path#e"
                 self._handles.append(fused.hook_experts(module.get_submodule(p.rpartition(".")[0]), p,
-                                                        self.hessians))
+                                                        self.hessians, dtype))
             else:
                 self._handles.append(module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
 
@@ -108,7 +111,7 @@ class StatsCollector:
             x = args[0].detach()
             if is_linear(layer) or unfoldable(layer):
                 flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                h = (flat.T @ flat).double()  # (in, in)
+                h = (flat.T @ flat).to(self.dtype)  # (in, in)
                 self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
             else:
                 flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (channels, positions)
@@ -143,13 +146,13 @@ def build_consumers(block: Block, module: nn.Module, group: Group, stats: StatsC
     out = []
     for path, columns in consumers_of(block, module, group):
         if fused.is_fused_path(module, path):  # one consumer per expert; an expert no token reached costs nothing
-            for e, w in enumerate(fused.expert_weights(path, module.get_parameter(path), weights)):
+            for e, w in enumerate(fused.expert_weights(path, module.get_parameter(path), weights, stats.dtype)):
                 h = hessian(f"{path}{fused.SEP}{e}", path)
-                h = h if h is not None and bool(h.any()) else torch.eye(w.shape[1], dtype=torch.float64) * 1e-12
+                h = h if h is not None and bool(h.any()) else torch.eye(w.shape[1], dtype=stats.dtype) * 1e-12
                 out.append(Consumer(f"{path}{fused.SEP}{e}", w.clone(), damped(h, damping, path in consume), columns))
             continue
         layer = module.get_submodule(path)
-        w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight)
+        w = weights[path] if weights is not None and path in weights else as_out_in(layer, layer.weight, stats.dtype)
         h = hessian(path, path)
         energy = stats.energies.get(path)
         k = kernel_size(layer)
@@ -204,7 +207,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
         for block in tqdm(blocks, desc="calibrate blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths)
+            stats = StatsCollector(module, paths, state.statistics_dtype)
             outputs = []
             try:
                 with torch.no_grad():

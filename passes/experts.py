@@ -57,7 +57,8 @@ def routed_inputs(experts: nn.Module, args: tuple, kwargs: Mapping) -> dict[int,
     return out
 
 
-def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, torch.Tensor]):
+def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float64):
     """A forward pre-hook adding each expert's H = X_e^T X_e to ``hessians[path#e]``; an expert no token
     reached adds zeros, so that every rank of a distributed run holds the same keys."""
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -66,16 +67,17 @@ def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, to
             width = module.down_proj.shape[-1]
             for e in range(module.down_proj.shape[0]):
                 x = routed[e][1].float() if e in routed else None  # (tokens_e, I)
-                h = (x.T @ x).double() if x is not None else torch.zeros(width, width, dtype=torch.float64)
+                h = (x.T @ x).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
                 key = f"{path}{SEP}{e}"
                 hessians[key] = hessians[key] + h if key in hessians else h
     return experts.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def expert_weights(path: str, value: torch.Tensor, current: Optional[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Per expert, ``down_proj[e]`` as (out, in) float64: the cluster's updated value where it has one."""
+def expert_weights(path: str, value: torch.Tensor, current: Optional[Mapping[str, torch.Tensor]],
+                   dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Per expert, ``down_proj[e]`` as (out, in) in ``dtype``: the cluster's updated value where it has one."""
     return [current[f"{path}{SEP}{e}"] if current is not None and f"{path}{SEP}{e}" in current
-            else value[e].detach().double() for e in range(value.shape[0])]
+            else value[e].detach().to(dtype) for e in range(value.shape[0])]
 
 
 def assemble(current: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,11 @@ sums their errors. The final weights are the least-squares fit on the kept colum
 
     W_K' = argmin ||X_K W_K'^T - T||^2 = (H_KK)^-1 (X_K^T T),  T = X W^T (+ D, a target shift)
 
-solved in float64 with a Cholesky factorisation (the damping makes H_KK positive definite: never a NaN).
+solved with a Cholesky factorisation (the damping makes H_KK positive definite: never a NaN). The work
+runs in float64, or in float32 at half the memory (``SolverConfig.statistics``: the 7B MLP's H is 0.9 GB in
+float64) with its error checked: the re-fit takes one step of iterative refinement, whose size estimates
+the solve's relative error, and is redone in float64 above ``FLOAT32_TOLERANCE``; a Cholesky that fails in
+float32, or a down-dated H^-1 that loses its positive diagonal, is redone in float64 from H.
 A 2-D convolution (one group of filters, zero padding) is a linear layer on unfolded patches: W is
 (out, in * kh * kw), H is taken over the unfolded input (``F.unfold``: one row per output position), and a
 channel is its kh * kw columns. Other consumers (grouped, 1-D/3-D or padded-mode convolutions) get the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from math import ceil
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +36,12 @@ from torch import nn
 from structprune_graph.module_attrs import input_dim
 
 DEFAULT_DAMPING = 0.01
+# relative error of a float32 re-fit (estimated by one refinement step) above which it is redone in float64
+FLOAT32_TOLERANCE = 1e-3
+STATISTICS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+REFIT_ERROR_LOG = "float32 re-fit: estimated relative error %.3g at width %d"  # a DEBUG record per checked re-fit
+
+logger = logging.getLogger(__name__)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -56,10 +67,10 @@ def unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as a float64 matrix (out, in * kernel) whose column c * kernel + j is input channel c at
+def as_out_in(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The weight as a ``dtype`` matrix (out, in * kernel) whose column c * kernel + j is input channel c at
     kernel position j: (out, in) for a linear layer (HF Conv1D stores (in, out))."""
-    w = weight.detach().double()
+    w = weight.detach().to(dtype)
     if input_dim(module) == 0:
         return w.T.contiguous()
     return w.reshape(w.shape[0], -1).clone()
@@ -73,9 +84,9 @@ def from_out_in(module: nn.Module, w: torch.Tensor, like: torch.Tensor) -> torch
 
 
 def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tensor:
-    """H + damping * mean(diag H) * I; dead inputs (never non-zero) get a unit diagonal. ``inplace``: a
-    float64 H is damped where it is (its last user: the 7B MLP's H is 0.9 GB)."""
-    h = h.double() if inplace else h.double().clone()
+    """H + damping * mean(diag H) * I, in H's dtype; dead inputs (never non-zero) get a unit diagonal.
+    ``inplace``: H is damped where it is (its last user: the 7B MLP's H is 0.9 GB in float64)."""
+    h = h if inplace else h.clone()
     diag = h.diagonal()
     dead = diag <= 0
     diag[dead] = 1.0
@@ -83,10 +94,22 @@ def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tens
     return h
 
 
+def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
+    """The Cholesky factor of a damped H; one that fails in float32 (rounding made H indefinite) is taken in
+    float64 instead, and the result stays float64."""
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0 and h.dtype != torch.float64:
+        logger.info("%s: Cholesky failed in %s at width %d; redone in float64", what, h.dtype, h.shape[0])
+        chol = torch.linalg.cholesky(h.double())
+    elif int(info) != 0:
+        chol = torch.linalg.cholesky(h)  # raises torch's own error with the failing minor
+    return chol
+
+
 def _inverse(h: torch.Tensor) -> torch.Tensor:
     # cholesky_inverse: H and two more copies at its peak, and on an idle CPU the fastest of the forms tried
     # (1.8 s at width 4096 against 2.5 s for two triangular solves; cholesky_solve against I holds 4 copies)
-    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.cholesky_inverse(_cholesky(h, "OBS inverse"))
 
 
 @dataclass
@@ -140,6 +163,21 @@ def _remove(c: Consumer, cols: torch.Tensor, alive: torch.Tensor) -> float:
     return err
 
 
+def _checked(c: Consumer, origin: torch.Tensor) -> None:
+    """A float32 down-date that lost H^-1's positive diagonal (a Schur complement of a positive definite H
+    keeps it in exact arithmetic) is recomputed in float64 from H on the remaining columns (``origin``:
+    their columns in H), and the consumer works in float64 from then on."""
+    if c.hinv is None or c.hinv.dtype == torch.float64:
+        return
+    diag = c.hinv.diagonal()
+    if bool(torch.isfinite(diag).all()) and bool((diag > 0).all()):
+        return
+    logger.info("OBS down-date of %s lost precision in float32 at %d columns; redone in float64",
+                c.path, len(origin))
+    c.hinv = _inverse(c.hessian[origin[:, None], origin[None, :]].double())
+    c.weight = c.weight.double()
+
+
 def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16
                ) -> tuple[list[int], list[float]]:
     """Remove ``n_remove`` of ``n_units`` units greedily; returns the removal order and, per removed unit,
@@ -149,6 +187,8 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
     columns zero)."""
     work = [replace(c, columns=list(c.columns), hinv=_inverse(c.hessian) if c.hessian is not None else None)
             for c in consumers]
+    for c in work:  # a Cholesky redone in float64 makes the consumer's work float64
+        c.weight = c.weight.to(c.hinv.dtype) if c.hinv is not None else c.weight
     origin = [torch.arange(c.weight.shape[1]) for c in consumers]  # per work column: its column in the layer
     remaining = list(range(n_units))
     order: list[int] = []
@@ -173,6 +213,7 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
             position = torch.full((len(alive),), -1, dtype=torch.long)
             position[alive] = torch.arange(int(alive.sum()))
             origin[i] = origin[i][alive]
+            _checked(c, origin[i])
             for u in remaining:  # the units' columns, renumbered among the remaining ones
                 c.columns[u] = position[c.columns[u]]
         share = own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1.0 / len(own))
@@ -180,20 +221,53 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
         order += picked
     for c, w, cols in zip(consumers, work, origin):
         c.weight.zero_()
-        c.weight[:, cols] = w.weight
+        c.weight[:, cols] = w.weight.to(c.weight.dtype)
     return order, increments
 
 
 def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor,
                   cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept columns re-fitted: argmin ||X_K V^T - (X W^T + D)||^2 with H = X^T X (damped), cross = X_K^T D
-    (in_kept, out); removed columns are zero. weight: (out, in) float64; returns (out, in) float64."""
-    h_kk = hessian[keep_cols[:, None], keep_cols[None, :]]  # (k, k), one gather
-    rhs = hessian[keep_cols, :] @ weight.T  # (k, out)
-    if cross is not None:
-        rhs = rhs + cross
-    chol = torch.linalg.cholesky(h_kk)
-    v = torch.cholesky_solve(rhs, chol)  # (k, out)
+    (in_kept, out); removed columns are zero. weight: (out, in); returns (out, in) in weight's dtype. Below
+    float64, one step of iterative refinement corrects the solution, and its size (the estimated relative
+    error) must stay under ``FLOAT32_TOLERANCE`` or the fit is redone in float64."""
+    def problem(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        h_kk = hessian[keep_cols[:, None], keep_cols[None, :]].to(dtype)  # (k, k), one gather
+        rhs = hessian[keep_cols, :].to(dtype) @ weight.T.to(dtype)  # (k, out)
+        return h_kk, (rhs + cross.to(dtype) if cross is not None else rhs)
+
+    h_kk, rhs = problem(hessian.dtype)
+    v = _solve_checked(h_kk, rhs)  # (k, out)
+    if v is None:  # the float32 fit failed its check: the whole problem in float64
+        h_kk, rhs = problem(torch.float64)
+        v = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kk))
     out = torch.zeros_like(weight)
-    out[:, keep_cols] = v.T
+    out[:, keep_cols] = v.T.to(out.dtype)
     return out
+
+
+def refinement_error(h: torch.Tensor, rhs: torch.Tensor, v: torch.Tensor, chol: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One step of iterative refinement of H v = rhs: the corrected v and the step's relative size, an
+    estimate of v's relative error."""
+    step = torch.cholesky_solve(rhs - h @ v, chol)  # (k, out)
+    corrected = v + step
+    return corrected, float(step.norm() / corrected.norm().clamp_min(1e-30))
+
+
+def _solve_checked(h: torch.Tensor, rhs: torch.Tensor) -> Optional[torch.Tensor]:
+    """H v = rhs by Cholesky; below float64, None where the refinement step says the error is too large."""
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0 and h.dtype == torch.float64:
+        chol = torch.linalg.cholesky(h)  # raises torch's own error with the failing minor
+    error = float("inf")
+    if int(info) == 0:
+        v = torch.cholesky_solve(rhs, chol)  # (k, out)
+        if h.dtype == torch.float64:
+            return v
+        v, error = refinement_error(h, rhs, v, chol)
+        if error <= FLOAT32_TOLERANCE and bool(torch.isfinite(v).all()):
+            logger.debug(REFIT_ERROR_LOG, error, h.shape[0])
+            return v
+    logger.info("least-squares re-fit: estimated relative error %.2g in %s at width %d; redone in float64",
+                error, h.dtype, h.shape[0])
+    return None

@@ -14,13 +14,16 @@ calibration sweep has stored them already, ``streams``); the head
 blocks stood in for by pass-throughs that read no weights, giving dL/dh at the last block; then a backward
 sweep from the last block to the first re-runs each block on its stored input and carries the gradient
 back through the block's vector-Jacobian product. Each block is made resident twice (forward, backward).
-The model's parameters, gradients and block list are left as they were.
+The model's parameters, gradients and block list are left as they were. Half-precision weights (a bf16
+checkpoint streamed as it is) are computed in float32 for the head and the VJPs: the gradient is a
+statistic, and a bf16 backward matrix product took 84 s on this CPU against 0.26 s in float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, MutableMapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,16 +86,40 @@ class _PassThrough(nn.Module):
         return (stream,) if self._as_tuple else stream
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _float32(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
+
+
+@contextmanager
+def _half_as_float32(module: nn.Module, skip: Optional[nn.Module] = None) -> Iterator[None]:
+    """``module``'s half-precision parameters and buffers (outside ``skip``) in float32 for the duration;
+    the original tensors are put back after."""
+    skipped = {id(t) for t in (list(skip.parameters()) + list(skip.buffers()) if skip is not None else [])}
+    swapped = [(t, t.data) for t in list(module.parameters()) + list(module.buffers())
+               if t.dtype in HALF and id(t) not in skipped]
+    try:
+        for t, data in swapped:
+            t.data = data.float()
+        yield
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
 def head_gradient(model: nn.Module, list_path: str, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
     """dL/dh for the last block's output h = ``final`` (batch, tokens, hidden): the model's own forward and
-    loss with every block a pass-through, so only the embeddings and the head compute."""
+    loss with every block a pass-through, so only the embeddings and the head compute (half-precision
+    weights in float32)."""
     blocks = model.get_submodule(list_path)
     originals = list(blocks)
-    h = final.detach().clone().requires_grad_(True)
+    h = _float32(final.detach()).clone().requires_grad_(True)
     try:
         for i, block in enumerate(originals):
             blocks[i] = _PassThrough(block, as_tuple, h if i == len(originals) - 1 else None)
-        with torch.enable_grad():
+        with torch.enable_grad(), _half_as_float32(model, skip=blocks):
             try:
                 loss = default_loss(model, batch)
             except CalibrationError as err:
@@ -164,10 +191,12 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                 sums[block.index] += float((grad.double() ** 2).sum())
                 counts[block.index] += grad.numel()
                 if block.index > 0:
-                    x = store[(block.index, j)].clone().requires_grad_(True)  # (batch, tokens, hidden)
-                    with torch.enable_grad():
-                        out = run_block(module, inp.with_stream(x))
-                        (grad_in,) = torch.autograd.grad(out, x, grad)
+                    x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
+                    upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
+                                        {k: _float32(v) for k, v in inp.kwargs.items()})
+                    with torch.enable_grad(), _half_as_float32(module):
+                        out = run_block(module, upcast)
+                        (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
                     store[("grad", j)] = grad_in
                 del store[(block.index, j)]
         for j in range(len(state.inputs)):

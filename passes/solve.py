@@ -53,6 +53,7 @@ class BlockSolveRequest:
     weights_out: Optional[MutableMapping[str, torch.Tensor]] = field(default=None, compare=False)  # e.g. on disk
     fixed_keep: Optional[Mapping[str, tuple[int, ...]]] = None  # another method's keep-set: re-fit only
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # ridge of the re-fit, toward the dense weights (not the OBS damping)
+    statistics_dtype: torch.dtype = torch.float64  # of H, the OBS work and the re-fit (passes/obs.py)
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
 
 
@@ -124,7 +125,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths)
+            stats = StatsCollector(module, paths, state.statistics_dtype)
             dense = []  # kept for the first batches only: the block error
             try:
                 with torch.no_grad():
@@ -168,7 +169,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         prefix = block.path + "." if block.path else ""
         keep: dict[str, tuple[int, ...]] = {}
         dropped_cols: dict[str, set[int]] = {}
-        current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) float64, updated group by group
+        current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) in the statistics dtype, group by group
         for gid in gids:
             group = state.groups[gid]
             fixed = state.fixed_keep.get(gid) if state.fixed_keep is not None else None

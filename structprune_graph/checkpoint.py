@@ -71,7 +71,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
     ``distributed``: one rank of an initialised process group; every rank streams the same checkpoint and
     runs its share of the batches; rank 0 alone writes ``output``, the others wait for it.
     ``dtype``: the working precision of the weights (a bf16 checkpoint computed in fp32, or an fp32 one in
-    bf16 at half the memory); None: as stored. Statistics are float64 whatever it is; every tensor is
+    bf16 at half the memory); None: as stored. Statistics are in ``solver.statistics`` whatever it is; every tensor is
     written in the precision the checkpoint stores it in."""
     folder, output, device = Path(folder), Path(output), torch.device(device)
     batches = tuple(_to(b, device) for b in calibration)

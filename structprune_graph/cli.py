@@ -163,7 +163,7 @@ def _check_texts(args: argparse.Namespace) -> None:
 def _solver_config(args: argparse.Namespace):
     from .solver import SolverConfig
 
-    return SolverConfig(memory_budget=args.memory_budget)
+    return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics)
 
 
 def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list, "torch.Tensor"]:
@@ -204,6 +204,11 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -
     import torch
 
     dtype = None if args.dtype == "stored" else getattr(torch, args.dtype)
+    if dtype in (torch.bfloat16, torch.float16) and args.device == "cpu":
+        logging.getLogger(__name__).warning(
+            "--dtype %s on a CPU: half-precision matrix products can be two orders of magnitude slower than "
+            "float32 without native support; --dtype float32 is the CPU path (the output keeps the checkpoint's "
+            "precision)", args.dtype)
     result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
                               overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
                               uniform=args.uniform, distributed=args.distributed, dtype=dtype)
@@ -385,10 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="never load the model whole: read each block from the safetensors checkpoint when it "
                             "is needed and write the pruned model block by block (structprune)")
     prune.add_argument("--dtype", default="stored", choices=DTYPES,
-                       help="--stream: the precision the weights are computed in (statistics stay float64; the "
+                       help="--stream: the precision the weights are computed in (statistics: --statistics; the "
                             "output keeps the checkpoint's precision): 'stored' (default) as in the checkpoint, "
-                            "bfloat16 or float16 to halve an fp32 checkpoint's memory, float32 for a half-"
-                            "precision checkpoint on a CPU")
+                            "bfloat16 or float16 to halve an fp32 checkpoint's memory on a GPU, float32 for a half-"
+                            "precision checkpoint on a CPU (half-precision matrix products are up to 300x slower "
+                            "on CPUs without native bf16)")
+    prune.add_argument("--statistics", default="float64", choices=("float64", "float32"),
+                       help="structprune: the precision of the solver's H, its inverse and the re-fit; float32 "
+                            "halves the solver's largest memory (0.9 GiB per H at a 7B MLP's width) with its "
+                            "error checked and float64 redone where the check fails")
     prune.add_argument("--distributed", action="store_true",
                        help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
                             "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "

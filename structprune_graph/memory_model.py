@@ -6,11 +6,12 @@ peak, from the block sizes alone: the formula behind the O(one block) claim, che
 
 - resident: the parameters outside the block list (embeddings, final norm, LM head), always in memory;
 - block: the largest block's parameters, ``capacity`` of them resident (1; 2 with coordination rounds);
-- statistics: the solver's float64 work on the block with the widest consumer layers: every consumer's
+- statistics: the solver's work (float64, or float32 with ``statistics``) on the block with the widest
+  consumer layers: every consumer's
   H = X^T X (in x in) of the block held at once, plus, for the widest consumer, ``OBS_COPIES`` more
   matrices of its size: in the block solve (the peak) its damped H, H^-1, and H^-1's shrinking copy while
   the first units leave (the dense sweep damps the last reader's H in place, and the re-fit runs after the
-  damped H is released); and ``WEIGHT_COPIES`` float64 copies of its weight (out x in: the original kept
+  damped H is released); and ``WEIGHT_COPIES`` copies of its weight in that precision (out x in: the original kept
   for the re-fit, the OBS working copy, its shrinking update, the re-fitted result);
 - activations: the calibration tokens' residual stream twice (the inputs and outputs of the current
   block for every batch) plus one batch's widest intermediate (the MLP's, three tensors wide).
@@ -51,10 +52,12 @@ class MemoryEstimate:
 
 def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_tokens: Optional[int] = None,
                    dtype: Optional[torch.dtype] = None, capacity: int = 1,
-                   buffer_budget: int = 256 * 2**20, kinds: Optional[Sequence[str]] = None) -> MemoryEstimate:
+                   buffer_budget: int = 256 * 2**20, kinds: Optional[Sequence[str]] = None,
+                   statistics: torch.dtype = torch.float64) -> MemoryEstimate:
     """The predicted net peak (bytes over the process's baseline) of pruning the checkpoint ``folder`` with
     ``calibration_tokens`` tokens in batches of ``batch_tokens`` (default: all in one), weights in ``dtype``
-    (default: as stored), the groups of ``kinds`` selected (default: the pruning default)."""
+    (default: as stored), the groups of ``kinds`` selected (default: the pruning default), the solver's
+    matrices in ``statistics`` (``SolverConfig.statistics``)."""
     from .checkpoint import block_list_path
     from .graph import trace
     from .passes.calibrate import consumer_modules
@@ -78,12 +81,13 @@ def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_toke
         return [(w.numel() // w.shape[consumers[c]], w.shape[consumers[c]]) for c, w in weights.items()]
 
     shapes = max((shapes_in(i) for i in range(len(blocks))), key=lambda s: sum(i * i for _, i in s), default=[])
-    h = sum(i * i * 8 for _, i in shapes)
+    item = statistics.itemsize
+    h = sum(i * i * item for _, i in shapes)
     widest = max(shapes, key=lambda s: s[1], default=(0, 0))
-    statistics = h + OBS_COPIES * widest[1] ** 2 * 8 + WEIGHT_COPIES * widest[0] * widest[1] * 8
+    work = h + OBS_COPIES * widest[1] ** 2 * item + WEIGHT_COPIES * widest[0] * widest[1] * item
     hidden = model.config.hidden_size
     intermediate = max((i for _, i in shapes), default=hidden)
     activations = 2 * calibration_tokens * hidden * 4 + \
         INTERMEDIATE_COPIES * (batch_tokens or calibration_tokens) * intermediate * 4
-    return MemoryEstimate(resident * width, capacity * block_params * width, statistics, activations,
+    return MemoryEstimate(resident * width, capacity * block_params * width, work, activations,
                           min(buffer_budget, calibration_tokens * hidden * 4 * len(blocks)))

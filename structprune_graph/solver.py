@@ -29,7 +29,7 @@ from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockC
                                                           consumers_of)
 from structprune_graph.passes.experts import is_fused_path
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
-from structprune_graph.passes.obs import DEFAULT_DAMPING
+from structprune_graph.passes.obs import DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
@@ -74,6 +74,10 @@ class SolverConfig:
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
+    # the precision of H, H^-1, the OBS work and the re-fit: "float32" halves the solver's largest memory (the
+    # widest layer's H and its inverse) with its error checked, falling back to float64 where the check fails
+    # (passes/obs.py); "float64" stays the default (the recorded results)
+    statistics: str = "float64"
     # ADMM rounds; 0 (sequential solution) by default: on SmolLM2, 2 rounds on 16 batches fit those batches
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
@@ -96,6 +100,9 @@ class SolverConfig:
         if self.block_energy not in BLOCK_ENERGIES:
             raise StructPruneError(f"SolverConfig: unknown block_energy {self.block_energy!r}; choose one of "
                                    f"{BLOCK_ENERGIES}")
+        if self.statistics not in STATISTICS_DTYPES:
+            raise StructPruneError(f"SolverConfig: unknown statistics {self.statistics!r}; choose one of "
+                                   f"{tuple(STATISTICS_DTYPES)}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
@@ -103,7 +110,7 @@ class SolverConfig:
     def sweep_settings(self) -> dict:
         """The settings the dense sweep's curves depend on: a state is reusable only under the same ones."""
         return {"damping": self.damping, "max_prune": self.max_prune, "block_energy": self.block_energy,
-                "memory_budget": self.memory_budget}
+                "memory_budget": self.memory_budget, "statistics": self.statistics}
 
     def label(self) -> str:
         return (f"{self.allocation}, rounds={self.rounds}"
@@ -179,7 +186,8 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         calib = BlockCalibratePass()(BlockCalibrationRequest(
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
             config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=energy,
-            resident=resident, collective=collective, streams_out=streams)).state
+            statistics_dtype=STATISTICS_DTYPES[config.statistics], resident=resident, collective=collective,
+            streams_out=streams)).state
         clock.mark("dense_sweep")
         if streams is not None:
             try:
@@ -237,7 +245,8 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group
     fixed = {gid: tuple(kept) for gid, kept in keep.items()}
     return BlockSolvePass()(BlockSolveRequest(model, partition, {g.id: g for g in groups}, inputs, {}, config.damping,
                                               True, resident=resident, fixed_keep=fixed,
-                                              refit_ridge=config.refit_ridge)).state.new_weights
+                                              refit_ridge=config.refit_ridge,
+                                              statistics_dtype=STATISTICS_DTYPES[config.statistics])).state.new_weights
 
 
 def _blocks(model: nn.Module, graph: DependencyGraph, groups: tuple[Group, ...], batches: Sequence[Any],
@@ -430,7 +439,8 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
         try:
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
-                resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective)).state
+                resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective,
+                statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
@@ -508,7 +518,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
-            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective)).state
+            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective,
+            statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())

@@ -79,7 +79,11 @@ def test_unknown_model_path_lists_what_was_tried(tmp_path):
 def test_unreachable_hub_id_is_reported(monkeypatch, tmp_path):
     from structprune_graph.models import load_model
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: once another test has imported the hub, only the constant stops the network retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(sp.ModelNotFoundError, match=r"tried: path some-org/some-model \(does not exist\); hub id some-org/some-model"):
         load_model("some-org/some-model")

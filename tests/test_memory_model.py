@@ -1,6 +1,6 @@
 """The peak-memory model of a streamed pruning (structprune_graph/memory_model.py) against a measurement:
 a fresh process prunes a small checkpoint whose memory is dominated by the solver's statistics (an MLP
-3,072 wide: H is 72 MiB), sampling its resident memory every 2 ms over a baseline taken after a warm-up."""
+3,072 wide: H is 72 MiB in float64), with the solver's matrices in float64 and in float32, sampling its resident memory every 2 ms over a baseline taken after a warm-up."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import transformers
 
 from structprune_graph.memory_model import streaming_peak
@@ -22,6 +24,7 @@ torch.set_num_threads(2)
 import ctypes; ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # as the CLI: freed blocks leave the RSS
 from memory_scaling import _warm_up
 from structprune_graph.checkpoint import prune_checkpoint
+from structprune_graph.solver import SolverConfig
 g = torch.Generator().manual_seed(0)
 batches = [{"input_ids": torch.randint(0, 1000, (1, 32), generator=g)} for _ in range(4)]
 _warm_up()
@@ -32,13 +35,14 @@ def sample():
         peak[0] = max(peak[0], rss())
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
-prune_checkpoint(sys.argv[1], batches, 0.3, sys.argv[2])
+prune_checkpoint(sys.argv[1], batches, 0.3, sys.argv[2], solver=SolverConfig(statistics=sys.argv[4]))
 stop.set(); thread.join()
 print(json.dumps({"net": max(peak[0], rss()) - base}))
 '''
 
 
-def test_the_memory_model_predicts_a_streamed_prunings_net_peak_within_20_percent(tmp_path):
+@pytest.mark.parametrize("statistics", ["float64", "float32"])
+def test_the_memory_model_predicts_a_streamed_prunings_net_peak_within_20_percent(tmp_path, statistics):
     sys.path.insert(0, str(EXAMPLES))
     from memory_scaling import write_random_checkpoint
 
@@ -46,11 +50,13 @@ def test_the_memory_model_predicts_a_streamed_prunings_net_peak_within_20_percen
                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
                                       architectures=["LlamaForCausalLM"])
     write_random_checkpoint(config, tmp_path / "ckpt")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(tmp_path / "out"), str(EXAMPLES)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(tmp_path / "out"), str(EXAMPLES),
+                           statistics],
                           capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["net"]
-    predicted = streaming_peak(tmp_path / "ckpt", calibration_tokens=4 * 32, batch_tokens=32)
+    predicted = streaming_peak(tmp_path / "ckpt", calibration_tokens=4 * 32, batch_tokens=32,
+                               statistics=getattr(torch, statistics))
     assert predicted.statistics > 0.8 * predicted.total  # the regime of a 7B block: statistics dominate
     assert abs(predicted.total - measured) <= 0.2 * measured, (predicted.as_gib(), measured / 2**30)
     assert predicted.blocks == sum(p.numel() for p in transformers.LlamaForCausalLM(config).model.layers[0].parameters()) * 4

@@ -142,3 +142,79 @@ def test_greedy_obs_on_shrinking_copies_equals_the_full_size_computation(unit):
     assert all(torch.equal(a, b) for a, b in zip(consumer.columns, columns))  # the units' columns are untouched
     torch.testing.assert_close(torch.tensor(sum(increments)), torch.tensor(sum(step_errors)), rtol=1e-9, atol=0)
     torch.testing.assert_close(consumer.weight, want_w, rtol=1e-7, atol=1e-9)
+
+
+def test_a_float32_refit_matches_float64_where_the_problem_is_well_conditioned(caplog):
+    x, w = _problem(tokens=512, d_in=48, d_out=9)
+    keep = torch.arange(0, 48, 2)
+    h = damped(x.T @ x, 0.01)
+    with caplog.at_level("INFO", logger="structprune_graph.passes.obs"):
+        fitted = least_squares(w.float(), h.float(), keep)
+    assert fitted.dtype == torch.float32
+    torch.testing.assert_close(fitted.double(), least_squares(w, h, keep), rtol=1e-5, atol=1e-6)
+    assert "redone in float64" not in caplog.text
+
+
+def test_an_ill_conditioned_float32_refit_is_redone_in_float64(caplog):
+    """A nearly duplicated input pair with a tiny ridge: float32's one refinement step shows an error far
+    above the tolerance, so the fit is redone in float64 and equals the float64 fit."""
+    x, w = _problem(tokens=512, d_in=48, d_out=9)
+    x[:, 7] = x[:, 8] + 1e-5 * x[:, 9]  # columns 7 and 8 nearly equal: cond(H_KK) ~ 1e10
+    keep = torch.arange(0, 40)
+    h = damped(x.T @ x, 1e-12)
+    with caplog.at_level("INFO", logger="structprune_graph.passes.obs"):
+        fitted = least_squares(w.float(), h.float(), keep)
+    assert "least-squares re-fit: estimated relative error" in caplog.text and "redone in float64" in caplog.text
+    want = least_squares(w.float().double(), h.float().double(), keep)
+    # the pair's split is ill-determined, what the layer computes is not: the fitted outputs agree
+    torch.testing.assert_close(x[:, keep] @ fitted[:, keep].double().T, x[:, keep] @ want[:, keep].T,
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_greedy_obs_in_float32_picks_the_float64_order(unit):
+    x, w = _problem(tokens=512, d_in=48, d_out=9)
+    h = damped(x.T @ x, 0.01)
+    columns = [torch.arange(unit * i, unit * i + unit) for i in range(48 // unit)]
+    want = Consumer("fc", w.clone(), h, [c.clone() for c in columns])
+    got = Consumer("fc", w.float(), h.float(), [c.clone() for c in columns])
+    n_remove = len(columns) // 2
+    want_order, want_inc = greedy_obs([want], len(columns), n_remove)
+    order, inc = greedy_obs([got], len(columns), n_remove)
+    assert order == want_order
+    torch.testing.assert_close(torch.tensor(inc), torch.tensor(want_inc), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got.weight.double(), want.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_a_float32_cholesky_that_fails_is_taken_in_float64(caplog):
+    """A duplicated input and no damping: H is singular in float32 (its Cholesky fails) and barely positive
+    definite in float64; the OBS inverse is taken in float64 and the consumer's work stays float64."""
+    x, w = _problem(tokens=512, d_in=24, d_out=5)
+    x[:, 1] = x[:, 0]
+    h = damped(x.T @ x, 0.0)
+    assert int(torch.linalg.cholesky_ex(h.float())[1]) != 0
+    got = Consumer("fc", w.float(), h.float(), [torch.tensor([i]) for i in range(24)])
+    with caplog.at_level("INFO", logger="structprune_graph.passes.obs"):
+        order, inc = greedy_obs([got], 24, 12, steps=12)
+    assert "OBS inverse: Cholesky failed in torch.float32 at width 24; redone in float64" in caplog.text
+    assert all(torch.isfinite(torch.tensor(inc))) and len(set(order)) == 12
+    assert torch.isfinite(got.weight).all()
+
+
+def test_a_downdated_inverse_without_a_positive_diagonal_is_recomputed_from_h_in_float64(caplog):
+    from structprune_graph.passes.obs import _checked
+
+    x, w = _problem(tokens=512, d_in=12, d_out=5)
+    h = damped(x.T @ x, 0.01)
+    origin = torch.tensor([0, 3, 4, 7, 9])  # the remaining columns
+    broken = torch.linalg.inv(h[origin][:, origin]).float()
+    broken[2, 2] = -1.0  # what catastrophic cancellation in a float32 down-date leaves
+    c = Consumer("fc", w[:, origin].float(), h.float(), [], hinv=broken)
+    with caplog.at_level("INFO", logger="structprune_graph.passes.obs"):
+        _checked(c, origin)
+    assert "lost precision in float32 at 5 columns" in caplog.text
+    assert c.hinv.dtype == torch.float64 and c.weight.dtype == torch.float64
+    torch.testing.assert_close(c.hinv, torch.linalg.inv(h.float().double()[origin][:, origin]))
+    healthy = Consumer("fc", w[:, origin].float(), h.float(), [], hinv=torch.linalg.inv(h[origin][:, origin]).float())
+    _checked(healthy, origin)
+    assert healthy.hinv.dtype == torch.float32  # a positive diagonal stays in float32

@@ -180,3 +180,17 @@ def test_robust_block_energy_ignores_massive_channels_and_changes_only_the_curve
     assert len(ratios) > 1  # the blocks' scales move apart: the allocation can change
     with pytest.raises(sp.StructPruneError, match="unknown block_energy 'median'"):
         SolverConfig(block_energy="median")
+
+
+def test_float32_statistics_give_the_float64_plan_and_weights(llama):
+    """SolverConfig(statistics="float32") halves the solver's matrices; on a well-conditioned model it keeps
+    the same units and re-fits the same weights to float32's precision, and the pruned model runs."""
+    batches = lm_batches(4)
+    want = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream"))
+    got = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream", statistics="float32"))
+    assert got.plan.keep == want.plan.keep
+    assert got.report.solver["statistics"] == "float32" and want.report.solver["statistics"] == "float64"
+    for (name, a), b in zip(got.model.state_dict().items(), want.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    with pytest.raises(sp.StructPruneError, match="unknown statistics 'float16'; choose one of"):
+        SolverConfig(statistics="float16")
