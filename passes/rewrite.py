@@ -18,6 +18,7 @@ from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND
 
 from ._infra import Pass, PassResult
 from .experts import is_fused_experts
+from structprune_graph.moe import fix_expert_counts
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class ApplyPass(Pass[RewriteRequest, nn.Module]):
         _add_to_biases(model, state.bias_updates)
         for path in touched_modules:
             fix_layer(model.get_submodule(path))
+            fix_expert_counts(model.get_submodule(path))  # whole experts removed: the router and experts count
         self._fix_attention_modules(model, graph, keep)
         self._fix_fused_experts(model, touched_modules)
         if isinstance(model, fx.GraphModule) and graph.captured.frontend == "fx":

@@ -83,7 +83,7 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"calibration: {sum(len(b['input_ids']) for b in batches)} x {args.seqlen} tokens of "
               f"{args.calib or 'pydoc'}; evaluation: {len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
     result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
-                   uniform=args.uniform, distributed=args.distributed)
+                   uniform=args.uniform, distributed=args.distributed, kinds=args.kinds)
     if rank:  # every rank holds the result; rank 0 evaluates and writes it
         return 0
     t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
@@ -211,7 +211,7 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -
             "precision)", args.dtype)
     result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
                               overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
-                              uniform=args.uniform, distributed=args.distributed, dtype=dtype)
+                              uniform=args.uniform, distributed=args.distributed, dtype=dtype, kinds=args.kinds)
     if rank:  # rank 0 wrote the folder and evaluates it
         return 0
     started = time.perf_counter()
@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--memory-budget", type=parse_bytes, default=None,
                        help="bytes the solver may hold at once (one block, two with ADMM, plus activations), "
                             "e.g. 2GiB; an error names the block when one does not fit (structprune)")
+    prune.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                       help="group kinds to prune (default: every prunable kind but the opt-in 'hidden' and "
+                            "'expert'); e.g. --kinds expert mlp_channel. `structprune inspect MODEL` lists them")
     prune.add_argument("--round-to", type=_positive_int, default=1, metavar="N",
                        help="every kept width a multiple of N channels (or the whole group), e.g. 8 or 64")
     prune.add_argument("--uniform", action="store_true",

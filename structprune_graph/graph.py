@@ -28,6 +28,11 @@ from .units import UnitIndices, UnitTable
 logger = logging.getLogger(__name__)
 
 
+# kinds a method prunes only when asked (``kinds=``): the residual hidden dim, and whole experts (removing one
+# re-routes tokens: not a zeroing mask; structprune_graph/moe.py)
+OPT_IN_KINDS = ("hidden", "expert")
+
+
 @dataclass(frozen=True)
 class Member:
     """One dimension of one parameter (or buffer) of a group, with the indices each unit owns there."""
@@ -132,7 +137,7 @@ class DependencyGraph:
             result[(name, dim)] = [i for i in range(size) if i not in gone]
         return result
 
-    def prunable_param_count(self, exclude_kinds: tuple[str, ...] = ("hidden",)) -> int:
+    def prunable_param_count(self, exclude_kinds: tuple[str, ...] = OPT_IN_KINDS) -> int:
         """Parameters that lie on at least one index of a prunable group (each counted once), i.e. what
         pruning every such group to nothing would remove. The hidden dim is excluded by default."""
         covered: dict[tuple[str, int], set[int]] = {}  # groups may overlap (kv_group and query_head)
@@ -390,7 +395,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, registry: Optional
     interp = _Interpreter(captured, model, registry or default_registry())
     interp.run()
     res = interp.atoms.resolve()
-    groups = build_groups(interp, res)
+    from .moe import expert_groups  # the structural rule for MoE routers (it builds on Group)
+
+    groups = expert_groups(build_groups(interp, res), model, interp.canonical)
     aliases: dict[str, list[str]] = {}
     for name, canon in interp.canonical.items():
         aliases.setdefault(canon, []).append(name)

@@ -28,7 +28,7 @@ from structprune_graph.passes.score import ScorePass, ScoreRequest
 from .distributed import LOCAL, Collective
 from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
-from .graph import DependencyGraph, Group, trace
+from .graph import OPT_IN_KINDS, DependencyGraph, Group, trace
 from .plan import Plan
 from .solver import SolverConfig, SolverResult, SolverState, prepare, solve
 from .solver import reconstruct as refit
@@ -89,9 +89,10 @@ class PruneReport:
 
 
 def select_groups(graph: DependencyGraph, kinds: Optional[Sequence[str]] = None) -> tuple[Group, ...]:
-    """The groups a method prunes: by default every prunable group except the hidden dim; for
-    grouped-query attention the query-head slots (KV heads stay) rather than whole KV groups."""
-    chosen = [g for g in graph.prunable_groups if (g.kind in kinds if kinds else g.kind != "hidden")]
+    """The groups a method prunes: by default every prunable group except the opt-in kinds (the hidden dim,
+    whole experts); for grouped-query attention the query-head slots (KV heads stay) rather than whole KV
+    groups."""
+    chosen = [g for g in graph.prunable_groups if (g.kind in kinds if kinds else g.kind not in OPT_IN_KINDS)]
     slot_modules = {g.module for g in chosen if g.kind == "query_head"}
     if not kinds or "kv_group" not in kinds or "query_head" in kinds:
         chosen = [g for g in chosen if not (g.kind == "kv_group" and g.module in slot_modules)]

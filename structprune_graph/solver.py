@@ -204,8 +204,10 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         if streams is not None:
             streams.close()
     excluded = dict(partition.excluded)
-    excluded.update({gid: "no linear or convolution layer reads its channels" for gid in placed
-                     if gid not in calib.curves})
+    excluded.update({gid: ("whole experts re-route tokens and have no OBS curve (their channels do); prune "
+                           "them with --method taylor-global or magnitude" if by_id[gid].kind == "expert"
+                           else "no linear or convolution layer reads its channels")
+                     for gid in placed if gid not in calib.curves})
     return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings(),
                        clock.seconds)
 

@@ -43,7 +43,9 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
     assert (out / "kept.png").stat().st_size > 1000 and (out / "tokenizer").is_dir()
     assert "wrote" in capsys.readouterr().out
     assert main(args) == 2  # the folder exists now: refused without --overwrite
-    assert main(args + ["--overwrite"]) == 0
+    assert main(args + ["--overwrite", "--kinds", "mlp_channel"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {report["group_kinds"][g] for g, f in report["kept_fraction"].items() if f < 1} == {"mlp_channel"}
 
 
 def test_uniform_round_to_writes_a_stock_config(tiny_model_dir, capsys):

@@ -171,19 +171,21 @@ def _mixtral():
 def test_mixtral_expert_channels_are_one_group_across_the_fused_experts_and_prune_exactly():
     """Fused experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)): traced through batched_mm, the I channels
     of every expert are one ``expert_channel`` group (gate and up rows together, down's columns); the
-    expert dim is pinned (indexed by the router); the model keeps its own experts implementation."""
+    expert dim, pinned by the channel analysis (indexed by the router), is one opt-in ``expert`` group
+    (structprune_graph/moe.py); the model keeps its own experts implementation."""
     model = _mixtral()
     ids = {"input_ids": torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))}
     graph = sp.trace(model, ids)
     assert model.config._experts_implementation == "grouped_mm"
     kinds = {g.kind for g in graph.prunable_groups}
-    assert kinds == {"hidden", "kv_group", "query_head", "expert_channel"}
+    assert kinds == {"hidden", "kv_group", "query_head", "expert_channel", "expert"}
     (experts,) = [g for g in graph.prunable_groups if g.kind == "expert_channel"]
     assert experts.size == 48 and experts.mask_exact
     assert {(m.name, m.dim) for m in experts.members if m.is_param} == {
         ("model.layers.0.mlp.experts.gate_up_proj", 1), ("model.layers.0.mlp.experts.down_proj", 2)}
-    pinned = [g for g in graph.groups if g.id.endswith("gate_up_proj[0]")]
-    assert pinned and "indexed" in pinned[0].reason
+    assert not [g for g in graph.groups if g.id.endswith("gate_up_proj[0]")]  # the pinned dim became:
+    (whole,) = [g for g in graph.groups if g.kind == "expert"]
+    assert whole.prunable and not whole.mask_exact and whole.size == 4 and whole.min_keep == 2
     keep = {experts.id: list(range(0, 48, 2))}
     pruned = sp.apply(model, graph, keep)
     assert tuple(pruned.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 48, 32)
