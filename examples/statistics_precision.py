@@ -92,7 +92,7 @@ def main() -> None:
                          "largest_refit_error": max(checks.errors, default=None),
                          "float64_fallbacks": checks.fallbacks})
             print(json.dumps(rows[-1]), flush=True)
-    sizes = {g.id: g.size for g in sp.trace(model, batches[0]).groups}
+    sizes = {g.id: g.size for g in results[("float64", args.sparsities[0])].graph.groups}
     for row in rows:
         if row["statistics"] != "float32":
             continue

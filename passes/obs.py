@@ -25,9 +25,9 @@ cheap Wanda-style saliency (||W_:,C||^2 * ||X_C||^2) and no update.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from math import ceil
-import logging
 from typing import Optional, Sequence
 
 import torch
@@ -94,15 +94,23 @@ def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tens
     return h
 
 
-def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
-    """The Cholesky factor of a damped H; one that fails in float32 (rounding made H indefinite) is taken in
-    float64 instead, and the result stays float64."""
+def _try_cholesky(h: torch.Tensor) -> Optional[torch.Tensor]:
+    """The Cholesky factor of a damped H; None where it fails below float64 (rounding made a nearly singular H
+    indefinite). In float64 a failure raises torch's own error with the failing minor."""
     chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0 and h.dtype != torch.float64:
+    if int(info) == 0:
+        return chol
+    if h.dtype == torch.float64:
+        return torch.linalg.cholesky(h)  # raises
+    return None
+
+
+def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
+    """``_try_cholesky``, taken in float64 where float32 fails (the result then stays float64)."""
+    chol = _try_cholesky(h)
+    if chol is None:
         logger.info("%s: Cholesky failed in %s at width %d; redone in float64", what, h.dtype, h.shape[0])
         chol = torch.linalg.cholesky(h.double())
-    elif int(info) != 0:
-        chol = torch.linalg.cholesky(h)  # raises torch's own error with the failing minor
     return chol
 
 
@@ -255,16 +263,14 @@ def refinement_error(h: torch.Tensor, rhs: torch.Tensor, v: torch.Tensor, chol: 
 
 
 def _solve_checked(h: torch.Tensor, rhs: torch.Tensor) -> Optional[torch.Tensor]:
-    """H v = rhs by Cholesky; below float64, None where the refinement step says the error is too large."""
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0 and h.dtype == torch.float64:
-        chol = torch.linalg.cholesky(h)  # raises torch's own error with the failing minor
+    """H v = rhs by Cholesky; below float64, None where the factorisation fails or the refinement step says
+    the error is too large (the caller redoes the whole problem in float64)."""
+    chol = _try_cholesky(h)
+    if chol is not None and h.dtype == torch.float64:
+        return torch.cholesky_solve(rhs, chol)  # (k, out)
     error = float("inf")
-    if int(info) == 0:
-        v = torch.cholesky_solve(rhs, chol)  # (k, out)
-        if h.dtype == torch.float64:
-            return v
-        v, error = refinement_error(h, rhs, v, chol)
+    if chol is not None:
+        v, error = refinement_error(h, rhs, torch.cholesky_solve(rhs, chol), chol)
         if error <= FLOAT32_TOLERANCE and bool(torch.isfinite(v).all()):
             logger.debug(REFIT_ERROR_LOG, error, h.shape[0])
             return v

@@ -15,10 +15,10 @@ from structprune_graph.errors import KeepSetError, RewriteError
 from structprune_graph.graph import DependencyGraph
 from structprune_graph.verify import verify_forward, verify_rewrite
 from structprune_graph.module_attrs import HEAD_ATTRS, HEAD_ATTRS_SCALED_BY_KIND, fix_layer, output_dim
+from structprune_graph.moe import fix_expert_counts
 
 from ._infra import Pass, PassResult
 from .experts import is_fused_experts
-from structprune_graph.moe import fix_expert_counts
 
 logger = logging.getLogger(__name__)
 

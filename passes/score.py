@@ -48,8 +48,14 @@ class ScorePass(Pass[ScoreRequest, Scores]):
     def requires(self, state: ScoreRequest) -> None:
         if state.score not in SCORES:
             raise StructPruneError(f"score pass: unknown score {state.score!r}; choose one of {SCORES}")
-        if state.score in ("wanda-sp", "flap") and not state.calibration.inputs:
-            raise StructPruneError(f"score pass: {state.score} needs calibration input statistics")
+        if state.score in ("wanda-sp", "flap"):  # else such a group scores 0 everywhere: pruned blindly
+            blind = [g for g in state.groups if not any(self._read_by_calibrated_layer(state, m) for m in g.members)]
+            if blind:
+                raise StructPruneError(
+                    f"score pass: {state.score} scores a unit by the input statistics of the layer that reads it, "
+                    f"and no calibrated layer reads group {blind[0].id} (kind {blind[0].kind}"
+                    f"{f', and {len(blind) - 1} more' if len(blind) > 1 else ''}); use --method magnitude or "
+                    f"taylor-global for it, or leave kind {blind[0].kind!r} out of kinds")
         if state.score == "taylor" and not state.calibration.gradients:
             raise StructPruneError("score pass: taylor needs calibration gradients")
 
@@ -62,25 +68,35 @@ class ScorePass(Pass[ScoreRequest, Scores]):
                 for m in g.members:
                     if not m.is_param:
                         continue
-                    scores += self._member_scores(state, params, m.name, m.dim, m.indices, g.kind)
+                    scores += self._member_scores(state, params, m, g.kind)
                 if state.score == "magnitude":  # members returned squared norms: L2 of the whole unit
                     scores = scores.sqrt()
                 per_unit[g.id] = tuple(scores.tolist())
         return PassResult(Scores(per_unit), modified=False)
 
     @staticmethod
-    def _member_scores(state: ScoreRequest, params: Mapping[str, torch.Tensor], name: str, dim: int,
-                       indices: tuple[tuple[int, ...], ...], kind: str) -> torch.Tensor:
+    def _read_by_calibrated_layer(state: ScoreRequest, m) -> bool:
+        """Whether member ``m`` is the input side of a layer with calibration input statistics, one column per
+        channel (a grouped convolution's weight holds in / groups columns: it maps each group on its own)."""
+        path, _, attr = m.name.rpartition(".")
+        if not (m.is_param and attr == "weight" and path in state.calibration.inputs):
+            return False
+        layer = state.model.get_submodule(path)
+        return input_dim(layer) == m.dim and getattr(layer, "groups", 1) == 1
+
+    @staticmethod
+    def _member_scores(state: ScoreRequest, params: Mapping[str, torch.Tensor], member,
+                       kind: str) -> torch.Tensor:
+        name, dim, indices = member.name, member.dim, member.indices
         w = params[name].detach()
         if state.score == "magnitude":  # squared: rooted once all members are summed
             return torch.tensor([float((s.double() ** 2).sum()) for s in _unit_slices(w, dim, indices)])
         if state.score == "taylor":
             sal = (w * state.calibration.gradients[name]).abs().double()
             return torch.tensor([float(s.sum()) for s in _unit_slices(sal, dim, indices)])
-        path = name.rpartition(".")[0]
-        stats = state.calibration.inputs.get(path)
-        if stats is None or not name.endswith(".weight") or input_dim(state.model.get_submodule(path)) != dim:
+        if not ScorePass._read_by_calibrated_layer(state, member):
             return torch.zeros(len(indices), dtype=torch.float64)  # not the input side of a consuming layer
+        stats = state.calibration.inputs[name.rpartition(".")[0]]
         per_channel_axes = [d for d in range(w.dim()) if d != dim]
         if state.score == "wanda-sp":
             col = w.abs().double().sum(per_channel_axes) * stats.l2  # (channels,)

@@ -186,19 +186,20 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                     store[("grad", j)] = head_gradient(state.model, state.partition.list_path, batch,
                                                        store[("final", j)], as_tuple)
                     del store[("final", j)]
-            for j, inp in enumerate(state.inputs):
-                grad = store[("grad", j)]  # dL / d(block output): (batch, tokens, hidden)
-                sums[block.index] += float((grad.double() ** 2).sum())
-                counts[block.index] += grad.numel()
-                if block.index > 0:
-                    x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
-                    upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
-                                        {k: _float32(v) for k, v in inp.kwargs.items()})
-                    with torch.enable_grad(), _half_as_float32(module):
-                        out = run_block(module, upcast)
-                        (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-                    store[("grad", j)] = grad_in
-                del store[(block.index, j)]
+            with _half_as_float32(module):  # once per block, not per batch
+                for j, inp in enumerate(state.inputs):
+                    grad = store[("grad", j)]  # dL / d(block output): (batch, tokens, hidden)
+                    sums[block.index] += float((grad.double() ** 2).sum())
+                    counts[block.index] += grad.numel()
+                    if block.index > 0:
+                        x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
+                        upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
+                                            {k: _float32(v) for k, v in inp.kwargs.items()})
+                        with torch.enable_grad():
+                            out = run_block(module, upcast)
+                            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+                        store[("grad", j)] = grad_in
+                    del store[(block.index, j)]
         for j in range(len(state.inputs)):
             del store[("grad", j)]
         where = "block sensitivity"

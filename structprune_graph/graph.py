@@ -139,7 +139,8 @@ class DependencyGraph:
 
     def prunable_param_count(self, exclude_kinds: tuple[str, ...] = OPT_IN_KINDS) -> int:
         """Parameters that lie on at least one index of a prunable group (each counted once), i.e. what
-        pruning every such group to nothing would remove. The hidden dim is excluded by default."""
+        pruning every such group to nothing would remove. The opt-in kinds (the hidden dim, whole experts)
+        are excluded by default."""
         covered: dict[tuple[str, int], set[int]] = {}  # groups may overlap (kv_group and query_head)
         for g in self.prunable_groups:
             if g.kind in exclude_kinds:

@@ -10,7 +10,7 @@ layer does with e's router logit at -inf (softmax over the others, then top-k, t
 renormalisation). That is not a zeroing mask (``mask_exact`` False), so whole experts are opt-in
 (``kinds=["expert"]``), and a group is made only where each of those dims is pinned alone (no other
 coupling), at least ``top_k`` experts are kept, and the modules' ``num_experts`` is rewritten after slicing
-(``module_attrs``).
+(``fix_expert_counts``, called by the rewrite pass).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def _pinned_alone(candidates: list, name: str) -> Optional[Group]:
 
 def fix_expert_counts(module: nn.Module) -> None:
     """After slicing: ``num_experts`` of a router or a fused experts module is its tensors' leading dim."""
-    if is_router(module) or (is_fused_experts(module) and hasattr(module, "num_experts")):
-        tensor = module.weight if is_router(module) else module.gate_up_proj
-        module.num_experts = int(tensor.shape[0])
+    if is_router(module):
+        module.num_experts = int(module.weight.shape[0])
+    elif is_fused_experts(module) and hasattr(module, "num_experts"):
+        module.num_experts = int(module.gate_up_proj.shape[0])

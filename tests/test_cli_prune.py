@@ -99,7 +99,7 @@ def test_prune_reports_too_little_text(tiny_model_dir):
     assert not (tiny_model_dir / "never").exists()
 
 
-def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, capsys):
+def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, capsys, caplog):
     common = [str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
               "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "32",
               "--eval-seqlen", "64", "--eval-windows", "2"]
@@ -117,6 +117,9 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     assert ppl[1] in capsys.readouterr().out  # float32 statistics: the same perplexities to the printed digit
     report = json.loads((tiny_model_dir / "f32" / "report.json").read_text())
     assert report["solver"]["statistics"] == "float32"
+    with caplog.at_level("WARNING", logger="structprune_graph.cli"):
+        assert main(["prune", *common, "--stream", "--dtype", "bfloat16", "--out", str(tiny_model_dir / "bf16")]) == 0
+    assert "--dtype bfloat16 on a CPU: half-precision matrix products" in caplog.text
 
 
 def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch, capsys):

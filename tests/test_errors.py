@@ -87,3 +87,14 @@ def test_unreachable_hub_id_is_reported(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(sp.ModelNotFoundError, match=r"tried: path some-org/some-model \(does not exist\); hub id some-org/some-model"):
         load_model("some-org/some-model")
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_input_statistic_scores_refuse_groups_no_calibrated_layer_reads(method):
+    """A grouped convolution's channels reach no dense layer's input columns: wanda-sp and FLAP would score
+    them 0 everywhere (or crashed on the grouped weight's width); the group is named with what to do."""
+    entry, model, _ = traced("grouped_conv")
+    with pytest.raises(sp.StructPruneError, match=rf"{method} scores a unit by the input statistics .* no calibrated "
+                                                  r"layer reads group conv_channel:.*use --method magnitude"):
+        sp.prune(model, [entry.inputs(s) for s in range(2)], 0.3, method=method)
+    assert sp.prune(model, [entry.inputs(s) for s in range(2)], 0.3, method="magnitude").model is not None

@@ -95,3 +95,6 @@ def test_keeping_fewer_experts_than_top_k_is_refused_and_methods_prune_experts_o
         torch.testing.assert_close(sp.load(tmp_path / "out")(**entry.inputs(5)).logits, logits)
     with pytest.raises(sp.StructPruneError, match="whole experts"):
         sp.prune(model, batches, 0.25, method="structprune", kinds=["expert"])
+    for method in ("wanda-sp", "flap"):  # input statistics: no layer reads a router row or the fused experts
+        with pytest.raises(sp.StructPruneError, match=f"{method} scores a unit by the input statistics"):
+            sp.prune(model, batches, 0.25, method=method, kinds=["expert"])
