@@ -100,10 +100,15 @@ def child(cli_args: list[str]) -> dict:
         while not stop.wait(0.02):
             samples.append((time.perf_counter() - start, _rss()))
 
+    fallbacks: dict[str, int] = {}  # solver work redone in float64 (passes/obs.py logs each at INFO)
+
     class Stages(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.msg == STAGE_LOG:
                 marks.append((time.perf_counter() - start, str(record.args[0])))
+            elif "redone in float64" in str(record.msg):
+                what = next(k for k in ("re-fit", "Cholesky", "down-date", "") if k in str(record.msg)) or "other"
+                fallbacks[what] = fallbacks.get(what, 0) + 1
 
     handler = Stages(level=logging.INFO)
     root = logging.getLogger("structprune_graph")
@@ -126,7 +131,7 @@ def child(cli_args: list[str]) -> dict:
         previous = t
     return {"exit": code, "seconds": round(end, 1), "baseline_gib": round(baseline / 2**30, 3),
             "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
-            "read_gib": round((_read_bytes() - read0) / 2**30, 2), "stages": stages}
+            "read_gib": round((_read_bytes() - read0) / 2**30, 2), "stages": stages, "float64_fallbacks": fallbacks}
 
 
 def _drop_page_cache() -> bool:
@@ -201,16 +206,22 @@ def main() -> None:
     print(table(rows))
 
 
+def _fallbacks(row: dict) -> str:
+    if "float64_fallbacks" not in row:
+        return "not counted"
+    return ", ".join(f"{k} {v}" for k, v in row["float64_fallbacks"].items()) or "none"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| run | layers | checkpoint | weights computed in | statistics | GiB on disk | calibration | peak RSS GiB | "
-             "baseline GiB | predicted net GiB | read GiB | total s | stages (s; net peak GiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "baseline GiB | predicted net GiB | read GiB | total s | stages (s; net peak GiB) | redone in float64 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stages = "; ".join(f"{s['stage']} {s['seconds']} ({s['peak_net_gib']})" for s in r["stages"])
         lines.append(f"| {r.get('label', '')} | {r['layers']} | {r['dtype']} | {r.get('work_dtype', 'stored')} | "
                      f"{r.get('statistics', 'float64')} | {r['checkpoint_gib']} | {r['calibration']} | {r['peak_gib']} | "
                      f"{r['baseline_gib']} | {r['predicted']['total_gib']} | {r['read_gib']} | {r['seconds']} | "
-                     f"{stages} |")
+                     f"{stages} | {_fallbacks(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -94,30 +94,54 @@ def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tens
     return h
 
 
-def _try_cholesky(h: torch.Tensor) -> Optional[torch.Tensor]:
-    """The Cholesky factor of a damped H; None where it fails below float64 (rounding made a nearly singular H
-    indefinite). In float64 a failure raises torch's own error with the failing minor."""
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
+def redamped(h: torch.Tensor, damping: float, ridge: float) -> torch.Tensor:
+    """An H that ``damped(h, damping, inplace=True)`` damped, shifted in place to H + ridge * mean(diag H) * I
+    (the re-fit's own ridge; the mean is recovered from the damped diagonal, whose mean is (1 + damping) *
+    mean(diag H)); returned as it is when ``ridge == damping``."""
+    if ridge != damping:
+        diag = h.diagonal()
+        diag += (ridge - damping) * float(diag.mean()) / (1.0 + damping)
+    return h
+
+
+def _factor_in_place(h: torch.Tensor) -> bool:
+    """Overwrite a symmetric H (row-major) with its lower Cholesky factor without a copy: LAPACK factors the
+    column-major view H^T (= H) and writes there (``torch.linalg.cholesky`` copies its input first: 2 matrices
+    at its peak where this holds 1). False where the factorisation fails (H is then overwritten)."""
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(h.T, upper=True, out=(h.T, info))
+    return int(info) == 0
+
+
+def _factor(h: torch.Tensor, what: str, in_place: bool = False) -> torch.Tensor:
+    """The lower Cholesky factor of a damped H, written over a copy (over H itself with ``in_place``: its last
+    use). A float32 failure (rounding made a nearly singular H indefinite) is redone in float64, and the factor
+    stays float64; a float64 failure raises."""
+    chol = h if in_place else h.clone()
+    if _factor_in_place(chol):
         return chol
-    if h.dtype == torch.float64:
-        return torch.linalg.cholesky(h)  # raises
-    return None
-
-
-def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
-    """``_try_cholesky``, taken in float64 where float32 fails (the result then stays float64)."""
-    chol = _try_cholesky(h)
-    if chol is None:
+    if h.dtype != torch.float64 and not in_place:
         logger.info("%s: Cholesky failed in %s at width %d; redone in float64", what, h.dtype, h.shape[0])
-        chol = torch.linalg.cholesky(h.double())
-    return chol
+        chol = h.double()
+        if _factor_in_place(chol):
+            return chol
+    raise torch.linalg.LinAlgError(f"{what}: the damped H (width {h.shape[0]}) is not positive definite in "
+                                   f"{chol.dtype}; raise the damping")
 
 
-def _inverse(h: torch.Tensor) -> torch.Tensor:
-    # cholesky_inverse: H and two more copies at its peak, and on an idle CPU the fastest of the forms tried
-    # (1.8 s at width 4096 against 2.5 s for two triangular solves; cholesky_solve against I holds 4 copies)
-    return torch.cholesky_inverse(_cholesky(h, "OBS inverse"))
+def _cho_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """H v = rhs from H's lower factor by two triangular solves (``torch.cholesky_solve`` copies the factor)."""
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)  # L y = rhs
+    return torch.linalg.solve_triangular(chol.T, y, upper=True)  # L^T v = y
+
+
+def _inverse(h: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """H^-1 of a damped H (float64 where float32's Cholesky fails), factored and inverted in place in one
+    copy of H (in H itself with ``in_place``): one matrix beside H at the peak instead of two (the 7B MLP's
+    H is 0.45 GB in float32)."""
+    work = _factor(h, "OBS inverse", in_place)
+    torch.cholesky_inverse(work.T, upper=True, out=work.T)  # in place: the full symmetric inverse
+    return work
 
 
 @dataclass
@@ -158,7 +182,7 @@ def _remove(c: Consumer, cols: torch.Tensor, alive: torch.Tensor) -> float:
         c.weight = c.weight[:, alive]
         c.energy = c.energy[alive] if c.energy is not None else None
         return err
-    m_inv = _inverse(c.hinv[cols][:, cols])  # (|S|, |S|)
+    m_inv = _inverse(c.hinv[cols][:, cols], in_place=True).to(c.hinv.dtype)  # (|S|, |S|), from a gathered copy
     w_s = c.weight[:, cols]  # (out, |S|)
     err = float((w_s @ m_inv * w_s).sum())
     keep = alive.nonzero().squeeze(1)
@@ -182,7 +206,7 @@ def _checked(c: Consumer, origin: torch.Tensor) -> None:
         return
     logger.info("OBS down-date of %s lost precision in float32 at %d columns; redone in float64",
                 c.path, len(origin))
-    c.hinv = _inverse(c.hessian[origin[:, None], origin[None, :]].double())
+    c.hinv = _inverse(c.hessian[origin[:, None], origin[None, :]].double(), in_place=True)  # a gathered copy
     c.weight = c.weight.double()
 
 
@@ -233,22 +257,38 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
     return order, increments
 
 
+RHS_ROWS = 1024  # rows of H (x its width) the re-fit's right-hand side is computed from at a time
+
+
+def _problem(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor, cross: Optional[torch.Tensor],
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_KK and H_K,: W^T (+ cross) in ``dtype``; the right-hand side RHS_ROWS rows of H at a time, never the
+    whole (k, in) gather (0.34 GB at the 7B MLP's width in float32)."""
+    h_kk = hessian[keep_cols[:, None], keep_cols[None, :]].to(dtype)  # (k, k), one gather
+    w_t = weight.T.to(dtype)  # (in, out)
+    rhs = torch.empty(len(keep_cols), w_t.shape[1], dtype=dtype)  # (k, out)
+    for start in range(0, len(keep_cols), RHS_ROWS):
+        rows = keep_cols[start:start + RHS_ROWS]
+        torch.mm(hessian.index_select(0, rows).to(dtype), w_t, out=rhs[start:start + len(rows)])
+    if cross is not None:
+        rhs += cross.to(dtype)
+    return h_kk, rhs
+
+
 def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor,
                   cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept columns re-fitted: argmin ||X_K V^T - (X W^T + D)||^2 with H = X^T X (damped), cross = X_K^T D
     (in_kept, out); removed columns are zero. weight: (out, in); returns (out, in) in weight's dtype. Below
     float64, one step of iterative refinement corrects the solution, and its size (the estimated relative
-    error) must stay under ``FLOAT32_TOLERANCE`` or the fit is redone in float64."""
-    def problem(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        h_kk = hessian[keep_cols[:, None], keep_cols[None, :]].to(dtype)  # (k, k), one gather
-        rhs = hessian[keep_cols, :].to(dtype) @ weight.T.to(dtype)  # (k, out)
-        return h_kk, (rhs + cross.to(dtype) if cross is not None else rhs)
-
-    h_kk, rhs = problem(hessian.dtype)
+    error) must stay under ``FLOAT32_TOLERANCE`` or the fit is redone in float64 (the float32 problem released
+    first, the float64 one factored in place)."""
+    h_kk, rhs = _problem(weight, hessian, keep_cols, cross, hessian.dtype)
     v = _solve_checked(h_kk, rhs)  # (k, out)
     if v is None:  # the float32 fit failed its check: the whole problem in float64
-        h_kk, rhs = problem(torch.float64)
-        v = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kk))
+        del h_kk, rhs
+        h_kk, rhs = _problem(weight, hessian, keep_cols, cross, torch.float64)
+        v = _cho_solve(_factor(h_kk, "least-squares re-fit", in_place=True), rhs)
+        del h_kk, rhs
     out = torch.zeros_like(weight)
     out[:, keep_cols] = v.T.to(out.dtype)
     return out
@@ -257,20 +297,21 @@ def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.
 def refinement_error(h: torch.Tensor, rhs: torch.Tensor, v: torch.Tensor, chol: torch.Tensor) -> tuple[torch.Tensor, float]:
     """One step of iterative refinement of H v = rhs: the corrected v and the step's relative size, an
     estimate of v's relative error."""
-    step = torch.cholesky_solve(rhs - h @ v, chol)  # (k, out)
+    step = _cho_solve(chol, rhs - h @ v)  # (k, out)
     corrected = v + step
     return corrected, float(step.norm() / corrected.norm().clamp_min(1e-30))
 
 
 def _solve_checked(h: torch.Tensor, rhs: torch.Tensor) -> Optional[torch.Tensor]:
-    """H v = rhs by Cholesky; below float64, None where the factorisation fails or the refinement step says
-    the error is too large (the caller redoes the whole problem in float64)."""
-    chol = _try_cholesky(h)
-    if chol is not None and h.dtype == torch.float64:
-        return torch.cholesky_solve(rhs, chol)  # (k, out)
+    """H v = rhs by Cholesky; in float64 H is factored in place (its last use). Below float64, None where the
+    factorisation fails or the refinement step says the error is too large (the caller redoes the whole
+    problem in float64)."""
+    if h.dtype == torch.float64:
+        return _cho_solve(_factor(h, "least-squares re-fit", in_place=True), rhs)  # (k, out)
+    chol = h.clone()  # H itself stays for the refinement's residual
     error = float("inf")
-    if chol is not None:
-        v, error = refinement_error(h, rhs, torch.cholesky_solve(rhs, chol), chol)
+    if _factor_in_place(chol):
+        v, error = refinement_error(h, rhs, _cho_solve(chol, rhs), chol)
         if error <= FLOAT32_TOLERANCE and bool(torch.isfinite(v).all()):
             logger.debug(REFIT_ERROR_LOG, error, h.shape[0])
             return v

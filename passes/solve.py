@@ -27,7 +27,7 @@ from structprune_graph.verify import InvariantError
 from ._infra import Pass, PassResult
 from . import experts as fused
 from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of
-from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares
+from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares, redamped
 from .partition import Block, Partition
 
 
@@ -170,11 +170,17 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         keep: dict[str, tuple[int, ...]] = {}
         dropped_cols: dict[str, set[int]] = {}
         current: dict[str, torch.Tensor] = {}  # consumer path -> (out, in) in the statistics dtype, group by group
+        paths_of = {gid: [p for p, _ in consumers_of(block, module, state.groups[gid])] for gid in gids}
+        last = {p: gid for gid in gids for p in paths_of[gid]}
+        # consumer -> its H, damped in place by the last group that reads it (the 7B MLP's H is 0.45 GB in
+        # float32): the OBS and then the re-fit use it, and no damped copy is held beside it
+        owned: dict[str, torch.Tensor] = {}
         for gid in gids:
             group = state.groups[gid]
             fixed = state.fixed_keep.get(gid) if state.fixed_keep is not None else None
             n = group.size - len(fixed) if fixed is not None else state.counts.get(gid, 0)
-            consumers = build_consumers(block, module, group, stats, state.damping, weights=current)
+            consume = {p for p in paths_of[gid] if last[p] == gid}
+            consumers = build_consumers(block, module, group, stats, state.damping, weights=current, consume=consume)
             if not consumers or n == 0:
                 keep[gid] = tuple(fixed) if fixed is not None else tuple(range(group.size))
                 continue
@@ -186,18 +192,24 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 removed = set(order[:n])
             keep[gid] = tuple(u for u in range(group.size) if u not in removed)
             second_order = {c.path: c.hessian is not None for c in consumers}
-            for c in consumers:  # the damped H are done with: not held beside the re-fit's own
+            for c in consumers:  # a damped copy is done with (not held beside the re-fit's); an owned H is re-used
+                if c.hessian is not None and c.path.partition(fused.SEP)[0] in consume:
+                    owned[c.path] = c.hessian
                 c.hessian = None
             for c in consumers:
                 gone = dropped_cols.setdefault(c.path, set())
                 gone.update(int(i) for u in removed for i in c.columns[u])
                 w = originals[c.path]
+                h = owned.pop(c.path, None)
                 if state.reconstruct and second_order[c.path]:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
-                    w = least_squares(w, damped(stats.hessians[c.path], state.refit_ridge), kept_cols)
+                    h = redamped(h, state.damping, state.refit_ridge) if h is not None else \
+                        damped(stats.hessians[c.path], state.refit_ridge)
+                    w = least_squares(w, h, kept_cols)
                 else:
                     w = w.clone()
                     w[:, sorted(gone)] = 0.0
+                h = None  # an owned H is released after its last consumer's re-fit
                 if not torch.isfinite(w).all():
                     raise InvariantError(f"block solve pass: non-finite weights in {prefix}{c.path} after the "
                                          f"solve of group {gid}; raise damping (now {state.damping})")

@@ -9,12 +9,18 @@ peak, from the block sizes alone: the formula behind the O(one block) claim, che
 - statistics: the solver's work (float64, or float32 with ``statistics``) on the block with the widest
   consumer layers: every consumer's
   H = X^T X (in x in) of the block held at once, plus, for the widest consumer, ``OBS_COPIES`` more
-  matrices of its size: in the block solve (the peak) its damped H, H^-1, and H^-1's shrinking copy while
-  the first units leave (the dense sweep damps the last reader's H in place, and the re-fit runs after the
-  damped H is released); and ``WEIGHT_COPIES`` copies of its weight in that precision (out x in: the original kept
-  for the re-fit, the OBS working copy, its shrinking update, the re-fitted result);
+  matrices of its size: H^-1 and its shrinking copy while the first units leave (H^-1 is factored and
+  inverted in place in one copy of H; the last group to read a consumer's H damps it in place, in the dense
+  sweep and in the block solve, whose re-fit re-uses it); and ``WEIGHT_COPIES`` copies of its weight in that
+  precision (out x in: the original kept for the re-fit, the OBS working copy, its shrinking update, the
+  re-fitted result);
 - activations: the calibration tokens' residual stream twice (the inputs and outputs of the current
   block for every batch) plus one batch's widest intermediate (the MLP's, three tensors wide).
+
+Not in the formula: a float32 re-fit redone in float64 (its check failed: H nearly singular, as on the deep
+blocks of a random-init 7B with 512 calibration tokens) holds its kept block of H, the right-hand side and
+the weight in float64 for that layer (1.23 GiB beyond H and W at the 7B MLP's width,
+``examples/solver_memory_7b.py``).
 
 The stored block inputs of the gradient block energy and the re-fitted weights go to temporary files
 beyond ``SolverConfig.buffer_budget`` and 0 bytes respectively, so they add at most the buffer budget.
@@ -28,7 +34,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-OBS_COPIES = 3
+OBS_COPIES = 2
 WEIGHT_COPIES = 4
 INTERMEDIATE_COPIES = 3
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import structprune_graph as sp
 from structprune_graph.cli import main
 from structprune_graph.models import load_tokenizer
 
@@ -171,7 +172,6 @@ def test_export_gguf_and_decoder_from_a_pruned_folder(tiny_model_dir, tmp_path, 
     no target is a clear error."""
     from gguf_reference import gguf_forward
 
-    import structprune_graph as sp
 
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "flap", "--calib",
@@ -198,7 +198,7 @@ def test_export_gguf_and_decoder_from_a_pruned_folder(tiny_model_dir, tmp_path, 
     assert "name a target, --onnx FILE, --onnx-decoder FILE and/or --gguf FILE" in capsys.readouterr().err
 
 
-def test_torchrun_distributed_stream_writes_the_single_process_plan(tiny_model_dir, tmp_path):
+def test_torchrun_distributed_stream_writes_the_single_process_folder(tiny_model_dir, tmp_path):
     """The README's launch: `torchrun --nproc-per-node 2 -m structprune_graph.cli prune ... --distributed`."""
     common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
               "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "8", "--seqlen", "32", "--eval-seqlen",
@@ -210,3 +210,7 @@ def test_torchrun_distributed_stream_writes_the_single_process_plan(tiny_model_d
     assert launched.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
     assert main([*common, "--out", str(tmp_path / "single")]) == 0
     assert (tmp_path / "dist" / "plan.json").read_text() == (tmp_path / "single" / "plan.json").read_text()
+    ids = torch.tensor([[3, 9, 27, 81, 50]])
+    with torch.no_grad():  # rank 0's folder holds the single-process weights (each rank solved half the batches)
+        torch.testing.assert_close(sp.load(tmp_path / "dist")(ids).logits, sp.load(tmp_path / "single")(ids).logits,
+                                   atol=1e-6, rtol=1e-6)

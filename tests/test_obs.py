@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structprune_graph.passes.obs import Consumer, damped, greedy_obs, least_squares
+from structprune_graph.passes.obs import Consumer, damped, greedy_obs, least_squares, redamped
 
 
 def _problem(seed=0, tokens=256, d_in=12, d_out=5):
@@ -44,6 +44,42 @@ def test_obs_error_is_the_error_of_the_optimal_refit():
         err = float(((x @ w.T - x @ refit.T) ** 2).sum())
         assert abs(increments[0] - err) <= 1e-6 * err
         torch.testing.assert_close(consumer.weight, refit, rtol=1e-6, atol=1e-8)  # the OBS update is the refit
+
+
+@pytest.mark.parametrize("ridge", [0.01, 1.0, 1e-4])
+def test_an_h_damped_in_place_is_shifted_to_the_refits_ridge(ridge):
+    """The block solve damps the last reader's H in place for the OBS and re-uses it for the re-fit: shifted
+    to the re-fit's ridge it is the H that ``damped`` gives for that ridge (dead inputs included)."""
+    x, _ = _problem()
+    x[:, 3] = 0.0  # a dead input: unit diagonal in both
+    h = x.T @ x
+    shifted = redamped(damped(h.clone(), 0.01, inplace=True), 0.01, ridge)
+    torch.testing.assert_close(shifted, damped(h, ridge), rtol=1e-14, atol=1e-12)
+    same = damped(h.clone(), 0.01, inplace=True)
+    assert redamped(same, 0.01, 0.01) is same and torch.equal(same, damped(h, 0.01))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_in_place_factor_inverse_and_solves_equal_torchs(dtype):
+    """H factored over itself (LAPACK on the column-major view), inverted over the factor, and solved by two
+    triangular solves: torch's cholesky, inv and solve, with H left as it was where a copy is asked for."""
+    from structprune_graph.passes.obs import _cho_solve, _factor, _inverse
+
+    x, w = _problem(tokens=256, d_in=40, d_out=7)
+    h = damped(x.T @ x, 0.01).to(dtype)
+    before = h.clone()
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    chol = _factor(h, "test")
+    torch.testing.assert_close(chol.tril(), torch.linalg.cholesky(h), **tol)
+    torch.testing.assert_close(_cho_solve(chol, w.T.to(dtype)), torch.linalg.solve(h, w.T.to(dtype)), **tol)
+    inverse = _inverse(h)
+    assert torch.equal(inverse, inverse.T) and torch.equal(h, before)
+    torch.testing.assert_close(inverse, torch.linalg.inv(h), **tol)
+    own = h.clone()
+    assert _factor(own, "test", in_place=True).data_ptr() == own.data_ptr()
+    singular = torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError, match="test: the damped H \\(width 4\\) is not positive definite"):
+        _factor(singular, "test")
 
 
 def test_greedy_removes_the_cheapest_unit_first():
