@@ -107,7 +107,7 @@ def child(cli_args: list[str]) -> dict:
             if record.msg == STAGE_LOG:
                 marks.append((time.perf_counter() - start, str(record.args[0])))
             elif "redone in float64" in str(record.msg):
-                what = next(k for k in ("re-fit", "Cholesky", "down-date", "") if k in str(record.msg)) or "other"
+                what = next((k for k in ("re-fit", "Cholesky", "down-date") if k in str(record.msg)), "other")
                 fallbacks[what] = fallbacks.get(what, 0) + 1
 
     handler = Stages(level=logging.INFO)

@@ -1,7 +1,7 @@
 """Peak memory of the solver's matrix work at the width of LLaMA-2-7B's MLP (``down_proj``: in 11,008, out
 4,096; 30% of its columns removed), H from 512 calibration tokens (rank-deficient, damped 0.01) in float32
 statistics: the checked float32 re-fit, the re-fit redone in float64 (forced here with a tolerance of 0; the
-32-layer run of ``scale_7b.py`` met it on its deep blocks), and H^-1 (the OBS inverse).
+32-layer run of ``scale_7b.py`` met it in 9 of its 64 re-fits), and H^-1 (the OBS inverse).
 
 Each operation runs in a fresh process whose resident memory is sampled every 1 ms; the figure is the peak
 over what the process held before the call (H, W and the kept columns: "extra"), in GiB. ``--obs FILE``

@@ -182,7 +182,8 @@ def _remove(c: Consumer, cols: torch.Tensor, alive: torch.Tensor) -> float:
         c.weight = c.weight[:, alive]
         c.energy = c.energy[alive] if c.energy is not None else None
         return err
-    m_inv = _inverse(c.hinv[cols][:, cols], in_place=True).to(c.hinv.dtype)  # (|S|, |S|), from a gathered copy
+    # (|S|, |S|), small: not in place, so that a float32 failure can be redone in float64 from the gathered block
+    m_inv = _inverse(c.hinv[cols][:, cols]).to(c.hinv.dtype)
     w_s = c.weight[:, cols]  # (out, |S|)
     err = float((w_s @ m_inv * w_s).sum())
     keep = alive.nonzero().squeeze(1)

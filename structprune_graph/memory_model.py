@@ -17,8 +17,8 @@ peak, from the block sizes alone: the formula behind the O(one block) claim, che
 - activations: the calibration tokens' residual stream twice (the inputs and outputs of the current
   block for every batch) plus one batch's widest intermediate (the MLP's, three tensors wide).
 
-Not in the formula: a float32 re-fit redone in float64 (its check failed: H nearly singular, as on the deep
-blocks of a random-init 7B with 512 calibration tokens) holds its kept block of H, the right-hand side and
+Not in the formula: a float32 re-fit redone in float64 (its check failed: H nearly singular, as in 9 of the 64
+re-fits of the random-init 7B-shaped run with 512 calibration tokens) holds its kept block of H, the right-hand side and
 the weight in float64 for that layer (1.23 GiB beyond H and W at the 7B MLP's width,
 ``examples/solver_memory_7b.py``).
 
