@@ -19,6 +19,9 @@ self), structprune with the chosen ridge and with the previous default, and the 
 ``--sparsities``, on the three evaluation domains. Every row is written to ``OUT/NAME.json`` as it is
 measured, and the table to ``OUT/NAME.md``.
 
+Phases A and B use the library's defaults; rows recorded before 2026-12-02 (evening) had the OBS curves
+(``SolverConfig(curve_error="obs")``), and those before the gradient energy the stream energy.
+
 Run: ``python examples/generalization.py [--calib-samples 16] [--eval-windows 4] [--out examples/results]``
 """
 
@@ -40,12 +43,20 @@ OLD_RIDGE = 0.01  # the re-fit used the OBS damping before: the "before" rows
 # phase C: how the budget is spread (issue 12, item 4); tau searched with or without the re-fit in the loop;
 # blocks compared by their errors relative to the stream's energy (the rows measured before "gradient") or
 # times the loss sensitivity at their output (block_energy="gradient", the default for a causal LM since)
-ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", block_energy="stream"),
-               "softmax-masked": dict(allocation="softmax", tau_search="masked", block_energy="stream"),
-               "softmax-gradient": dict(allocation="softmax", tau_search="masked", block_energy="gradient"),
-               "uniform": dict(allocation="uniform", block_energy="stream"),
-               "global-threshold": dict(allocation="global-threshold", block_energy="stream"),
-               "global-threshold-gradient": dict(allocation="global-threshold", block_energy="gradient")}
+# (the rows recorded before the removal curves became the default keep the OBS curves: curve_error="obs")
+ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", block_energy="stream", curve_error="obs"),
+               "softmax-masked": dict(allocation="softmax", tau_search="masked", block_energy="stream", curve_error="obs"),
+               "softmax-gradient": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
+                                        curve_error="obs"),
+               "uniform": dict(allocation="uniform", block_energy="stream", curve_error="obs"),
+               "global-threshold": dict(allocation="global-threshold", block_energy="stream", curve_error="obs"),
+               "global-threshold-gradient": dict(allocation="global-threshold", block_energy="gradient",
+                                                 curve_error="obs"),
+               # the curves' error without the re-fit, or between (SolverConfig.curve_error; probes: --probe curve-error)
+               "softmax-gradient-removal": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
+                                                curve_error="removal"),
+               "softmax-gradient-blend": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
+                                              curve_error="blend")}
 
 
 def code_text() -> str:
@@ -203,14 +214,15 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
     import structprune_graph as sp
     from structprune_graph.solver import SolverConfig
 
-    sweeps = {}  # one dense sweep per block energy
+    sweeps = {}  # one dense sweep per block energy and curve error
     for s in args.sparsities:
         for name in args.allocations:
             t = time.perf_counter()
             config = SolverConfig(refit_ridge=ridge, **ALLOCATIONS[name])  # the library's tau batches
-            result = sp.prune(model, batches, s, reuse=sweeps.get(config.block_energy), solver=config)
+            sweep = (config.block_energy, config.curve_error)
+            result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config)
             seconds = round(time.perf_counter() - t, 1)
-            sweeps.setdefault(config.block_energy, result)
+            sweeps.setdefault(sweep, result)
             d = ppl(result.model, dev)
             emit({"phase": "eval", "method": f"structprune, {name}", "calib": source, "sparsity": s, "dev": d,
                   "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),

@@ -16,6 +16,12 @@ re-fit's ridge left at its default.
 other text than the block solve (OBS order and re-fit, always on Austen): on Austen itself, on the model's
 own samples (``self``), and on Austen mixed with them, at every ``--sparsities``.
 
+``--probe curve-error``: what the allocator's curves count (``SolverConfig.curve_error``): each removal's
+error after the optimal re-fit on the calibration tokens (``obs``, the default), the error of dropping the
+units with no re-fit (``removal``), or their geometric mean (``blend``). The OBS curves assume that the
+re-fit's gain carries over to any text; where it does not, they invite deep cuts in the layers whose
+calibration activations are most redundant. Order, re-fit and block energy (``auto``) stay the defaults.
+
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
 median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
@@ -47,15 +53,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 # the selection, damping and allocation-source probes were recorded when the stream energy was the default
 # (before 2026-12-02); they keep it, so that their rows reproduce
 RECORDED_ENERGY = "stream"
+# every probe before the curve-error one was recorded with the OBS curves (the default until 2026-12-02, evening)
+RECORDED_CURVES = "obs"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy"), required=True)
+    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
     parser.add_argument("--energies", nargs="+", default=["robust"])
+    parser.add_argument("--errors", nargs="+", default=["removal", "blend"])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -90,26 +99,34 @@ def main() -> None:
     if args.probe == "damping":
         for d in args.dampings:
             t = time.perf_counter()
-            r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d, block_energy=RECORDED_ENERGY))
+            r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d, block_energy=RECORDED_ENERGY,
+                                                                         curve_error=RECORDED_CURVES))
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
         return
 
-    if args.probe == "block-energy":
+    def per_config(name: str, config) -> None:  # one dense sweep, every --sparsities
+        reuse = None
+        for s in args.sparsities:
+            t = time.perf_counter()
+            r = sp.prune(model, batches, s, solver=config, reuse=reuse)
+            reuse = r
+            emit(name, r.model, t, s, tau=r.report.solver["tau"],
+                 removed_per_group={g: len(range(r.graph.group(g).size)) - len(k) for g, k in r.plan.keep.items()})
+
+    if args.probe == "block-energy":  # recorded with the OBS curves
         for how in args.energies:
-            config = SolverConfig(block_energy=how)
-            reuse = None
-            for s in args.sparsities:
-                t = time.perf_counter()
-                r = sp.prune(model, batches, s, solver=config, reuse=reuse)
-                reuse = r
-                emit(f"structprune, block energy {how}", r.model, t, s, tau=r.report.solver["tau"],
-                     removed_per_group={g: len(range(r.graph.group(g).size)) - len(k) for g, k in r.plan.keep.items()})
+            per_config(f"structprune, block energy {how}", SolverConfig(block_energy=how, curve_error=RECORDED_CURVES))
+        return
+
+    if args.probe == "curve-error":
+        for error in args.errors:
+            per_config(f"structprune, curve error {error}", SolverConfig(curve_error=error))
         return
 
     if args.probe == "allocation-source":
         from structprune_graph.solver import allocate, prepare, solve
 
-        config = SolverConfig(block_energy=RECORDED_ENERGY)
+        config = SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES)
         graph = sp.trace(model, batches[0])
         groups = select_groups(graph, None)
         t = time.perf_counter()
@@ -133,7 +150,8 @@ def main() -> None:
     flap = sp.prune(model, batches, args.sparsity, method="flap")
     emit("flap: FLAP keep-set + bias compensation", flap.model, t)
     t = time.perf_counter()
-    ours = sp.prune(model, batches, args.sparsity, solver=SolverConfig(block_energy=RECORDED_ENERGY))
+    ours = sp.prune(model, batches, args.sparsity, solver=SolverConfig(block_energy=RECORDED_ENERGY,
+                                                                      curve_error=RECORDED_CURVES))
     emit("structprune: OBS keep-set + re-fit", ours.model, t, tau=ours.report.solver["tau"])
     graph, groups = ours.graph, select_groups(ours.graph, None)
     removed = {name: {g.id: g.size - len(r.plan.keep.get(g.id, range(g.size))) for g in groups}
@@ -166,7 +184,7 @@ def main() -> None:
     shapes = graph.param_shapes
     share = prunable_params(tuple(groups), shapes) / prunable_params(tuple(mlp), shapes)
     r = sp.prune(model, batches, args.sparsity * share, kinds=["mlp_channel"],
-                 solver=SolverConfig(block_energy=RECORDED_ENERGY))
+                 solver=SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES))
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})

@@ -53,6 +53,7 @@ class BlockCalibrationRequest:
     keep_final: tuple[int, ...] = ()  # batch indices whose dense final output is kept (ADMM targets)
     block_energy: str = "stream"  # what a block's errors are relative to (``stream_energy``)
     statistics_dtype: torch.dtype = torch.float64  # of H, H^-1 and the OBS work (passes/obs.py)
+    curve_error: str = "obs"  # what the curves count (obs.CURVE_ERRORS): with the re-fit, without, or between
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
     # where the sweep leaves every block's input stream, key (block, batch), and the last block's output, key
@@ -232,7 +233,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
             def curve(gid: str, stats: StatsCollector = stats) -> tuple[list[int], list[float]]:
                 consumers = build_consumers(block, module, state.groups[gid], stats, state.damping,
                                             consume={p for p in paths_of[gid] if last[p] == gid})
-                return greedy_obs(consumers, state.groups[gid].size, state.max_remove[gid])
+                return greedy_obs(consumers, state.groups[gid].size, state.max_remove[gid], error=state.curve_error)
 
             found = state.collective.map_owned(
                 [lambda gid=gid: curve(gid) for gid in work],

@@ -211,13 +211,65 @@ def _checked(c: Consumer, origin: torch.Tensor) -> None:
     c.weight = c.weight.double()
 
 
-def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16
+# what a curve's error counts (``greedy_obs``): "obs", the error left after the optimal re-fit of the kept
+# columns on the calibration tokens; "removal", the error of dropping the units with no re-fit; "blend", the
+# geometric mean of the two at every step (the re-fit's gain only half trusted off the calibration text)
+CURVE_ERRORS = ("obs", "removal", "blend")
+
+
+class RemovalError:
+    """tr(W_S H_SS W_S^T) summed over the consumers as the removed set S grows: the error of zeroing S's
+    columns of the dense weights with no re-fit (the Wanda-style saliency where H is missing). Each step adds
+    T: E(S + T) = E(S) + 2 <W_T, Q_T> + <W_T, W_T H_TT>, with Q = W_S H_S,: (out, in) kept up to date, so a
+    step costs out x |T| x in and holds one matrix the size of W (not the (|S|, |S|) block of H)."""
+
+    def __init__(self, consumers: Sequence[Consumer]) -> None:
+        self.consumers = consumers
+        # (out, in) before any OBS update: greedy_obs's work replaces a consumer's weight and changes the
+        # original only in place at its end, after the last step, so no copy is needed
+        self.dense = [c.weight for c in consumers]
+        self.q = [torch.zeros_like(w) if c.hessian is not None else None for c, w in zip(consumers, self.dense)]
+
+    def add(self, units: Sequence[int]) -> float:
+        """The error the units add to the removed set (then part of it)."""
+        total = 0.0
+        for c, w, q in zip(self.consumers, self.dense, self.q):
+            cols = torch.cat([c.columns[u] for u in units])
+            w_t = w[:, cols]  # (out, |T|)
+            if q is None:
+                total += float(((w_t ** 2).sum(0) * (c.energy[cols] if c.energy is not None else 1.0)).sum())
+                continue
+            h_t = c.hessian.index_select(0, cols).to(w.dtype)  # (|T|, in)
+            total += float(2.0 * (w_t * q[:, cols]).sum() + (w_t @ h_t[:, cols] * w_t).sum())
+            q.addmm_(w_t, h_t)  # Q += W_T H_T,:
+        return total
+
+
+def _step_errors(obs: Sequence[float], removal: Sequence[float], error: str) -> list[float]:
+    """Per greedy step, the error increment the curve records (cumulative errors differenced for ``blend``)."""
+    if error == "obs":
+        return list(obs)
+    cum_obs = torch.tensor(obs, dtype=torch.float64).cumsum(0)
+    # zeroing more columns can cancel (||X_S W_S^T|| is not monotone in S): the curve is kept non-decreasing
+    cum_rm = torch.tensor(removal, dtype=torch.float64).cumsum(0).clamp_min(0).cummax(0).values
+    cum = cum_rm if error == "removal" else (cum_obs.clamp_min(0) * cum_rm).sqrt().cummax(0).values
+    return torch.diff(cum, prepend=cum.new_zeros(1)).tolist()
+
+
+def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16, error: str = "obs"
                ) -> tuple[list[int], list[float]]:
     """Remove ``n_remove`` of ``n_units`` units greedily; returns the removal order and, per removed unit,
     its share of the error of the step it was removed in (a step's error split by the units' own errors).
-    The work runs on copies that shrink to the remaining columns as units leave (at 80% removed, about 40%
-    of the down-date flops of a full-size H^-1); at the end each consumer's weight is the OBS update (removed
-    columns zero)."""
+    ``error`` (``CURVE_ERRORS``) says which error the increments count; the order is the OBS order in every
+    case. The work runs on copies that shrink to the remaining columns as units leave (at 80% removed, about
+    40% of the down-date flops of a full-size H^-1); at the end each consumer's weight is the OBS update
+    (removed columns zero)."""
+    if error not in CURVE_ERRORS:
+        raise ValueError(f"greedy_obs: unknown error {error!r}; choose one of {CURVE_ERRORS}")
+    removal = RemovalError(consumers) if error != "obs" else None
+    step_obs: list[float] = []
+    step_removal: list[float] = []
+    shares: list[torch.Tensor] = []
     work = [replace(c, columns=list(c.columns), hinv=_inverse(c.hessian) if c.hessian is not None else None)
             for c in consumers]
     for c in work:  # a Cholesky redone in float64 makes the consumer's work float64
@@ -225,7 +277,6 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
     origin = [torch.arange(c.weight.shape[1]) for c in consumers]  # per work column: its column in the layer
     remaining = list(range(n_units))
     order: list[int] = []
-    increments: list[float] = []
     for step in range(steps):
         left = n_remove - len(order)
         if left <= 0:
@@ -249,9 +300,13 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
             _checked(c, origin[i])
             for u in remaining:  # the units' columns, renumbered among the remaining ones
                 c.columns[u] = position[c.columns[u]]
-        share = own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1.0 / len(own))
-        increments += (share * total).tolist()
+        shares.append(own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1.0 / len(own)))
+        step_obs.append(total)
+        if removal is not None:
+            step_removal.append(removal.add(picked))
         order += picked
+    increments = [x for share, e in zip(shares, _step_errors(step_obs, step_removal, error))
+                  for x in (share * e).tolist()]
     for c, w, cols in zip(consumers, work, origin):
         c.weight.zero_()
         c.weight[:, cols] = w.weight.to(c.weight.dtype)

@@ -22,6 +22,10 @@ re-fits of the random-init 7B-shaped run with 512 calibration tokens) holds its 
 the weight in float64 for that layer (1.23 GiB beyond H and W at the 7B MLP's width,
 ``examples/solver_memory_7b.py``).
 
+The dense sweep's removal curves (``SolverConfig.curve_error="removal"``, the default) hold one more
+matrix the size of the widest consumer's weight, Q = W_S H_S,: (``passes/obs.py``), in the dense sweep only,
+whose peak is below the block solve's (7B-shaped run 2: 3.87 against 5.32 GiB net), so the formula is unchanged.
+
 The stored block inputs of the gradient block energy and the re-fitted weights go to temporary files
 beyond ``SolverConfig.buffer_budget`` and 0 bytes respectively, so they add at most the buffer budget.
 """

@@ -29,7 +29,7 @@ from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockC
                                                           consumers_of)
 from structprune_graph.passes.experts import is_fused_path
 from structprune_graph.passes.calibrate import CalibrationError, default_loss
-from structprune_graph.passes.obs import DEFAULT_DAMPING, STATISTICS_DTYPES
+from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
@@ -71,6 +71,12 @@ class SolverConfig:
     # windows: gradient scored 1.702 / 2.405 / 5.10 against stream's 1.706 / 2.559 / 6.16 at 20/30/50%
     # (SmolLM2, Austen calibration; README, "Where the 20% out-of-domain gap comes from")
     block_energy: str = "auto"
+    # what the allocator's curves count (passes/obs.py CURVE_ERRORS): "obs", each removal's error after the
+    # optimal re-fit on the calibration tokens; "removal", with no re-fit; "blend", the geometric mean. The
+    # order inside a group and the re-fit are OBS in every case. Chosen on the development windows (SmolLM2,
+    # Austen calibration): removal scored 1.701 / 2.229 / 4.636 against obs's 1.702 / 2.405 / 5.10 at 20/30/50%
+    # (README, "What the allocator's curves count"); blend 1.756 at 20%
+    curve_error: str = "removal"
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
@@ -100,6 +106,9 @@ class SolverConfig:
         if self.block_energy not in BLOCK_ENERGIES:
             raise StructPruneError(f"SolverConfig: unknown block_energy {self.block_energy!r}; choose one of "
                                    f"{BLOCK_ENERGIES}")
+        if self.curve_error not in CURVE_ERRORS:
+            raise StructPruneError(f"SolverConfig: unknown curve_error {self.curve_error!r}; choose one of "
+                                   f"{CURVE_ERRORS}")
         if self.statistics not in STATISTICS_DTYPES:
             raise StructPruneError(f"SolverConfig: unknown statistics {self.statistics!r}; choose one of "
                                    f"{tuple(STATISTICS_DTYPES)}")
@@ -110,6 +119,7 @@ class SolverConfig:
     def sweep_settings(self) -> dict:
         """The settings the dense sweep's curves depend on: a state is reusable only under the same ones."""
         return {"damping": self.damping, "max_prune": self.max_prune, "block_energy": self.block_energy,
+                "curve_error": self.curve_error,
                 "memory_budget": self.memory_budget, "statistics": self.statistics}
 
     def label(self) -> str:
@@ -186,8 +196,8 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         calib = BlockCalibratePass()(BlockCalibrationRequest(
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
             config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=energy,
-            statistics_dtype=STATISTICS_DTYPES[config.statistics], resident=resident, collective=collective,
-            streams_out=streams)).state
+            statistics_dtype=STATISTICS_DTYPES[config.statistics], curve_error=config.curve_error,
+            resident=resident, collective=collective, streams_out=streams)).state
         clock.mark("dense_sweep")
         if streams is not None:
             try:

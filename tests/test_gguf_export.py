@@ -26,9 +26,10 @@ def prunings():
             "uniform": sp.prune(model, lm_batches(4), 0.5, method="wanda-sp", uniform=True).model,
             "wanda-sp": sp.prune(model, lm_batches(4), 0.35, method="wanda-sp").model,
             "flap": sp.prune(model, lm_batches(4), 0.5, method="flap").model,
-            # stream block energy: on this random tiny model it gives per-layer widths (the gradient: uniform)
+            # stream block energy and OBS curves: on this random tiny model they give per-layer widths (the
+            # defaults, gradient energy and removal curves, give the same widths in both layers)
             "structprune": sp.prune(model, lm_batches(4), 0.5, method="structprune",
-                                    solver=SolverConfig(block_energy="stream")).model}
+                                    solver=SolverConfig(block_energy="stream", curve_error="obs")).model}
 
 
 def _fields(path):

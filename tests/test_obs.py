@@ -254,3 +254,41 @@ def test_a_downdated_inverse_without_a_positive_diagonal_is_recomputed_from_h_in
     healthy = Consumer("fc", w[:, origin].float(), h.float(), [], hinv=torch.linalg.inv(h[origin][:, origin]).float())
     _checked(healthy, origin)
     assert healthy.hinv.dtype == torch.float32  # a positive diagonal stays in float32
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_removal_and_blend_curves_keep_the_obs_order_and_count_their_own_error(unit):
+    """``removal``: after k units the curve sums to ||X_S W_S^T||^2 (the dense weights' columns zeroed, no
+    re-fit), kept non-decreasing; ``blend``: to the geometric mean of that and the OBS curve's sum."""
+    x, w = _problem(seed=5)
+    x[:, 3] = 0.9 * x[:, 2] + 0.1 * x[:, 3]  # correlated inputs: the re-fit recovers much of the removal
+    h = damped(x.T @ x, 1e-9)
+    columns = [torch.arange(unit * i, unit * i + unit) for i in range(12 // unit)]
+    runs = {}
+    for error in ("obs", "removal", "blend"):
+        consumer = Consumer("fc", w.clone(), h, [c.clone() for c in columns])
+        runs[error] = greedy_obs([consumer], len(columns), len(columns) - 1, steps=len(columns) - 1, error=error)
+    order = runs["obs"][0]
+    assert runs["removal"][0] == order and runs["blend"][0] == order
+    removal = []
+    for k in range(1, len(order) + 1):
+        cols = torch.cat([columns[u] for u in order[:k]])
+        removal.append(float(((x[:, cols] @ w[:, cols].T) ** 2).sum()))  # (tokens, out) zeroed columns' output
+    removal = torch.tensor(removal, dtype=torch.float64).cummax(0).values
+    got = torch.tensor(runs["removal"][1], dtype=torch.float64).cumsum(0)
+    torch.testing.assert_close(got, removal, rtol=1e-6, atol=1e-9)
+    obs = torch.tensor(runs["obs"][1], dtype=torch.float64).cumsum(0)
+    assert bool((obs <= removal * (1 + 1e-9)).all())  # the optimal re-fit never does worse than none
+    blend = torch.tensor(runs["blend"][1], dtype=torch.float64).cumsum(0)
+    torch.testing.assert_close(blend, (obs * removal).sqrt().cummax(0).values, rtol=1e-6, atol=1e-9)
+
+
+def test_an_unknown_curve_error_is_refused():
+    from structprune_graph.errors import StructPruneError
+    from structprune_graph.solver import SolverConfig
+
+    with pytest.raises(StructPruneError, match="unknown curve_error 'refit'.*choose one of"):
+        SolverConfig(curve_error="refit")
+    x, w = _problem()
+    with pytest.raises(ValueError, match="unknown error 'x'"):
+        greedy_obs([Consumer("fc", w, damped(x.T @ x, 0.01), [torch.tensor([i]) for i in range(12)])], 12, 3, error="x")

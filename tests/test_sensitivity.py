@@ -89,14 +89,18 @@ def test_gradient_block_energy_scales_each_blocks_curves_and_leaves_the_model_al
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     graph = sp.trace(model, batches[0])
     groups = select_groups(graph)
-    plain = prepare(model, graph, groups, batches, SolverConfig())
+    # "stream" explicitly: the default ("auto") is "gradient" on a causal LM, and the curves here are ~1e-5,
+    # so only a relative tolerance can tell a scaled curve from an unscaled one
+    plain = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream"))
     scaled = prepare(model, graph, groups, batches, SolverConfig(block_energy="gradient"))
+    assert plain.block_energy == "stream" and scaled.block_energy == "gradient"
     f = BlockSensitivityPass()(SensitivityRequest(model, plain.partition, plain.inputs, batches)).state.per_block
     for block, energy, fb in zip(plain.partition.blocks, plain.calibration.input_energy, f):
         for gid in block.group_ids:
             a, b = plain.calibration.curves[gid], scaled.calibration.curves[gid]
             assert a.order == b.order
-            torch.testing.assert_close(torch.tensor(b.increments), torch.tensor(a.increments) * energy * fb)
+            torch.testing.assert_close(torch.tensor(b.increments, dtype=torch.float64),
+                                       torch.tensor(a.increments, dtype=torch.float64) * energy * fb, rtol=1e-9, atol=0)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == requires
     assert all(p.grad is None for p in model.parameters())
     result = sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="gradient"))
@@ -141,6 +145,8 @@ def test_a_dense_sweep_is_not_reused_under_other_sweep_settings():
     assert again.report.solver["block_energy"] == "stream"
     with pytest.raises(sp.StructPruneError, match="reuse= holds a dense sweep made with .*'block_energy': 'stream'"):
         sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="gradient"), reuse=first)
+    with pytest.raises(sp.StructPruneError, match="reuse= holds a dense sweep made with .*'curve_error': 'removal'"):
+        sp.prune(model, batches, 0.3, solver=SolverConfig(block_energy="stream", curve_error="obs"), reuse=first)
 
 
 def test_half_precision_weights_get_their_sensitivity_in_float32_and_are_left_in_half_precision():
