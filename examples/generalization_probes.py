@@ -22,6 +22,10 @@ units with no re-fit (``removal``), or their geometric mean (``blend``). The OBS
 re-fit's gain carries over to any text; where it does not, they invite deep cuts in the layers whose
 calibration activations are most redundant. Order, re-fit and block energy (``auto``) stay the defaults.
 
+``--probe tau``: the softmax temperature (default curves and energy): each of ``--taus`` alone, then the
+masked tau search over those and the default grid together. At 50% the search chose 0.25, the grid's
+smallest value: is the grid wide enough?
+
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
 median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
@@ -59,12 +63,13 @@ RECORDED_CURVES = "obs"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error"), required=True)
+    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
     parser.add_argument("--energies", nargs="+", default=["robust"])
     parser.add_argument("--errors", nargs="+", default=["removal", "blend"])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.125])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -104,14 +109,14 @@ def main() -> None:
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
         return
 
-    def per_config(name: str, config) -> None:  # one dense sweep, every --sparsities
-        reuse = None
+    def per_config(name: str, config, reuse=None):  # one dense sweep (or reuse's), every --sparsities
         for s in args.sparsities:
             t = time.perf_counter()
             r = sp.prune(model, batches, s, solver=config, reuse=reuse)
             reuse = r
             emit(name, r.model, t, s, tau=r.report.solver["tau"],
                  removed_per_group={g: len(range(r.graph.group(g).size)) - len(k) for g, k in r.plan.keep.items()})
+        return reuse
 
     if args.probe == "block-energy":  # recorded with the OBS curves
         for how in args.energies:
@@ -121,6 +126,16 @@ def main() -> None:
     if args.probe == "curve-error":
         for error in args.errors:
             per_config(f"structprune, curve error {error}", SolverConfig(curve_error=error))
+        return
+
+    if args.probe == "tau":  # each --taus alone, then searched together with the default grid (one sweep)
+        from structprune_graph.solver import DEFAULT_TAUS
+
+        wide = tuple(sorted(set(args.taus) | set(DEFAULT_TAUS)))
+        shared = None
+        for name, taus in [(f"tau {t:g}", (t,)) for t in args.taus] + [
+                ("tau searched on " + ", ".join(f"{t:g}" for t in wide), wide)]:
+            shared = per_config(f"structprune, {name}", SolverConfig(taus=taus), shared)
         return
 
     if args.probe == "allocation-source":
