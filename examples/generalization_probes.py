@@ -115,7 +115,7 @@ def main() -> None:
             r = sp.prune(model, batches, s, solver=config, reuse=reuse)
             reuse = r
             emit(name, r.model, t, s, tau=r.report.solver["tau"],
-                 removed_per_group={g: len(range(r.graph.group(g).size)) - len(k) for g, k in r.plan.keep.items()})
+                 removed_per_group={g: r.graph.group(g).size - len(k) for g, k in r.plan.keep.items()})
         return reuse
 
     if args.probe == "block-energy":  # recorded with the OBS curves
