@@ -26,6 +26,12 @@ calibration activations are most redundant. Order, re-fit and block energy (``au
 masked tau search over those and the default grid together. At 50% the search chose 0.25, the grid's
 smallest value: is the grid wide enough?
 
+``--probe refit-bias``: a free bias in every linear consumer's fit (``SolverConfig(refit_bias=...)``), the
+consumer's output mean kept by a bias (FLAP's compensation, the robust end, is this with the re-fit's ridge
+-> inf): ``refit``, the re-fit's statistics centred; ``centred``, the OBS order's and the curves' too (they
+count the error left after the best bias); ``none``, no bias (the ridge alone). Every ``--biases`` at every ``--ridges`` (the re-fit's ridge;
+one dense sweep per --biases).
+
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
 median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
@@ -59,17 +65,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 RECORDED_ENERGY = "stream"
 # every probe before the curve-error one was recorded with the OBS curves (the default until 2026-12-02, evening)
 RECORDED_CURVES = "obs"
+# every probe before the refit-bias one was recorded with the re-fit's ridge at 0.01 (the default until 2026-12-03)
+RECORDED_RIDGE = 0.01
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau"), required=True)
+    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
+                                                 "refit-bias"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
     parser.add_argument("--energies", nargs="+", default=["robust"])
     parser.add_argument("--errors", nargs="+", default=["removal", "blend"])
     parser.add_argument("--taus", type=float, nargs="+", default=[0.125])
+    parser.add_argument("--calib", default="austen", choices=("austen", "self", "austen+self", "pydoc", "mix"),
+                        help="calibration text (default Austen; the development windows are always Austen's and pydoc's)")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.01])
+    parser.add_argument("--biases", nargs="+", default=["refit", "centred"])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -87,14 +100,14 @@ def main() -> None:
     out = Path(args.out)
     setup = argparse.Namespace(calib_samples=16, seqlen=512, eval_windows=4, out=str(out))
     model, calib, dev, _ = G.setup(setup)  # the evaluation windows are never touched here
-    batches = G.batches_of(calib["austen"])
+    batches = G.batches_of(calib[args.calib])
     dense = G.ppl(model, dev)
     rows_path, md_path = out / "generalization_probes.jsonl", out / "generalization_probes.md"
 
     def emit(run: str, pruned, started: float, sparsity: float = args.sparsity, **extra) -> None:
         d = G.ppl(pruned, dev)
         score = math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
-        row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": "austen", "dev": d,
+        row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": args.calib, "dev": d,
                "dense_dev": dense, "score": round(score, 4), "seconds": round(time.perf_counter() - started), **extra}
         print(json.dumps(row), flush=True)
         with rows_path.open("a") as f:
@@ -105,7 +118,7 @@ def main() -> None:
         for d in args.dampings:
             t = time.perf_counter()
             r = sp.prune(model, batches, args.sparsity, solver=SolverConfig(damping=d, block_energy=RECORDED_ENERGY,
-                                                                         curve_error=RECORDED_CURVES))
+                                                                         curve_error=RECORDED_CURVES, refit_ridge=RECORDED_RIDGE))
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
         return
 
@@ -120,12 +133,23 @@ def main() -> None:
 
     if args.probe == "block-energy":  # recorded with the OBS curves
         for how in args.energies:
-            per_config(f"structprune, block energy {how}", SolverConfig(block_energy=how, curve_error=RECORDED_CURVES))
+            per_config(f"structprune, block energy {how}", SolverConfig(block_energy=how, curve_error=RECORDED_CURVES,
+                                                                               refit_ridge=RECORDED_RIDGE))
         return
 
     if args.probe == "curve-error":
         for error in args.errors:
-            per_config(f"structprune, curve error {error}", SolverConfig(curve_error=error))
+            per_config(f"structprune, curve error {error}", SolverConfig(curve_error=error, refit_ridge=RECORDED_RIDGE))
+        return
+
+    if args.probe == "refit-bias":  # the ridge is not a sweep setting: one centred sweep for every ridge
+        for how in args.biases:
+            shared = None
+            for ridge in args.ridges:
+                name = {"none": "re-fit without a bias", "refit": "re-fit with a bias"}.get(
+                    how, "centred OBS, curves and re-fit with a bias")
+                shared = per_config(f"structprune, {name}, ridge {ridge:g}",
+                                    SolverConfig(refit_bias=how, refit_ridge=ridge), shared)
         return
 
     if args.probe == "tau":  # each --taus alone, then searched together with the default grid (one sweep)
@@ -135,13 +159,13 @@ def main() -> None:
         shared = None
         for name, taus in [(f"tau {t:g}", (t,)) for t in args.taus] + [
                 ("tau searched on " + ", ".join(f"{t:g}" for t in wide), wide)]:
-            shared = per_config(f"structprune, {name}", SolverConfig(taus=taus), shared)
+            shared = per_config(f"structprune, {name}", SolverConfig(taus=taus, refit_ridge=RECORDED_RIDGE), shared)
         return
 
     if args.probe == "allocation-source":
         from structprune_graph.solver import allocate, prepare, solve
 
-        config = SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES)
+        config = SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES, refit_ridge=RECORDED_RIDGE)
         graph = sp.trace(model, batches[0])
         groups = select_groups(graph, None)
         t = time.perf_counter()
@@ -166,7 +190,8 @@ def main() -> None:
     emit("flap: FLAP keep-set + bias compensation", flap.model, t)
     t = time.perf_counter()
     ours = sp.prune(model, batches, args.sparsity, solver=SolverConfig(block_energy=RECORDED_ENERGY,
-                                                                      curve_error=RECORDED_CURVES))
+                                                                      curve_error=RECORDED_CURVES,
+                                                                      refit_ridge=RECORDED_RIDGE))
     emit("structprune: OBS keep-set + re-fit", ours.model, t, tau=ours.report.solver["tau"])
     graph, groups = ours.graph, select_groups(ours.graph, None)
     removed = {name: {g.id: g.size - len(r.plan.keep.get(g.id, range(g.size))) for g in groups}
@@ -175,7 +200,7 @@ def main() -> None:
     by_kind = {name: dict(sum((Counter({kind_of[gid]: n}) for gid, n in c.items()), Counter())) for name, c in removed.items()}
 
     t = time.perf_counter()
-    w = refit(model, graph, groups, flap.plan.keep, batches, SolverConfig())
+    w = refit(model, graph, groups, flap.plan.keep, batches, SolverConfig(refit_ridge=RECORDED_RIDGE))
     emit("FLAP keep-set + re-fit", ApplyPass()(RewriteRequest(model, graph, flap.plan.keep, {}, w)).state, t)
     t = time.perf_counter()
     emit("FLAP keep-set, no compensation", ApplyPass()(RewriteRequest(model, graph, flap.plan.keep, {}, {})).state, t)
@@ -184,14 +209,15 @@ def main() -> None:
     st = ours.solver_state
     sol = BlockSolvePass()(BlockSolveRequest(model, st.partition, st.groups, st.inputs,
                                              {g: n for g, n in removed["flap"].items() if g in st.groups},
-                                             SolverConfig().damping, True)).state
+                                             SolverConfig().damping, True,
+                                             refit_ridge=RECORDED_RIDGE)).state
     emit("FLAP counts, OBS order + re-fit", ApplyPass()(RewriteRequest(model, graph, dict(sol.keep), {},
                                                                        dict(sol.new_weights))).state, t)
     t = time.perf_counter()  # structprune's counts, FLAP's order inside each group, the re-fit
     scores = ScorePass()(ScoreRequest(model, tuple(groups), "flap", flap.calibration)).state.per_unit
     keep = {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -scores[g.id][u])[:g.size - removed["structprune"][g.id]]))
             for g in groups}
-    w = refit(model, graph, groups, keep, batches, SolverConfig())
+    w = refit(model, graph, groups, keep, batches, SolverConfig(refit_ridge=RECORDED_RIDGE))
     emit("structprune counts, FLAP order + re-fit", ApplyPass()(RewriteRequest(model, graph, keep, {}, w)).state, t)
 
     t = time.perf_counter()  # no attention heads: MLP channels only, the same parameters removed
@@ -199,18 +225,20 @@ def main() -> None:
     shapes = graph.param_shapes
     share = prunable_params(tuple(groups), shapes) / prunable_params(tuple(mlp), shapes)
     r = sp.prune(model, batches, args.sparsity * share, kinds=["mlp_channel"],
-                 solver=SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES))
+                 solver=SolverConfig(block_energy=RECORDED_ENERGY, curve_error=RECORDED_CURVES,
+                                     refit_ridge=RECORDED_RIDGE))
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["Development windows only (calibration: Austen, 16 x 512; score: geometric mean of ppl / dense ppl "
-             "over the two development domains).", "",
+    lines = ["Development windows only (calibration: Austen unless the row says otherwise, 16 x 512; score: geometric "
+             "mean of ppl / dense ppl over the two development domains).", "",
              "| probe | sparsity | run | dev austen | dev pydoc | score | seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['probe']} | {r['sparsity']:.0%} | {r['run']} | {r['dev']['austen']:.2f} | "
+        run = r["run"] + (f" (calibration: {r['calib']})" if r.get("calib", "austen") != "austen" else "")
+        lines.append(f"| {r['probe']} | {r['sparsity']:.0%} | {run} | {r['dev']['austen']:.2f} | "
                      f"{r['dev']['pydoc']:.2f} | {r['score']:.3f} | {r['seconds']} |")
     dense = rows[0]["dense_dev"] if rows else {}
     if dense:

@@ -54,6 +54,7 @@ class BlockCalibrationRequest:
     block_energy: str = "stream"  # what a block's errors are relative to (``stream_energy``)
     statistics_dtype: torch.dtype = torch.float64  # of H, H^-1 and the OBS work (passes/obs.py)
     curve_error: str = "obs"  # what the curves count (obs.CURVE_ERRORS): with the re-fit, without, or between
+    centred: bool = False  # linear consumers' H centred: errors after the best bias (refit_bias="centred")
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
     # where the sweep leaves every block's input stream, key (block, batch), and the last block's output, key
@@ -93,12 +94,18 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
 
 class StatsCollector:
     """Forward pre-hooks accumulating H = X^T X (linear layers, in ``dtype``: the solver's working precision)
-    or per-channel sum x^2 (others)."""
+    or per-channel sum x^2 (others). ``centred``: linear layers also sum x, and ``centre`` turns H into the
+    centred H - n mu mu^T (the statistics of a fit with a free bias) and keeps mu."""
 
-    def __init__(self, module: nn.Module, paths: Sequence[str], dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, module: nn.Module, paths: Sequence[str], dtype: torch.dtype = torch.float64,
+                 centred: bool = False) -> None:
         self.dtype = dtype
+        self.centred = centred
         self.hessians: dict[str, torch.Tensor] = {}
         self.energies: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # linear layer -> (in,) sum of x over the tokens (centred only)
+        self.tokens: dict[str, torch.Tensor] = {}  # linear layer -> tokens counted, a 1-element float64 tensor
+        self.means: dict[str, torch.Tensor] = {}  # after ``centre``: linear layer -> (in,) mean input
         self._handles = []
         for p in sorted(set(paths)):
             if fused.is_fused_path(module, p):  # H per expert, under "path#e"
@@ -114,6 +121,11 @@ class StatsCollector:
                 flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
                 h = (flat.T @ flat).to(self.dtype)  # (in, in)
                 self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
+                if self.centred and not unfoldable(layer):  # a convolution's patch mean is not a bias (padding)
+                    total = flat.double().sum(0)  # (in,)
+                    self.sums[path] = self.sums[path] + total if path in self.sums else total
+                    n = torch.tensor([float(flat.shape[0])], dtype=torch.float64)
+                    self.tokens[path] = self.tokens[path] + n if path in self.tokens else n
             else:
                 flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (channels, positions)
                 e = (flat ** 2).sum(1)
@@ -128,6 +140,18 @@ class StatsCollector:
         """Sum the statistics over the ranks (each ran its share of the batches)."""
         collective.sum_tensors_(self.hessians, f"{stage}: H")
         collective.sum_tensors_(self.energies, f"{stage}: channel energies")
+        if self.centred:
+            collective.sum_tensors_(self.sums, f"{stage}: input sums")
+            collective.sum_tensors_(self.tokens, f"{stage}: token counts")
+
+    def centre(self, hessians: bool = True) -> None:
+        """After ``reduce``: mu = s / n kept in ``means`` for every layer with sums, and with ``hessians`` H ->
+        H - n mu mu^T in place (no second matrix: the 7B MLP's H is 0.9 GB in float64)."""
+        for path, s in self.sums.items():
+            n = float(self.tokens[path])
+            self.means[path] = s / n  # (in,) float64
+            if hessians:
+                self.hessians[path].addr_(s.to(self.dtype), s.to(self.dtype), alpha=-1.0 / n)
 
 
 def consumer_width(module: nn.Module, path: str) -> int:
@@ -208,7 +232,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
         for block in tqdm(blocks, desc="calibrate blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths, state.statistics_dtype)
+            stats = StatsCollector(module, paths, state.statistics_dtype, state.centred)
             outputs = []
             try:
                 with torch.no_grad():
@@ -220,6 +244,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
                 stats.close()
             where = f"calibrate block {block.index}"
             stats.reduce(state.collective, where)
+            stats.centre()
             per_channel = torch.tensor(state.collective.sum_floats(channel_energy(inputs).tolist(), where),
                                        dtype=torch.float64)
             energy = stream_energy(per_channel, state.block_energy) if block.path else 1.0

@@ -12,6 +12,7 @@ the consumers' new weights, applied by the rewrite pass (``new_weights``) and, w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
@@ -27,15 +28,17 @@ from structprune_graph.verify import InvariantError
 from ._infra import Pass, PassResult
 from . import experts as fused
 from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of
-from .obs import DEFAULT_DAMPING, damped, from_out_in, greedy_obs, least_squares, redamped
+from .obs import DEFAULT_DAMPING, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped
 from .partition import Block, Partition
 
 
 ERROR_BATCHES = 8  # batches the per-block error is measured on
 # The re-fit's own ridge, relative to mean(diag H): V = (H + r I)_KK^-1 ((H + r I)_K,: W^T) shrinks the kept
 # weights toward their dense values (r -> inf: no re-fit). Chosen on development windows of the calibration
-# source and of another domain (examples/generalization.py; docs/structprune_solver.md)
-DEFAULT_REFIT_RIDGE = 0.01
+# source and of another domain (examples/generalization_probes.py --probe refit-bias; docs/structprune_solver.md
+# section 4): 0.3 scored best at 20/30/50% calibrated on Austen and on Austen + self (0.01 until 2026-12-03)
+DEFAULT_REFIT_RIDGE = 0.3
+REFIT_BIASES = ("none", "refit", "centred")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class BlockSolveRequest:
     fixed_keep: Optional[Mapping[str, tuple[int, ...]]] = None  # another method's keep-set: re-fit only
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # ridge of the re-fit, toward the dense weights (not the OBS damping)
     statistics_dtype: torch.dtype = torch.float64  # of H, the OBS work and the re-fit (passes/obs.py)
+    # a free bias in every linear consumer's fit, each consumer's output mean kept by a bias update
+    # (SolverConfig.refit_bias, REFIT_BIASES): "refit", the re-fit's H centred; "centred", the OBS order's too
+    refit_bias: str = "none"
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
 
 
@@ -62,16 +68,26 @@ class BlockSolution:
     keep: Mapping[str, tuple[int, ...]]  # group id -> kept units
     new_weights: Mapping[str, torch.Tensor]  # parameter name -> re-fitted value (full shape, removed columns 0)
     block_errors: tuple[float, ...]  # per block: ||pruned - dense||^2 / ||dense||^2 on the first inputs
+    # layer path -> added to its bias (created where the layer has none): (W - W') mu, the output mean the
+    # re-fit moved (``refit_bias``)
+    new_biases: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def block_overrides(model: nn.Module, block: Block, groups: Mapping[str, Group], keep: Mapping[str, tuple[int, ...]],
-                    new_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                    new_weights: Mapping[str, torch.Tensor], new_biases: Mapping[str, torch.Tensor] = MappingProxyType({})
+                    ) -> dict[str, torch.Tensor]:
     """Block-local parameter values of the pruned block: re-fitted weights, removed slices zeroed
-    (the mask semantics: a removed unit contributes nothing)."""
+    (the mask semantics: a removed unit contributes nothing), biases moved by ``new_biases``."""
     module = block_module(model, block)
     prefix = block.path + "." if block.path else ""
     params = dict(module.named_parameters())
     out: dict[str, torch.Tensor] = {}
+    for path, delta in new_biases.items():
+        if path.startswith(prefix):
+            layer = module.get_submodule(path[len(prefix):])
+            base = (layer.bias.detach() if getattr(layer, "bias", None) is not None
+                    else torch.zeros(delta.shape, dtype=layer.weight.dtype, device=layer.weight.device))
+            out[f"{path[len(prefix):]}.bias"] = base + delta.to(base.device, base.dtype)
     for gid in block.group_ids:
         g = groups[gid]
         dropped = sorted(set(range(g.size)) - set(keep.get(gid, range(g.size))))
@@ -119,13 +135,14 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
     def call(self, state: BlockSolveRequest) -> PassResult[BlockSolution]:
         keep: dict[str, tuple[int, ...]] = {}
         new_weights = state.weights_out if state.weights_out is not None else {}
+        new_biases: dict[str, torch.Tensor] = {}
         errors = []
         inputs = list(state.inputs)
         measured = {i for i in state.collective.local_positions(range(ERROR_BATCHES)) if i < len(inputs)}  # global 0..7
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths, state.statistics_dtype)
+            stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none")
             dense = []  # kept for the first batches only: the block error
             try:
                 with torch.no_grad():
@@ -136,8 +153,9 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             finally:
                 stats.close()
             stats.reduce(state.collective, f"solve block {block.index}")
-            self._solve_block(state, block, module, stats, keep, new_weights)
-            overrides = block_overrides(state.model, block, state.groups, keep, new_weights)
+            stats.centre(hessians=state.refit_bias == "centred")
+            self._solve_block(state, block, module, stats, keep, new_weights, new_biases)
+            overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)
             with torch.no_grad():
                 pruned = [run_block(module, inp, overrides) for inp in inputs]
             errors.append(relative_error([pruned[i] for i in sorted(measured)], dense, state.collective))
@@ -146,26 +164,29 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 state.store.put(("pruned", block.index), torch.stack([pruned[i] for i in state.keep_boundaries]))
             if block.path:
                 inputs = [inp.with_stream(out) for inp, out in zip(inputs, pruned)]
-        return PassResult(BlockSolution(keep, new_weights, tuple(errors)), modified=False)
+        return PassResult(BlockSolution(keep, new_weights, tuple(errors), new_biases), modified=False)
 
     @staticmethod
     def _solve_block(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
-                     keep: dict, new_weights: dict) -> None:
+                     keep: dict, new_weights: dict, new_biases: dict) -> None:
         clusters = consumer_clusters(block, module, state.groups)
         costs = [float(sum(consumer_width(module, p) ** 3 for gid in c
                            for p, _ in consumers_of(block, module, state.groups[gid]))) for c in clusters]
         solved = state.collective.map_owned(
             [lambda c=c: BlockSolvePass._solve_cluster(state, block, module, stats, c) for c in clusters], costs,
             f"solve block {block.index}")
-        for kept, weights in solved:
+        for kept, weights, biases in solved:
             keep.update(kept)
+            new_biases.update(biases)
             for name, w in weights.items():
                 new_weights[name] = w
 
     @staticmethod
     def _solve_cluster(state: BlockSolveRequest, block: Block, module: nn.Module, stats: StatsCollector,
-                       gids: Sequence[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
-        """Keep-sets and re-fitted weights (parameter name -> tensor) of groups sharing consumer layers."""
+                       gids: Sequence[str]
+                       ) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Keep-sets, re-fitted weights (parameter name -> tensor) and bias updates (layer path -> tensor) of
+        groups sharing consumer layers."""
         prefix = block.path + "." if block.path else ""
         keep: dict[str, tuple[int, ...]] = {}
         dropped_cols: dict[str, set[int]] = {}
@@ -205,6 +226,9 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
                     h = redamped(h, state.damping, state.refit_ridge) if h is not None else \
                         damped(stats.hessians[c.path], state.refit_ridge)
+                    mu = stats.means.get(c.path)
+                    if state.refit_bias == "refit" and mu is not None:  # the fit with a free bias: H - n mu mu^T
+                        h.addr_(mu.to(h.dtype), mu.to(h.dtype), alpha=-float(stats.tokens[c.path]))
                     w = least_squares(w, h, kept_cols)
                 else:
                     w = w.clone()
@@ -214,9 +238,13 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                     raise InvariantError(f"block solve pass: non-finite weights in {prefix}{c.path} after the "
                                          f"solve of group {gid}; raise damping (now {state.damping})")
                 current[c.path] = w
-        weights = {}
+        weights, biases = {}, {}
         fused_params = {}
         for path, w in current.items():
+            if path in stats.means:  # the output mean the fit moved: (W - W') mu, (out,)
+                dense_w = as_out_in(module.get_submodule(path), module.get_submodule(path).weight, w.dtype)
+                mu = stats.means[path].to(w.dtype)
+                biases[f"{prefix}{path}"] = ((dense_w - w) @ mu).to(module.get_submodule(path).weight.dtype)
             base = path.partition(fused.SEP)[0]
             if fused.is_fused_path(module, base):
                 fused_params[base] = module.get_parameter(base)
@@ -225,4 +253,4 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             weights[f"{prefix}{path}.weight"] = from_out_in(layer, w, layer.weight)
         for base, w in fused.assemble(current, fused_params).items():  # (experts, out, in)
             weights[f"{prefix}{base}"] = w
-        return keep, weights
+        return keep, weights, biases

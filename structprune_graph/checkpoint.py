@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -107,9 +108,12 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
             if collective.active:
                 details["distributed"] = {"ranks": collective.world, "rank": collective.rank,
                                           "bytes_sent": dict(collective.traffic)}
-            pruned = ApplyPass()(RewriteRequest(skeleton, graph, solved.keep)).state  # shapes and attributes
+            biases = dict(solved.new_biases)  # SolverConfig.refit_bias: room for them in the skeleton
+            pruned = ApplyPass()(RewriteRequest(skeleton, graph, solved.keep, {  # shapes and attributes
+                path: torch.empty(delta.shape, device="meta") for path, delta in biases.items()})).state
             plan = Plan.from_keep(graph, skeleton, solved.keep, meta={"method": "structprune", "sparsity": sparsity,
-                                                                     "bias_compensated": [], "streamed": True})
+                                                                     "bias_compensated": sorted(biases),
+                                                                     "streamed": True})
             if collective.rank:  # rank 0 writes; the others return once it has
                 collective.barrier("wait for rank 0 to write the output")
                 report = make_report("structprune", sparsity, solved.removed_params, groups, graph, solved.keep,
@@ -118,7 +122,7 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
                 return CheckpointPruneResult(output, plan, report, graph, loads)
             with atomic_folder(output, overwrite) as tmp:
                 written = time.perf_counter()
-                write_shards(tmp, pruned, graph, solved.keep, solved.new_weights, source, list_path)
+                write_shards(tmp, pruned, graph, solved.keep, solved.new_weights, source, list_path, biases)
                 details["stages"]["write"] = round(time.perf_counter() - written, 3)
                 logger.info(STAGE_LOG, "write", details["stages"]["write"])
                 peak.seconds = time.perf_counter() - start  # the report covers the writing too
@@ -142,9 +146,11 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
 
 
 def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: Mapping[str, Sequence[int]],
-                 refitted: Mapping[str, torch.Tensor], source: CheckpointWeights, list_path: str) -> None:
+                 refitted: Mapping[str, torch.Tensor], source: CheckpointWeights, list_path: str,
+                 bias_updates: Mapping[str, torch.Tensor] = MappingProxyType({})) -> None:
     """One safetensors shard per block (and one for the rest): each tensor read from ``source`` (or its
-    re-fitted value), sliced to the kept indices and written before the next shard is read."""
+    re-fitted value), sliced to the kept indices and written before the next shard is read. ``bias_updates``
+    (layer path -> added to its bias) go onto the stored bias, or make one in the layer weight's dtype."""
     from safetensors.torch import save_file
 
     kept: dict[str, list[tuple[int, list[int]]]] = {}
@@ -159,13 +165,21 @@ def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: 
     aliases = {a: canon for canon, names_ in graph.aliases.items() for a in names_}
     weight_map = {}
     for shard, shard_names in tqdm(sorted(shards.items()), desc="write shards", leave=False):
-        stored = {n: _stored_name(n, aliases, source) for n in shard_names if n not in refitted}
+        added = {f"{path}.bias": delta for path, delta in bias_updates.items()}
+        stored = {n: _stored_name(n, aliases, source) for n in shard_names
+                  if n not in refitted and not (n in added and n not in source)}
         values = source.read(set(stored.values()))
         tensors = {}
         for name in shard_names:
             # re-fitted weights come in the working precision (--dtype): written in the checkpoint's own
-            value = refitted[name].to(source.dtype_of(_stored_name(name, aliases, source))) if name in refitted \
-                else values[stored[name]]
+            if name in added:  # a new bias in its layer weight's stored dtype
+                base = values[stored[name]] if name in stored else 0.0
+                dtype = source.dtype_of(_stored_name(name.rpartition(".")[0] + ".weight", aliases, source))
+                value = (added[name].double() + base).to(dtype)
+            elif name in refitted:
+                value = refitted[name].to(source.dtype_of(_stored_name(name, aliases, source)))
+            else:
+                value = values[stored[name]]
             for dim, indices in kept.get(aliases.get(name, name), ()):
                 value = value.index_select(dim, torch.tensor(indices, dtype=torch.long))
             tensors[name] = value.contiguous()

@@ -261,6 +261,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             prepared = time.perf_counter()
             solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
+            updates = dict(solved.new_biases)  # SolverConfig.refit_bias: each consumer's output mean kept
             solving = time.perf_counter() - prepared - solved.coordination_seconds
             details = {**solver_details(solver, solved, None if reuse is not None else state), "stage_seconds": {
                 "dense sweep": round(prepared - started, 2), "allocate and solve": round(solving, 2),

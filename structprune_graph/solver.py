@@ -35,7 +35,7 @@ from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, Prop
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
                                                   SensitivityRequest)
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
-from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, BlockSolution, BlockSolvePass, BlockSolveRequest
+from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, REFIT_BIASES, BlockSolution, BlockSolvePass, BlockSolveRequest
 
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
 from .distributed import LOCAL, Collective, DistributedError
@@ -80,6 +80,12 @@ class SolverConfig:
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
+    # a free bias in every linear consumer's fit (REFIT_BIASES): its bias keeps the consumer's output mean
+    # ((W - W') mu added; created where the layer has none, as FLAP's compensation is). "refit": the re-fit
+    # alone uses the centred H - n mu mu^T (OBS order and curves unchanged); "centred": the OBS order and the
+    # curves too (they count the error left after the best bias); "none". With "refit" or "centred",
+    # refit_ridge -> inf is FLAP's bias-only compensation of the removed units
+    refit_bias: str = "none"
     # the precision of H, H^-1, the OBS work and the re-fit: "float32" halves the solver's largest memory (the
     # widest layer's H and its inverse) with its error checked, falling back to float64 where the check fails
     # (passes/obs.py); "float64" stays the default (the recorded results)
@@ -112,6 +118,14 @@ class SolverConfig:
         if self.statistics not in STATISTICS_DTYPES:
             raise StructPruneError(f"SolverConfig: unknown statistics {self.statistics!r}; choose one of "
                                    f"{tuple(STATISTICS_DTYPES)}")
+        if self.refit_bias not in REFIT_BIASES:
+            raise StructPruneError(f"SolverConfig: unknown refit_bias {self.refit_bias!r}; choose one of {REFIT_BIASES}")
+        if self.refit_bias != "none" and self.rounds:
+            raise StructPruneError("SolverConfig: refit_bias is solved without coordination rounds (their "
+                                   "re-fits have no bias); use rounds=0")
+        if self.refit_bias != "none" and self.tau_search == "refit":
+            raise StructPruneError("SolverConfig: refit_bias scores taus on the masked model; use "
+                                   "tau_search='masked'")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
@@ -119,7 +133,7 @@ class SolverConfig:
     def sweep_settings(self) -> dict:
         """The settings the dense sweep's curves depend on: a state is reusable only under the same ones."""
         return {"damping": self.damping, "max_prune": self.max_prune, "block_energy": self.block_energy,
-                "curve_error": self.curve_error,
+                "curve_error": self.curve_error, "centred": self.refit_bias == "centred",
                 "memory_budget": self.memory_budget, "statistics": self.statistics}
 
     def label(self) -> str:
@@ -161,6 +175,7 @@ class SolverResult:
     stage_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time: allocation, block solve, rounds
     sequential_weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # before ADMM
     coordination_seconds: float = 0.0  # wall time of the rounds (ADMM or propagate)
+    new_biases: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # layer path -> bias += value
 
 
 def _max_remove(group: Group, max_prune: float) -> int:
@@ -197,7 +212,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
             config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=energy,
             statistics_dtype=STATISTICS_DTYPES[config.statistics], curve_error=config.curve_error,
-            resident=resident, collective=collective, streams_out=streams)).state
+            centred=config.refit_bias == "centred", resident=resident, collective=collective, streams_out=streams)).state
         clock.mark("dense_sweep")
         if streams is not None:
             try:
@@ -252,6 +267,9 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group
     """The least-squares re-fit of the block solve for a keep-set chosen by another method: consumer
     weights (full shape, removed columns zero) re-fitted block by block on the pruned trajectory. Groups
     the partition excludes (spanning blocks) are removed without a re-fit."""
+    if config.refit_bias != "none":  # the fixed keep-set's re-fit has no bias: refuse rather than ignore it
+        raise StructPruneError(f"reconstruct: refit_bias={config.refit_bias!r} applies to method='structprune' "
+                               "only; another method's keep-set is re-fitted without a bias (use refit_bias='none')")
     groups = tuple(groups)
     partition, inputs = _blocks(model, graph, groups, batches, config)
     fixed = {gid: tuple(kept) for gid, kept in keep.items()}
@@ -452,7 +470,7 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
                 resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective,
-                statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
+                statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias)).state
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
@@ -531,7 +549,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective,
-            statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
+            statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias)).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())
@@ -562,7 +580,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.tau_losses, solution.block_errors, admm_errors,
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
-                        clock.seconds, sequential, rounds_seconds)
+                        clock.seconds, sequential, rounds_seconds, dict(solution.new_biases))
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

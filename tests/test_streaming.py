@@ -57,6 +57,20 @@ def test_streamed_pruning_equals_in_memory_pruning(checkpoint, tmp_path):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
+def test_streamed_biased_refit_equals_the_in_memory_one(checkpoint, tmp_path):
+    """SolverConfig(refit_bias="refit"): the biases it creates are written into the shards and reloaded."""
+    folder, batches, model = checkpoint
+    config = SolverConfig(refit_bias="refit")
+    reference = sp.prune(model, batches, 0.3, method="structprune", solver=config)
+    result = prune_checkpoint(folder, batches, 0.3, tmp_path / "out", solver=config)
+    assert result.plan.meta["bias_compensated"] == reference.plan.meta["bias_compensated"] != []
+    loaded = sp.load(tmp_path / "out")
+    want, got = _weights(reference.model), _weights(loaded)
+    assert want.keys() == got.keys() and any(name.endswith("down_proj.bias") for name in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 def test_streamed_rounded_widths_and_refit_tau_search_equal_the_in_memory_ones(checkpoint, tmp_path):
     folder, batches, model = checkpoint
     refit = SolverConfig(tau_search="refit")  # the tau trials' weights swapped into streamed layers too
