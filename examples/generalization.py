@@ -56,7 +56,13 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
                "softmax-gradient-removal": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
                                                 curve_error="removal"),
                "softmax-gradient-blend": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
-                                              curve_error="blend")}
+                                              curve_error="blend"),
+               # a free bias in the re-fit (SolverConfig.refit_bias; probes: --probe refit-bias)
+               "softmax-gradient-removal-bias": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
+                                                     curve_error="removal", refit_bias="refit"),
+               "softmax-gradient-removal-centred": dict(allocation="softmax", tau_search="masked",
+                                                        block_energy="gradient", curve_error="removal",
+                                                        refit_bias="centred")}
 
 
 def code_text() -> str:
@@ -214,12 +220,12 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
     import structprune_graph as sp
     from structprune_graph.solver import SolverConfig
 
-    sweeps = {}  # one dense sweep per block energy and curve error
+    sweeps = {}  # one dense sweep per sweep settings (block energy, curve error, centred statistics)
     for s in args.sparsities:
         for name in args.allocations:
             t = time.perf_counter()
             config = SolverConfig(refit_ridge=ridge, **ALLOCATIONS[name])  # the library's tau batches
-            sweep = (config.block_energy, config.curve_error)
+            sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
             result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config)
             seconds = round(time.perf_counter() - t, 1)
             sweeps.setdefault(sweep, result)

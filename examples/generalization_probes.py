@@ -29,8 +29,10 @@ smallest value: is the grid wide enough?
 ``--probe refit-bias``: a free bias in every linear consumer's fit (``SolverConfig(refit_bias=...)``), the
 consumer's output mean kept by a bias (FLAP's compensation, the robust end, is this with the re-fit's ridge
 -> inf): ``refit``, the re-fit's statistics centred; ``centred``, the OBS order's and the curves' too (they
-count the error left after the best bias); ``none``, no bias (the ridge alone). Every ``--biases`` at every ``--ridges`` (the re-fit's ridge;
-one dense sweep per --biases).
+count the error left after the best bias); ``none``, no bias (the ridge alone). Every ``--biases`` at every
+``--ridges`` (the re-fit's ridge; one dense sweep per --biases). ``--biases none`` is the ridge's own probe:
+it chose ``refit_ridge=0.3`` (docs/structprune_solver.md, section 4). ``--calib`` calibrates every probe on
+another source (the development windows stay Austen's and pydoc's).
 
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
