@@ -17,7 +17,7 @@ other text than the block solve (OBS order and re-fit, always on Austen): on Aus
 own samples (``self``), and on Austen mixed with them, at every ``--sparsities``.
 
 ``--probe curve-error``: what the allocator's curves count (``SolverConfig.curve_error``): each removal's
-error after the optimal re-fit on the calibration tokens (``obs``, the default), the error of dropping the
+error after the optimal re-fit on the calibration tokens (``obs``, the default then), the error of dropping the
 units with no re-fit (``removal``), or their geometric mean (``blend``). The OBS curves assume that the
 re-fit's gain carries over to any text; where it does not, they invite deep cuts in the layers whose
 calibration activations are most redundant. Order, re-fit and block energy (``auto``) stay the defaults.

@@ -164,8 +164,8 @@ def write_shards(folder: Path, pruned: nn.Module, graph: DependencyGraph, keep: 
         shards.setdefault(f"block-{int(rest.split('.')[0]):05d}" if rest else "rest", []).append(name)
     aliases = {a: canon for canon, names_ in graph.aliases.items() for a in names_}
     weight_map = {}
+    added = {f"{path}.bias": delta for path, delta in bias_updates.items()}  # parameter name -> (out,)
     for shard, shard_names in tqdm(sorted(shards.items()), desc="write shards", leave=False):
-        added = {f"{path}.bias": delta for path, delta in bias_updates.items()}
         stored = {n: _stored_name(n, aliases, source) for n in shard_names
                   if n not in refitted and not (n in added and n not in source)}
         values = source.read(set(stored.values()))

@@ -470,7 +470,7 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
                 resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective,
-                statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias)).state
+                statistics_dtype=STATISTICS_DTYPES[config.statistics])).state  # no refit_bias here (SolverConfig)
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
