@@ -89,18 +89,19 @@ def setup(args):
     a_cal, a_dev = split_tokens(austen)
     p_cal, p_dev = split_tokens(pydoc)
     spec = data.WindowSpec(args.calib_samples, args.seqlen, 0)
-    self_path = Path(args.out) / f"self_calibration_{args.calib_samples}x{args.seqlen}.pt"
-    if self_path.is_file():
-        self_windows = torch.load(self_path)
-    else:
-        t = time.perf_counter()
-        self_windows = data.self_generated(model, tok, spec, batch_size=16)
-        print(f"self-generated {tuple(self_windows.shape)} in {time.perf_counter() - t:.0f} s", flush=True)
-        torch.save(self_windows, self_path)
     calib = {"austen": data.calibration_windows(a_cal, spec), "pydoc": data.calibration_windows(p_cal, spec)}
-    calib["mix"] = data.mixed_windows([calib["austen"], calib["pydoc"], self_windows], args.calib_samples)
-    calib["self"] = self_windows
-    calib["austen+self"] = data.mixed_windows([calib["austen"], self_windows], args.calib_samples)
+    if getattr(args, "self_calibration", True):  # sampling the model takes minutes per 16 windows: skippable
+        self_path = Path(args.out) / f"self_calibration_{args.calib_samples}x{args.seqlen}.pt"
+        if self_path.is_file():
+            self_windows = torch.load(self_path)
+        else:
+            t = time.perf_counter()
+            self_windows = data.self_generated(model, tok, spec, batch_size=16)
+            print(f"self-generated {tuple(self_windows.shape)} in {time.perf_counter() - t:.0f} s", flush=True)
+            torch.save(self_windows, self_path)
+        calib["mix"] = data.mixed_windows([calib["austen"], calib["pydoc"], self_windows], args.calib_samples)
+        calib["self"] = self_windows
+        calib["austen+self"] = data.mixed_windows([calib["austen"], self_windows], args.calib_samples)
     dev = {"austen": data.evaluation_windows(a_dev, 1024, args.eval_windows),
            "pydoc": data.evaluation_windows(p_dev, 1024, args.eval_windows)}
     evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:40961],
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="*", default=[], choices=sorted(ALLOCATIONS),
                         help="phase C: structprune with each allocation on the --sources at every --sparsities "
                              "(chosen ridge), measured on the development and the evaluation windows")
+    parser.add_argument("--no-structprune", action="store_true", help="phase B: the --baselines only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +166,8 @@ def main() -> None:
         path_json.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         path_md.write_text(table(rows))
 
+    # sampling the model's own text takes minutes: only when a source uses it
+    args.self_calibration = any(s == "mix" or "self" in s for s in args.sources + args.dev_sources)
     model, calib, dev, evals = setup(args)
     emit({"phase": "dense", "method": "dense", "calib": "-", "sparsity": 0.0, "dev": ppl(model, dev),
           "eval": ppl(model, evals)})
@@ -188,7 +192,7 @@ def main() -> None:
           "scores": {f"{k[0]} ridge={k[1]:g}": v for k, v in scores.items()}})
 
     # Phase B: evaluation on three domains, the third never used for a choice
-    ridges = [chosen] + ([OLD_RIDGE] if OLD_RIDGE != chosen else []) if not args.allocations else []
+    ridges = [chosen] + ([OLD_RIDGE] if OLD_RIDGE != chosen else []) if not (args.allocations or args.no_structprune) else []
     for source in dict.fromkeys(chosen_source if s == "chosen" else s for s in args.sources):
         batches = batches_of(calib[source])
         first = None
@@ -203,14 +207,17 @@ def main() -> None:
                       "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
         if args.allocations:
             allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit)
-        for method in args.baselines:
-            reuse = None
+        for method in args.baselines:  # "NAME+refit": NAME's keep-set, re-fitted as structprune re-fits
+            reuse, name = None, method.removesuffix("+refit")
             for s in args.sparsities:
                 t = time.perf_counter()
-                result = sp.prune(model, batches, s, method=method, reuse=reuse)
+                result = sp.prune(model, batches, s, method=name, reuse=reuse, reconstruct=method != name)
                 reuse = reuse or result
-                emit({"phase": "eval", "method": method, "calib": source, "sparsity": s,
-                      "eval": ppl(result.model, evals), "seconds": round(time.perf_counter() - t, 1)})
+                seconds = round(time.perf_counter() - t, 1)
+                d = ppl(result.model, dev)
+                emit({"phase": "eval", "method": method, "calib": source, "sparsity": s, "dev": d,
+                      "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),
+                      "eval": ppl(result.model, evals), "seconds": seconds})
     print(table(rows))
 
 
@@ -263,12 +270,14 @@ def summary(runs: list[list[dict]]) -> str:
                      f"{e['austen'] / d['austen']:.2f} | {e['pydoc'] / d['pydoc']:.2f} | {e['code'] / d['code']:.2f} |")
     alloc = [r for rows in runs for r in rows if r["phase"] == "eval" and "dev_score" in r]
     if alloc:
-        lines += ["", "Allocation (structprune, one dense sweep; dev score as above; tau with its search's losses):", "",
+        lines += ["", "Allocation (structprune, one dense sweep; baselines measured on the development windows too; "
+                  "dev score as above):", "",
                   "| sparsity | calibration | allocation | tau | dev austen | dev pydoc | dev score | austen | pydoc | "
                   "code | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in alloc:
             e = r["eval"]
-            lines.append(f"| {r['sparsity']:.0%} | {r['calib']} | {r['method'].split(', ')[1]} | {r['tau']} | "
+            label = r["method"].split(", ")[1] if ", " in r["method"] else r["method"]  # a baseline: its name
+            lines.append(f"| {r['sparsity']:.0%} | {r['calib']} | {label} | {r.get('tau', '-')} | "
                          f"{r['dev']['austen']:.2f} | {r['dev']['pydoc']:.2f} | {r['dev_score']:.2f} | "
                          f"{e['austen']:.2f} | {e['pydoc']:.2f} | {e['code']:.2f} | {r['seconds']} |")
     return "\n".join(lines) + "\n"

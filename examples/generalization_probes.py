@@ -24,7 +24,8 @@ calibration activations are most redundant. Order, re-fit and block energy (``au
 
 ``--probe tau``: the softmax temperature (default curves and energy): each of ``--taus`` alone, then the
 masked tau search over those and the default grid together. At 50% the search chose 0.25, the grid's
-smallest value: is the grid wide enough?
+smallest value: is the grid wide enough? Its recorded rows re-fit with the ridge at 0.01; ``--ridges 0.3``
+(today's default) for new ones.
 
 ``--probe refit-bias``: a free bias in every linear consumer's fit (``SolverConfig(refit_bias=...)``), the
 consumer's output mean kept by a bias (FLAP's compensation, the robust end, is this with the re-fit's ridge
@@ -33,6 +34,18 @@ count the error left after the best bias); ``none``, no bias (the ridge alone). 
 ``--ridges`` (the re-fit's ridge; one dense sweep per --biases). ``--biases none`` is the ridge's own probe:
 it chose ``refit_ridge=0.3`` (docs/structprune_solver.md, section 4). ``--calib`` calibrates every probe on
 another source (the development windows stay Austen's and pydoc's).
+
+``--probe calib-size``: how many calibration windows (``--sizes``, of 512 tokens each, drawn from the same
+seeded permutation so that a smaller set is the start of a larger one) the whole solver sees, defaults
+otherwise, at every ``--sparsities``. The re-fit solves for a layer's weights from its inputs' second
+moments: 16 x 512 tokens are about 5 tokens per input of the widest layer (``down_proj``, 1,536 inputs), far
+fewer than SparseGPT's 128 x 2,048; too few tokens fit the calibration text and not the language.
+``--tau-batches N`` scores the masked tau search on N calibration windows instead of the library's 8.
+
+``--probe counts``: each of ``--methods``' counts per group (its allocation) with structprune's OBS order
+inside each group and the re-fit (today's ridge), and its keep-set as is with the re-fit (``--parts``), beside
+the method itself; ``--calib-samples`` windows.
+With 64 windows global Taylor leads out of domain at 20% and 30% (README): is it its allocation?
 
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
@@ -74,7 +87,7 @@ RECORDED_RIDGE = 0.01
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
-                                                 "refit-bias"), required=True)
+                                                 "refit-bias", "calib-size", "counts"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
@@ -85,6 +98,13 @@ def main() -> None:
                         help="calibration text (default Austen; the development windows are always Austen's and pydoc's)")
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.01])
     parser.add_argument("--biases", nargs="+", default=["refit", "centred"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens")
+    parser.add_argument("--methods", nargs="+", default=["taylor-global"])
+    parser.add_argument("--parts", nargs="+", choices=("counts", "keep-set"), default=["counts", "keep-set"],
+                        help="counts: the method's counts with the OBS order + re-fit; keep-set: its keep-set + re-fit")
+    parser.add_argument("--tau-batches", type=int, default=None, help="calib-size: the masked tau search's windows "
+                        "(default: the library's, 8)")
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -100,16 +120,19 @@ def main() -> None:
     from structprune_graph.solver import SolverConfig
 
     out = Path(args.out)
-    setup = argparse.Namespace(calib_samples=16, seqlen=512, eval_windows=4, out=str(out))
+    setup = argparse.Namespace(calib_samples=args.calib_samples, seqlen=512, eval_windows=4, out=str(out),
+                               self_calibration=args.calib_samples == 16 or "self" in args.calib or args.calib == "mix")
     model, calib, dev, _ = G.setup(setup)  # the evaluation windows are never touched here
     batches = G.batches_of(calib[args.calib])
     dense = G.ppl(model, dev)
     rows_path, md_path = out / "generalization_probes.jsonl", out / "generalization_probes.md"
 
+    windows = {"calib_samples": args.calib_samples}  # the calib-size probe changes it
+
     def emit(run: str, pruned, started: float, sparsity: float = args.sparsity, **extra) -> None:
         d = G.ppl(pruned, dev)
         score = math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
-        row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": args.calib, "dev": d,
+        row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": args.calib, **windows, "dev": d,
                "dense_dev": dense, "score": round(score, 4), "seconds": round(time.perf_counter() - started), **extra}
         print(json.dumps(row), flush=True)
         with rows_path.open("a") as f:
@@ -130,6 +153,7 @@ def main() -> None:
             r = sp.prune(model, batches, s, solver=config, reuse=reuse)
             reuse = r
             emit(name, r.model, t, s, tau=r.report.solver["tau"],
+                 tau_losses={str(k): round(v, 4) for k, v in r.report.solver["tau_losses"].items()},
                  removed_per_group={g: r.graph.group(g).size - len(k) for g, k in r.plan.keep.items()})
         return reuse
 
@@ -154,6 +178,49 @@ def main() -> None:
                                     SolverConfig(refit_bias=how, refit_ridge=ridge), shared)
         return
 
+    if args.probe == "calib-size":  # the windows of each size: the first `size` of one seeded permutation
+        for size in args.sizes:
+            sized = G.setup(argparse.Namespace(calib_samples=size, seqlen=512, eval_windows=4, out=str(out),
+                                               self_calibration=False))[1]
+            batches = G.batches_of(sized[args.calib])
+            windows["calib_samples"] = size
+            config = SolverConfig() if args.tau_batches is None else SolverConfig(tau_batches=args.tau_batches)
+            per_config(f"structprune, {size} x 512 calibration tokens"
+                       + (f", tau searched on {config.tau_batches} windows" if args.tau_batches else ""), config, None)
+        return
+
+    if args.probe == "counts":  # each --methods' counts per group, structprune's OBS order inside each + re-fit
+        from structprune_graph.solver import prepare
+
+        graph = sp.trace(model, batches[0])
+        groups = select_groups(graph, None)
+        default = SolverConfig()
+        t = time.perf_counter()  # the block inputs; the curves are not used (stream energy: no gradient sweep)
+        state = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream")) if "counts" in args.parts else None
+        prepared = time.perf_counter() - t
+        for method in args.methods:
+            reuse = None
+            for s in args.sparsities:
+                t = time.perf_counter()
+                other = sp.prune(model, batches, s, method=method, reuse=reuse)
+                reuse = reuse or other
+                counts = {g.id: g.size - len(other.plan.keep.get(g.id, range(g.size))) for g in groups}
+                emit(method, other.model, t, s, removed_per_group=counts)
+                if "keep-set" in args.parts:  # its keep-set as is, with the re-fit
+                    t = time.perf_counter()
+                    w = refit(model, graph, groups, other.plan.keep, batches, default)
+                    emit(f"{method} keep-set + re-fit", ApplyPass()(RewriteRequest(model, graph, other.plan.keep, {},
+                                                                                   w)).state, t, s)
+                if "counts" not in args.parts:
+                    continue
+                t = time.perf_counter() - prepared
+                sol = BlockSolvePass()(BlockSolveRequest(model, state.partition, state.groups, state.inputs,
+                                                         {g: n for g, n in counts.items() if g in state.groups},
+                                                         default.damping, True, refit_ridge=default.refit_ridge)).state
+                emit(f"{method} counts, OBS order + re-fit", ApplyPass()(RewriteRequest(
+                    model, graph, dict(sol.keep), {}, dict(sol.new_weights))).state, t, s)
+        return
+
     if args.probe == "tau":  # each --taus alone, then searched together with the default grid (one sweep)
         from structprune_graph.solver import DEFAULT_TAUS
 
@@ -161,7 +228,9 @@ def main() -> None:
         shared = None
         for name, taus in [(f"tau {t:g}", (t,)) for t in args.taus] + [
                 ("tau searched on " + ", ".join(f"{t:g}" for t in wide), wide)]:
-            shared = per_config(f"structprune, {name}", SolverConfig(taus=taus, refit_ridge=RECORDED_RIDGE), shared)
+            ridge = args.ridges[0]
+            shared = per_config(f"structprune, {name}" + (f", ridge {ridge:g}" if ridge != RECORDED_RIDGE else ""),
+                                SolverConfig(taus=taus, refit_ridge=ridge), shared)
         return
 
     if args.probe == "allocation-source":
@@ -237,10 +306,13 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     lines = ["Development windows only (calibration: Austen unless the row says otherwise, 16 x 512; score: geometric "
              "mean of ppl / dense ppl over the two development domains).", "",
-             "| probe | sparsity | run | dev austen | dev pydoc | score | seconds |", "|---|---|---|---|---|---|---|"]
+             "| probe | sparsity | run | tau | dev austen | dev pydoc | score | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         run = r["run"] + (f" (calibration: {r['calib']})" if r.get("calib", "austen") != "austen" else "")
-        lines.append(f"| {r['probe']} | {r['sparsity']:.0%} | {run} | {r['dev']['austen']:.2f} | "
+        if r.get("calib_samples", 16) != 16 and r["probe"] != "calib-size":  # its runs name their size
+            run += f" ({r['calib_samples']} x 512)"
+        tau = "-" if r.get("tau") is None else f"{r['tau']:g}"
+        lines.append(f"| {r['probe']} | {r['sparsity']:.0%} | {run} | {tau} | {r['dev']['austen']:.2f} | "
                      f"{r['dev']['pydoc']:.2f} | {r['score']:.3f} | {r['seconds']} |")
     dense = rows[0]["dense_dev"] if rows else {}
     if dense:

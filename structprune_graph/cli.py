@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "'self' (sampled from the model), 'wikitext2' or 'c4'; several joined by '+' are mixed "
                        "uniformly, e.g. emma.txt+self")
     prune.add_argument("--eval", default=None, help="evaluation text (default: the held-out pydoc half)")
-    prune.add_argument("--calib-samples", type=_positive_int, default=32)
+    prune.add_argument("--calib-samples", type=_positive_int, default=32,
+                       help="calibration windows (default 32; 64 pays at 50%% sparsity and above: README)")
     prune.add_argument("--seqlen", type=_positive_int, default=512, help="calibration window length")
     prune.add_argument("--batch-size", type=_positive_int, default=1, help="calibration windows per forward pass")
     prune.add_argument("--eval-seqlen", type=_positive_int, default=1024)
