@@ -83,7 +83,7 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"calibration: {sum(len(b['input_ids']) for b in batches)} x {args.seqlen} tokens of "
               f"{args.calib or 'pydoc'}; evaluation: {len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}")
     result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
-                   uniform=args.uniform, distributed=args.distributed, kinds=args.kinds)
+                   uniform=args.uniform, distributed=args.distributed, kinds=args.kinds, reconstruct=args.refit)
     if rank:  # every rank holds the result; rank 0 evaluates and writes it
         return 0
     t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "'expert'); e.g. --kinds expert mlp_channel. `structprune inspect MODEL` lists them")
     prune.add_argument("--round-to", type=_positive_int, default=1, metavar="N",
                        help="every kept width a multiple of N channels (or the whole group), e.g. 8 or 64")
+    prune.add_argument("--refit", action="store_true",
+                       help="after another method chose the units (e.g. --method taylor-global), re-fit the layers "
+                            "that read them by least squares, as structprune does (not with structprune or flap)")
     prune.add_argument("--uniform", action="store_true",
                        help="the same width in every layer of a kind: a config.json that stock from_pretrained "
                             "loads (LLaMA-family models)")

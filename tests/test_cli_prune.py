@@ -49,6 +49,25 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
     assert {report["group_kinds"][g] for g, f in report["kept_fraction"].items() if f < 1} == {"mlp_channel"}
 
 
+def test_refit_re_fits_another_methods_keep_set(tiny_model_dir, capsys):
+    """--refit: the same keep-set as without it, other weights (the least squares ran), and a report that
+    says so; with a method that compensates by itself it is refused in one line."""
+    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "taylor-global", "--calib",
+              str(tiny_model_dir / "text.txt"), "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
+              "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2"]
+    plain, refit = tiny_model_dir / "taylor", tiny_model_dir / "taylor-refit"
+    assert main(common + ["--out", str(plain)]) == 0 and main(common + ["--out", str(refit), "--refit"]) == 0
+    reports = [json.loads((d / "report.json").read_text()) for d in (plain, refit)]
+    assert reports[0]["kept_fraction"] == reports[1]["kept_fraction"]
+    assert "reconstruct" in reports[1]["solver"] and "reconstruct" not in reports[0]["solver"]
+    a, b = (sp.load(d) for d in (plain, refit))
+    assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
+    capsys.readouterr()
+    assert main(common[:5] + ["flap"] + common[6:] + ["--out", str(tiny_model_dir / "never"), "--refit"]) == 2
+    assert "flap compensates biases" in capsys.readouterr().err
+    assert not (tiny_model_dir / "never").exists()
+
+
 def test_uniform_round_to_writes_a_stock_config(tiny_model_dir, capsys):
     """--uniform --round-to 8: the same MLP width in both layers, a multiple of 8, in a config.json that stock
     from_pretrained reads; the run says where the folder loads."""
