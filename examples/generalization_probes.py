@@ -43,8 +43,9 @@ fewer than SparseGPT's 128 x 2,048; too few tokens fit the calibration text and 
 ``--tau-batches N`` scores the masked tau search on N calibration windows instead of the library's 8.
 
 ``--probe counts``: each of ``--methods``' counts per group (its allocation) with structprune's OBS order
-inside each group and the re-fit (today's ridge), and its keep-set as is with the re-fit (``--parts``), beside
-the method itself; ``--calib-samples`` windows.
+inside each group and the re-fit (today's ridge), its keep-set as is with the re-fit, and (``--parts order``)
+structprune's counts with the method's order inside each group and the re-fit, beside the method itself;
+``--calib-samples`` windows.
 With 64 windows global Taylor leads out of domain at 20% and 30% (README): is it its allocation?
 
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
@@ -101,8 +102,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--methods", nargs="+", default=["taylor-global"])
-    parser.add_argument("--parts", nargs="+", choices=("counts", "keep-set"), default=["counts", "keep-set"],
-                        help="counts: the method's counts with the OBS order + re-fit; keep-set: its keep-set + re-fit")
+    parser.add_argument("--parts", nargs="+", choices=("counts", "keep-set", "order"), default=["counts", "keep-set"],
+                        help="counts: the method's counts with the OBS order + re-fit; keep-set: its keep-set + re-fit; "
+                             "order: structprune's counts with the method's order + re-fit")
     parser.add_argument("--tau-batches", type=int, default=None, help="calib-size: the masked tau search's windows "
                         "(default: the library's, 8)")
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
@@ -198,6 +200,7 @@ def main() -> None:
         t = time.perf_counter()  # the block inputs; the curves are not used (stream energy: no gradient sweep)
         state = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream")) if "counts" in args.parts else None
         prepared = time.perf_counter() - t
+        ours_sweep = None
         for method in args.methods:
             reuse = None
             for s in args.sparsities:
@@ -211,6 +214,17 @@ def main() -> None:
                     w = refit(model, graph, groups, other.plan.keep, batches, default)
                     emit(f"{method} keep-set + re-fit", ApplyPass()(RewriteRequest(model, graph, other.plan.keep, {},
                                                                                    w)).state, t, s)
+                if "order" in args.parts:  # structprune's counts, the method's order inside each group + re-fit
+                    t = time.perf_counter()
+                    ours = sp.prune(model, batches, s, reuse=ours_sweep)
+                    ours_sweep = ours_sweep or ours
+                    spec = sp.METHODS[method]
+                    per_unit = ScorePass()(ScoreRequest(model, tuple(groups), spec.score, other.calibration)).state.per_unit
+                    keep = {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -per_unit[g.id][u])[
+                        :len(ours.plan.keep.get(g.id, range(g.size)))])) for g in groups}
+                    w = refit(model, graph, groups, keep, batches, default)
+                    emit(f"structprune counts, {method} order + re-fit", ApplyPass()(RewriteRequest(
+                        model, graph, keep, {}, w)).state, t, s)
                 if "counts" not in args.parts:
                     continue
                 t = time.perf_counter() - prepared
