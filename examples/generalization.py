@@ -118,6 +118,11 @@ def ppl(model, windows) -> dict:
     return {name: round(perplexity(model, w, progress=False), 3) for name, w in windows.items()}
 
 
+def dev_score(d: dict, dense: dict) -> float:
+    """The development score: the geometric mean over the domains of ppl / dense ppl."""
+    return math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
+
+
 def batches_of(windows):
     return [{"input_ids": windows[i: i + 1]} for i in range(len(windows))]
 
@@ -183,7 +188,7 @@ def main() -> None:
             result = sp.prune(model, batches_of(calib[source]), args.dev_sparsity, reuse=first, solver=config)
             first = first or result
             d = ppl(result.model, dev)
-            scores[(source, ridge)] = math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d))
+            scores[(source, ridge)] = dev_score(d, dense_dev)
             emit({"phase": "dev", "method": f"structprune ridge={ridge:g}", "calib": source,
                   "sparsity": args.dev_sparsity, "dev": d, "dev_score": round(scores[(source, ridge)], 4),
                   "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
@@ -216,7 +221,7 @@ def main() -> None:
                 seconds = round(time.perf_counter() - t, 1)
                 d = ppl(result.model, dev)
                 emit({"phase": "eval", "method": method, "calib": source, "sparsity": s, "dev": d,
-                      "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),
+                      "dev_score": round(dev_score(d, dense_dev), 4),
                       "eval": ppl(result.model, evals), "seconds": seconds})
     print(table(rows))
 
@@ -238,7 +243,7 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
             sweeps.setdefault(sweep, result)
             d = ppl(result.model, dev)
             emit({"phase": "eval", "method": f"structprune, {name}", "calib": source, "sparsity": s, "dev": d,
-                  "dev_score": round(math.exp(sum(math.log(d[k] / dense_dev[k]) for k in d) / len(d)), 4),
+                  "dev_score": round(dev_score(d, dense_dev), 4),
                   "eval": ppl(result.model, evals), "tau": result.report.solver["tau"],
                   "tau_losses": {str(k): round(v, 4) for k, v in result.report.solver["tau_losses"].items()},
                   "seconds": seconds})

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -133,7 +132,7 @@ def main() -> None:
 
     def emit(run: str, pruned, started: float, sparsity: float = args.sparsity, **extra) -> None:
         d = G.ppl(pruned, dev)
-        score = math.exp(sum(math.log(d[k] / dense[k]) for k in d) / len(d))
+        score = G.dev_score(d, dense)
         row = {"probe": args.probe, "run": run, "sparsity": sparsity, "calib": args.calib, **windows, "dev": d,
                "dense_dev": dense, "score": round(score, 4), "seconds": round(time.perf_counter() - started), **extra}
         print(json.dumps(row), flush=True)
@@ -200,7 +199,7 @@ def main() -> None:
         t = time.perf_counter()  # the block inputs; the curves are not used (stream energy: no gradient sweep)
         state = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream")) if "counts" in args.parts else None
         prepared = time.perf_counter() - t
-        ours_sweep = None
+        ours = {}  # sparsity -> structprune's result (the first one's dense sweep shared)
         for method in args.methods:
             reuse = None
             for s in args.sparsities:
@@ -216,12 +215,12 @@ def main() -> None:
                                                                                    w)).state, t, s)
                 if "order" in args.parts:  # structprune's counts, the method's order inside each group + re-fit
                     t = time.perf_counter()
-                    ours = sp.prune(model, batches, s, reuse=ours_sweep)
-                    ours_sweep = ours_sweep or ours
-                    spec = sp.METHODS[method]
-                    per_unit = ScorePass()(ScoreRequest(model, tuple(groups), spec.score, other.calibration)).state.per_unit
-                    keep = {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -per_unit[g.id][u])[
-                        :len(ours.plan.keep.get(g.id, range(g.size)))])) for g in groups}
+                    if s not in ours:  # one structprune run per sparsity, whatever the --methods
+                        ours[s] = sp.prune(model, batches, s, reuse=next(iter(ours.values()), None))
+                    per_unit = ScorePass()(ScoreRequest(model, tuple(groups), sp.METHODS[method].score,
+                                                        other.calibration)).state.per_unit
+                    keep = keep_in_order(groups, per_unit, {g.id: len(ours[s].plan.keep.get(g.id, range(g.size)))
+                                                            for g in groups})
                     w = refit(model, graph, groups, keep, batches, default)
                     emit(f"structprune counts, {method} order + re-fit", ApplyPass()(RewriteRequest(
                         model, graph, keep, {}, w)).state, t, s)
@@ -300,8 +299,7 @@ def main() -> None:
                                                                        dict(sol.new_weights))).state, t)
     t = time.perf_counter()  # structprune's counts, FLAP's order inside each group, the re-fit
     scores = ScorePass()(ScoreRequest(model, tuple(groups), "flap", flap.calibration)).state.per_unit
-    keep = {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -scores[g.id][u])[:g.size - removed["structprune"][g.id]]))
-            for g in groups}
+    keep = keep_in_order(groups, scores, {g.id: g.size - removed["structprune"][g.id] for g in groups})
     w = refit(model, graph, groups, keep, batches, SolverConfig(refit_ridge=RECORDED_RIDGE))
     emit("structprune counts, FLAP order + re-fit", ApplyPass()(RewriteRequest(model, graph, keep, {}, w)).state, t)
 
@@ -315,6 +313,11 @@ def main() -> None:
     emit("structprune, MLP channels only (same parameters removed)", r.model, t, tau=r.report.solver["tau"],
          removed_units={"flap": by_kind["flap"], "structprune": by_kind["structprune"]},
          removed_per_group={gid: [removed["flap"][gid], removed["structprune"][gid]] for gid in removed["flap"]})
+
+
+def keep_in_order(groups, per_unit: dict, kept: dict) -> dict:
+    """Each group's ``kept[g.id]`` units of highest ``per_unit`` score (another method's order, our counts)."""
+    return {g.id: tuple(sorted(sorted(range(g.size), key=lambda u: -per_unit[g.id][u])[:kept[g.id]])) for g in groups}
 
 
 def table(rows: list[dict]) -> str:
