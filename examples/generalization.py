@@ -62,7 +62,13 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
                                                      curve_error="removal", refit_bias="refit"),
                "softmax-gradient-removal-centred": dict(allocation="softmax", tau_search="masked",
                                                         block_energy="gradient", curve_error="removal",
-                                                        refit_bias="centred")}
+                                                        refit_bias="centred"),
+               # the order inside each group (SolverConfig.taylor_first, obs_weighting; probes: --probe order)
+               "softmax-gradient-removal-obs": dict(allocation="softmax", tau_search="masked", block_energy="gradient",
+                                                    curve_error="removal", taylor_first=0.0, obs_weighting="none"),
+               "softmax-gradient-removal-taylor0.25-fisher": dict(allocation="softmax", tau_search="masked",
+                                                                  block_energy="gradient", curve_error="removal",
+                                                                  taylor_first=0.25, obs_weighting="fisher")}
 
 
 def code_text() -> str:

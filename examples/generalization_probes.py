@@ -48,6 +48,13 @@ structprune's counts with the method's order inside each group and the re-fit, b
 ``--calib-samples`` windows.
 With 64 windows global Taylor leads out of domain at 20% and 30% (README): is it its allocation?
 
+``--probe order``: the order the block solve removes each group's allocated units in (the allocation
+stays OBS's): the first ``SolverConfig.taylor_first`` (every ``--taylor-firsts``) of a group's units by lowest
+first-order Taylor saliency |w * dL/dw|, swept block by block in the library (the counts probe's ``order``
+part took it from a whole-model ``taylor-global`` run), then greedy OBS, its error unweighted or weighted
+per output channel by the loss's mean squared gradient there (``--weightings fisher``: the diagonal Fisher
+of the layer output, from the same sweep).
+
 ``--probe block-energy``: what a block's OBS errors are divided by before the allocator compares blocks
 (``SolverConfig.block_energy``): the energy of the block's input stream, or a robust one (channels x the
 median channel's energy) that the massive channels of the middle and late blocks do not inflate; and
@@ -87,7 +94,7 @@ RECORDED_RIDGE = 0.01
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
-                                                 "refit-bias", "calib-size", "counts"), required=True)
+                                                 "refit-bias", "calib-size", "counts", "order"), required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
@@ -106,6 +113,8 @@ def main() -> None:
                              "order: structprune's counts with the method's order + re-fit")
     parser.add_argument("--tau-batches", type=int, default=None, help="calib-size: the masked tau search's windows "
                         "(default: the library's, 8)")
+    parser.add_argument("--taylor-firsts", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--weightings", nargs="+", default=["none"], choices=("none", "fisher"))
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -162,6 +171,16 @@ def main() -> None:
         for how in args.energies:
             per_config(f"structprune, block energy {how}", SolverConfig(block_energy=how, curve_error=RECORDED_CURVES,
                                                                                refit_ridge=RECORDED_RIDGE))
+        return
+
+    if args.probe == "order":  # one dense sweep per --weightings, shared by its --taylor-firsts
+        for weighting in args.weightings:
+            shared = None
+            for first in args.taylor_firsts:
+                name = ("structprune, " + {0.0: "OBS order", 1.0: "Taylor order"}.get(
+                    first, f"Taylor order for the first {first:g} of a group, then OBS")
+                        + (f" (OBS weighted by the output's {weighting})" if weighting != "none" and first < 1 else ""))
+                shared = per_config(name, SolverConfig(taylor_first=first, obs_weighting=weighting), shared)
         return
 
     if args.probe == "curve-error":

@@ -256,9 +256,10 @@ def _step_errors(obs: Sequence[float], removal: Sequence[float], error: str) -> 
     return torch.diff(cum, prepend=cum.new_zeros(1)).tolist()
 
 
-def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16, error: str = "obs"
-               ) -> tuple[list[int], list[float]]:
-    """Remove ``n_remove`` of ``n_units`` units greedily; returns the removal order and, per removed unit,
+def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps: int = 16, error: str = "obs",
+               first: Sequence[int] = ()) -> tuple[list[int], list[float]]:
+    """Remove ``n_remove`` of ``n_units`` units greedily (after ``first``, removed in one step before the
+    greedy ones: units another order chose); returns the removal order and, per removed unit,
     its share of the error of the step it was removed in (a step's error split by the units' own errors).
     ``error`` (``CURVE_ERRORS``) says which error the increments count; the order is the OBS order in every
     case. The work runs on copies that shrink to the remaining columns as units leave (at 80% removed, about
@@ -277,15 +278,20 @@ def greedy_obs(consumers: Sequence[Consumer], n_units: int, n_remove: int, steps
     origin = [torch.arange(c.weight.shape[1]) for c in consumers]  # per work column: its column in the layer
     remaining = list(range(n_units))
     order: list[int] = []
-    for step in range(steps):
+    n_steps = steps + (1 if first else 0)
+    for step in range(n_steps):
         left = n_remove - len(order)
         if left <= 0:
             break
-        k = ceil(left / (steps - step))
-        errs = sum(_unit_errors(c, remaining) for c in work)  # (remaining,)
-        picked_pos = torch.argsort(errs, stable=True)[:k].tolist()
-        picked = [remaining[p] for p in picked_pos]
-        own = errs[picked_pos].clamp_min(0.0)
+        if step == 0 and first:
+            picked = list(first)[:left]
+            own = sum(_unit_errors(c, picked) for c in work).clamp_min(0.0)  # (picked,)
+        else:
+            k = ceil(left / (n_steps - step))
+            errs = sum(_unit_errors(c, remaining) for c in work)  # (remaining,)
+            picked_pos = torch.argsort(errs, stable=True)[:k].tolist()
+            picked = [remaining[p] for p in picked_pos]
+            own = errs[picked_pos].clamp_min(0.0)
         gone = set(picked)
         remaining = [u for u in remaining if u not in gone]
         total = 0.0

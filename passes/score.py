@@ -44,6 +44,13 @@ def _unit_slices(weight: torch.Tensor, dim: int, indices: tuple[tuple[int, ...],
     return [weight.index_select(dim, torch.tensor(u, dtype=torch.long)) for u in indices]
 
 
+def taylor_saliency(weight: torch.Tensor, grad: torch.Tensor, dim: int,
+                    indices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Per unit, sum over its slices of ``weight`` along ``dim`` of |w * dL/dw|: (units,) float64."""
+    sal = (weight.detach() * grad.to(weight.dtype)).abs().double()  # the weight's shape
+    return torch.tensor([float(s.sum()) for s in _unit_slices(sal, dim, indices)], dtype=torch.float64)
+
+
 class ScorePass(Pass[ScoreRequest, Scores]):
     def requires(self, state: ScoreRequest) -> None:
         if state.score not in SCORES:
@@ -92,8 +99,7 @@ class ScorePass(Pass[ScoreRequest, Scores]):
         if state.score == "magnitude":  # squared: rooted once all members are summed
             return torch.tensor([float((s.double() ** 2).sum()) for s in _unit_slices(w, dim, indices)])
         if state.score == "taylor":
-            sal = (w * state.calibration.gradients[name]).abs().double()
-            return torch.tensor([float(s.sum()) for s in _unit_slices(sal, dim, indices)])
+            return taylor_saliency(w, state.calibration.gradients[name], dim, indices)
         if not ScorePass._read_by_calibrated_layer(state, member):
             return torch.zeros(len(indices), dtype=torch.float64)  # not the input side of a consuming layer
         stats = state.calibration.inputs[name.rpartition(".")[0]]

@@ -17,13 +17,20 @@ back through the block's vector-Jacobian product. Each block is made resident tw
 The model's parameters, gradients and block list are left as they were. Half-precision weights (a bf16
 checkpoint streamed as it is) are computed in float32 for the head and the VJPs: the gradient is a
 statistic, and a bf16 backward matrix product took 84 s on this CPU against 0.26 s in float32.
+
+With ``groups``, the same VJPs also give (``taylor``; ``SolverConfig.taylor_first``) dL/dw of the block's
+weights, and each group's units get their first-order Taylor saliency, sum over the unit's weights of
+|w * dL/dw| with dL/dw of the mean calibration loss: the score of ``method="taylor-global"``, without ever
+holding more than one block's gradients; and (``output_fisher``; ``SolverConfig.obs_weighting="fisher"``)
+the mean squared loss gradient per output channel of every linear consumer of the groups, the weights of
+the block solve's OBS error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, MutableMapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,12 +39,16 @@ from tqdm import tqdm
 from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
 from structprune_graph.distributed import LOCAL, Collective
 from structprune_graph.errors import StructPruneError
+from structprune_graph.graph import Group
 from structprune_graph.streaming import resident as in_memory
 
 from ._infra import Pass, PassResult
-from .blockwise_calibrate import block_module
+from .blockwise_calibrate import block_module, consumers_of
+from .experts import is_fused_path
+from .obs import is_linear
 from .calibrate import CalibrationError, default_loss
 from .partition import Partition
+from .score import taylor_saliency
 
 
 class NoLossError(StructPruneError):
@@ -57,11 +68,20 @@ class SensitivityRequest:
     # ``BlockCalibratePass(streams_out=...)`` leaves them (consumed: dropped as the backward sweep passes);
     # None: this pass runs its own forward sweep
     streams: Optional[MutableMapping] = field(default=None, compare=False)
+    # the groups whose units also get their Taylor saliency (those each block holds: ``Block.group_ids``)
+    groups: Optional[Mapping[str, Group]] = None
+    taylor: bool = True  # with groups: each unit's Taylor saliency
+    output_fisher: bool = False  # with groups: each linear consumer's output Fisher (BlockSensitivity.output_fisher)
 
 
 @dataclass(frozen=True)
 class BlockSensitivity:
     per_block: tuple[float, ...]  # f_b: mean squared loss gradient per channel and token at block b's output
+    # group id -> per unit, sum of |w * dL/dw| over its weights (``groups`` and ``taylor``; higher: more important)
+    unit_taylor: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # full layer path -> (out,) mean over tokens of (dL/dy)^2 per output channel of every linear consumer of
+    # the groups (``groups`` and ``output_fisher``): the diagonal Fisher of the layer's output
+    output_fisher: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _PassThrough(nn.Module):
@@ -146,6 +166,10 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
         blocks = state.partition.blocks
         if state.partition.list_path is None or len(blocks) == 1:
             # one block: a common factor of every curve, which cannot change the allocation
+            if state.groups:
+                raise StructPruneError("block sensitivity pass: Taylor saliency and output Fisher are swept block "
+                                       "by block and this model is solved as one block; take the whole model's "
+                                       "gradients (solver.prepare does for taylor_first) or pass no groups")
             return PassResult(BlockSensitivity((1.0,) * len(blocks)), modified=False)
         own = state.streams is None
         store = ActivationStore(state.buffer_budget) if own else state.streams
@@ -176,6 +200,9 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
         blocks = state.partition.blocks
         sums = [0.0] * len(blocks)
         counts = [0] * len(blocks)
+        unit_taylor: dict[str, tuple[float, ...]] = {}
+        output_fisher: dict[str, torch.Tensor] = {}
+        n_batches = state.collective.sum_floats([len(state.inputs)], "count batches")[0]
         for block in tqdm(blocks[::-1], desc="sensitivity: backward", leave=False):
             module = state.resident(block_module(state.model, block))
             if block.index == len(blocks) - 1:  # the head's gradient, in the format the block returns
@@ -186,23 +213,113 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                     store[("grad", j)] = head_gradient(state.model, state.partition.list_path, batch,
                                                        store[("final", j)], as_tuple)
                     del store[("final", j)]
-            with _half_as_float32(module):  # once per block, not per batch
-                for j, inp in enumerate(state.inputs):
-                    grad = store[("grad", j)]  # dL / d(block output): (batch, tokens, hidden)
-                    sums[block.index] += float((grad.double() ** 2).sum())
-                    counts[block.index] += grad.numel()
-                    if block.index > 0:
-                        x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
-                        upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
-                                            {k: _float32(v) for k, v in inp.kwargs.items()})
-                        with torch.enable_grad():
-                            out = run_block(module, upcast)
-                            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-                        store[("grad", j)] = grad_in
-                    del store[(block.index, j)]
+            unit_taylor.update(BlockSensitivityPass._block(state, store, block, module, sums, counts, n_batches,
+                                                            output_fisher))
         for j in range(len(state.inputs)):
             del store[("grad", j)]
         where = "block sensitivity"
         sums = state.collective.sum_floats(sums, where)
         counts = state.collective.sum_floats([float(c) for c in counts], where)
-        return BlockSensitivity(tuple(s / c for s, c in zip(sums, counts)))
+        return BlockSensitivity(tuple(s / c for s, c in zip(sums, counts)), unit_taylor, output_fisher)
+
+    @staticmethod
+    def _block(state: SensitivityRequest, store: MutableMapping, block, module: nn.Module, sums: list,
+               counts: list, n_batches: float, output_fisher: dict) -> dict[str, tuple[float, ...]]:
+        """One block of the backward sweep: the gradient at its input from the one at its output (stored in
+        place), its sums of squared output gradients, and (``groups``) its units' Taylor saliency (returned)
+        and its consumers' output Fisher (into ``output_fisher``)."""
+        weights = _saliency_weights(module, block, state.groups) if state.groups and state.taylor else {}
+        weight_grads = {name: torch.zeros_like(_float32(p.detach())) for name, p in weights.items()}
+        layers = _fisher_layers(module, block, state.groups) if state.groups and state.output_fisher else {}
+        fisher: dict[str, torch.Tensor] = {}  # path -> (out,) sum over tokens of (dL/dy)^2
+        tokens = 0.0
+        hooks = [layer.register_forward_hook(_square_grad_hook(fisher, path)) for path, layer in layers.items()]
+        try:
+            with _half_as_float32(module), _requiring_grad(weights.values()):  # once per block, not per batch
+                for j, inp in enumerate(state.inputs):
+                    grad = store[("grad", j)]  # dL / d(block output): (batch, tokens, hidden)
+                    sums[block.index] += float((grad.double() ** 2).sum())
+                    counts[block.index] += grad.numel()
+                    tokens += grad.numel() / grad.shape[-1]
+                    if block.index > 0 or weights or layers:  # block 0: only for its weights' or layers' gradients
+                        x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
+                        upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
+                                            {k: _float32(v) for k, v in inp.kwargs.items()})
+                        with torch.enable_grad():
+                            out = run_block(module, upcast)
+                            grads = torch.autograd.grad(out, [x, *weights.values()], grad.to(out.dtype),
+                                                        allow_unused=True)
+                        if block.index > 0:
+                            store[("grad", j)] = grads[0]
+                        for acc, g in zip(weight_grads.values(), grads[1:]):
+                            if g is not None:
+                                acc += g.to(acc.dtype)
+                    del store[(block.index, j)]
+                state.collective.sum_tensors_(weight_grads, f"taylor saliency, block {block.index}")
+                saliency = {gid: _group_saliency(state.groups[gid], weights, weight_grads, n_batches)
+                            for gid in (block.group_ids if weights else ())}
+        finally:
+            for h in hooks:
+                h.remove()
+        if layers:
+            prefix = block.path + "." if block.path else ""
+            state.collective.sum_tensors_(fisher, f"output fisher, block {block.index}")
+            total = state.collective.sum_floats([tokens], f"output fisher, block {block.index}")[0]
+            output_fisher.update({prefix + path: f / max(total, 1.0) for path, f in fisher.items()})
+        return saliency
+
+
+def _fisher_layers(module: nn.Module, block, groups: Mapping[str, Group]) -> dict[str, nn.Module]:
+    """Path inside the block -> layer, for every linear consumer of the groups the block holds (fused
+    experts' weights are not layers: they keep OBS's unweighted error)."""
+    found = {}
+    for gid in block.group_ids:
+        for path, _ in consumers_of(block, module, groups[gid]):
+            layer = module.get_submodule(path) if not is_fused_path(module, path) else None
+            if layer is not None and is_linear(layer):
+                found[path] = layer
+    return found
+
+
+def _square_grad_hook(acc: dict, path: str) -> Callable:
+    """A forward hook whose output, when it requires grad, adds its gradient's square per output channel
+    (summed over tokens) to ``acc[path]``."""
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            def on_grad(g: torch.Tensor) -> None:
+                flat = g.detach().double().reshape(-1, g.shape[-1])  # (tokens, out)
+                acc[path] = acc.get(path, 0.0) + (flat ** 2).sum(0)
+            out.register_hook(on_grad)
+    return hook
+
+
+def _saliency_weights(module: nn.Module, block, groups: Mapping[str, Group]) -> dict[str, nn.Parameter]:
+    """Full parameter name -> the block's parameter, for every member of the groups the block holds."""
+    prefix = block.path + "." if block.path else ""
+    params = dict(module.named_parameters())
+    return {m.name: params[m.name[len(prefix):]] for gid in block.group_ids for m in groups[gid].members
+            if m.is_param and m.name.startswith(prefix) and m.name[len(prefix):] in params}
+
+
+@contextmanager
+def _requiring_grad(params) -> Iterator[None]:
+    """The parameters require grad for the duration (a frozen model's too); their flags are put back after."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _group_saliency(group: Group, weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+                    n_batches: float) -> tuple[float, ...]:
+    """Per unit, sum of |w * dL/dw| over the group's members, dL/dw of the mean loss over the batches."""
+    total = torch.zeros(group.size, dtype=torch.float64)  # (units,)
+    for m in group.members:
+        if m.is_param and m.name in weights:
+            total += taylor_saliency(_float32(weights[m.name].detach()), grads[m.name] / n_batches, m.dim, m.indices)
+    return tuple(total.tolist())

@@ -11,7 +11,9 @@ the consumers' new weights, applied by the rewrite pass (``new_weights``) and, w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Callable, Mapping, MutableMapping, Optional, Sequence
 
@@ -28,7 +30,7 @@ from structprune_graph.verify import InvariantError
 from ._infra import Pass, PassResult
 from . import experts as fused
 from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of
-from .obs import DEFAULT_DAMPING, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped
+from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped
 from .partition import Block, Partition
 
 
@@ -61,6 +63,13 @@ class BlockSolveRequest:
     # (SolverConfig.refit_bias, REFIT_BIASES): "refit", the re-fit's H centred; "centred", the OBS order's too
     refit_bias: str = "none"
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
+    # group id -> one score per unit: a group's allocated units are removed lowest score first (another
+    # order, e.g. first-order Taylor: SolverConfig.order) instead of by greedy OBS; the re-fit is the same
+    unit_scores: Optional[Mapping[str, tuple[float, ...]]] = None
+    scored_fraction: float = 1.0  # at most this fraction of a group's units leave in unit_scores' order; then OBS
+    # full layer path -> (out,) weight of each output channel in the OBS selection's error (e.g. the loss's
+    # mean squared gradient there: SolverConfig.order="fisher"); the re-fit is unweighted (rows fit alone)
+    output_weights: Optional[Mapping[str, torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,23 @@ def consumer_clusters(block: Block, module: nn.Module, groups: Mapping[str, Grou
         clusters = [c for c in clusters if not any(c is j for j in joined)] + [merged]
     order = {gid: i for i, gid in enumerate(block.group_ids)}
     return sorted((sorted(c[1], key=order.get) for c in clusters), key=lambda c: order[c[0]])
+
+
+def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mapping[str, torch.Tensor]],
+                  prefix: str) -> Sequence[Consumer]:
+    """Copies of the consumers whose weight rows are scaled by sqrt(d / mean d), so that the OBS error
+    tr(D W_C [H^-1]_CC^-1 W_C^T) weights output channel i by d_i; the consumers themselves untouched."""
+    if not output_weights:
+        return consumers
+    weighted = []
+    for c in consumers:
+        d = output_weights.get(prefix + c.path)
+        if d is None or d.numel() != c.weight.shape[0] or not float(d.mean()) > 0:
+            weighted.append(c)
+            continue
+        scale = (d / d.mean()).sqrt().to(c.weight.dtype)  # (out,)
+        weighted.append(replace(c, weight=c.weight * scale[:, None], columns=list(c.columns)))
+    return weighted
 
 
 class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
@@ -208,8 +234,18 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             originals = {c.path: c.weight.clone() for c in consumers}
             if fixed is not None:
                 removed = set(range(group.size)) - set(fixed)
+            elif state.unit_scores is not None and gid in state.unit_scores:
+                scores = state.unit_scores[gid]
+                ranked = sorted(range(group.size), key=lambda u: (scores[u], u))
+                first = min(n, math.floor(state.scored_fraction * group.size))  # in the scores' order
+                if first == n:
+                    removed = set(ranked[:n])
+                else:  # the rest by greedy OBS, after the scored ones have left
+                    order, _ = greedy_obs(_row_weighted(consumers, state.output_weights, prefix), group.size, n,
+                                          first=ranked[:first])
+                    removed = set(order[:n])
             else:
-                order, _ = greedy_obs(consumers, group.size, n)
+                order, _ = greedy_obs(_row_weighted(consumers, state.output_weights, prefix), group.size, n)
                 removed = set(order[:n])
             keep[gid] = tuple(u for u in range(group.size) if u not in removed)
             second_order = {c.path: c.hessian is not None for c in consumers}

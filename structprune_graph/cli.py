@@ -73,6 +73,9 @@ def _prune(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.distributed and args.method != "structprune":
         raise StructPruneError(f"--distributed runs the structprune method only (got --method {args.method})")
+    if (args.taylor_first is not None or args.obs_weighting) and args.method != "structprune":
+        raise StructPruneError(f"--taylor-first and --obs-weighting choose structprune's order inside each layer; "
+                               f"--method {args.method} ranks units by its own score (leave them out)")
     t0 = time.perf_counter()
     rank = _init_distributed(args)
     if args.stream:
@@ -163,7 +166,8 @@ def _check_texts(args: argparse.Namespace) -> None:
 def _solver_config(args: argparse.Namespace):
     from .solver import SolverConfig
 
-    return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics)
+    return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
+                        taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto")
 
 
 def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list, "torch.Tensor"]:
@@ -241,6 +245,16 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a share of each layer's units, in [0, 1], e.g. 0.25")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -406,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structprune: the precision of the solver's H, its inverse and the re-fit; float32 "
                             "halves the solver's largest memory (0.9 GiB per H at a 7B MLP's width) with its "
                             "error checked and float64 redone where the check fails")
+    prune.add_argument("--taylor-first", type=_share, default=None, metavar="F",
+                       help="structprune: up to F of each layer's units (channels, heads) leave by lowest first-order "
+                            "Taylor saliency |w * dL/dw| (a backward sweep, block by block), any more by OBS "
+                            "(default: 0.25 on a model that gives a loss, else 0)")
+    prune.add_argument("--obs-weighting", choices=("none", "fisher"), default=None,
+                       help="structprune: weight each output channel in the OBS error by the loss's mean squared "
+                            "gradient there ('fisher', the default on a model that gives a loss) or not ('none')")
     prune.add_argument("--distributed", action="store_true",
                        help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
                             "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "

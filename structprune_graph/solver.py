@@ -28,12 +28,13 @@ from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockC
                                                           BlockCalibrationRequest, GroupCurve, block_module,
                                                           consumers_of)
 from structprune_graph.passes.experts import is_fused_path
-from structprune_graph.passes.calibrate import CalibrationError, default_loss
+from structprune_graph.passes.calibrate import CalibratePass, CalibrationError, CalibrationRequest, default_loss
 from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
                                                   SensitivityRequest)
+from structprune_graph.passes.score import ScorePass, ScoreRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.solve import DEFAULT_REFIT_RIDGE, REFIT_BIASES, BlockSolution, BlockSolvePass, BlockSolveRequest
 
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 TAU_SEARCHES = ("refit", "masked")
 COORDINATIONS = ("admm", "propagate")
+OBS_WEIGHTINGS = ("auto", "none", "fisher")
+AUTO_TAYLOR_FIRST = 0.25  # SolverConfig.taylor_first=None on a chain of blocks that gives a loss (else 0)
 MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
 
 
@@ -77,6 +80,20 @@ class SolverConfig:
     # Austen calibration): removal scored 1.701 / 2.229 / 4.636 against obs's 1.702 / 2.405 / 5.10 at 20/30/50%
     # (README, "What the allocator's curves count"); blend 1.756 at 20%
     curve_error: str = "removal"
+    # the order the block solve removes each group's allocated units in (the allocation, curves and tau, is
+    # OBS's whatever it is; the re-fit follows the units chosen). First up to ``taylor_first`` of a group's
+    # units by lowest first-order Taylor saliency |w * dL/dw| (the loss's own sensitivity, from the
+    # block-by-block backward sweep: passes/sensitivity.py; 1: Taylor's order alone), then greedy structured
+    # OBS, its error tr(D W_C [H^-1]_CC^-1 W_C^T) weighting each output channel of a consumer by d_i:
+    # ``obs_weighting`` "none" (d = 1: the error the re-fit cannot undo on the calibration text) or "fisher"
+    # (d = the loss's mean squared gradient at the channel, the diagonal Fisher of the layer output, from the
+    # same sweep). The defaults (None, "auto") are 0.25 and "fisher" on a chain of blocks that gives a loss,
+    # else 0 and "none", as block_energy="auto" falls back. Chosen on the
+    # development windows (SmolLM2, Austen calibration, 16 windows; docs section 4d): 0.25 + fisher scored
+    # 1.611 / 2.019 / 4.264 at 20 / 30 / 50% against plain OBS's 1.650 / 2.140 / 4.350, 0.5 + fisher 1.587 /
+    # 2.095 / 4.207, fisher alone 1.695 / 2.068 / 4.122, Taylor alone 1.583 / 2.117 / 5.028
+    taylor_first: Optional[float] = None
+    obs_weighting: str = "auto"
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
@@ -112,6 +129,12 @@ class SolverConfig:
         if self.block_energy not in BLOCK_ENERGIES:
             raise StructPruneError(f"SolverConfig: unknown block_energy {self.block_energy!r}; choose one of "
                                    f"{BLOCK_ENERGIES}")
+        if self.taylor_first is not None and not 0.0 <= self.taylor_first <= 1.0:
+            raise StructPruneError(f"SolverConfig: taylor_first is a fraction of a group's units, in [0, 1]; got "
+                                   f"{self.taylor_first}")
+        if self.obs_weighting not in OBS_WEIGHTINGS:
+            raise StructPruneError(f"SolverConfig: unknown obs_weighting {self.obs_weighting!r}; choose one of "
+                                   f"{OBS_WEIGHTINGS}")
         if self.curve_error not in CURVE_ERRORS:
             raise StructPruneError(f"SolverConfig: unknown curve_error {self.curve_error!r}; choose one of "
                                    f"{CURVE_ERRORS}")
@@ -134,7 +157,8 @@ class SolverConfig:
         """The settings the dense sweep's curves depend on: a state is reusable only under the same ones."""
         return {"damping": self.damping, "max_prune": self.max_prune, "block_energy": self.block_energy,
                 "curve_error": self.curve_error, "centred": self.refit_bias == "centred",
-                "memory_budget": self.memory_budget, "statistics": self.statistics}
+                "memory_budget": self.memory_budget, "statistics": self.statistics, "taylor": self.taylor_first != 0.0,
+                "obs_weighting": self.obs_weighting}
 
     def label(self) -> str:
         return (f"{self.allocation}, rounds={self.rounds}"
@@ -154,6 +178,21 @@ class SolverState:
     block_energy: str = "stream"  # the one the curves were scaled by ("auto" resolved)
     sweep: Mapping[str, Any] = field(default_factory=dict)  # SolverConfig.sweep_settings() of the sweep
     stage_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time: partition, dense sweep, ...
+    # group id -> per unit, the Taylor saliency |w * dL/dw| summed over the unit's weights (SolverConfig.taylor_first:
+    # the block solve removes the lowest first); empty: not swept
+    unit_scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # full layer path -> (out,) the loss's mean squared gradient per output channel (obs_weighting="fisher"):
+    # the OBS selection's weight of each output channel; empty: unweighted
+    output_fisher: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    obs_weighting: str = "none"  # SolverConfig.obs_weighting as resolved ("auto": the model's)
+
+
+def taylor_first(config: SolverConfig, state: SolverState) -> float:
+    """The share of each group's units the block solve removes in Taylor order: the config's (None: the
+    default) where the sweep gave Taylor scores, else 0 (taylor_first=None on a model without a loss)."""
+    if not state.unit_scores:  # not swept: taylor_first=0, or the default on a model without a loss or blocks
+        return 0.0
+    return AUTO_TAYLOR_FIRST if config.taylor_first is None else config.taylor_first
 
 
 @dataclass(frozen=True)
@@ -176,6 +215,8 @@ class SolverResult:
     sequential_weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # before ADMM
     coordination_seconds: float = 0.0  # wall time of the rounds (ADMM or propagate)
     new_biases: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # layer path -> bias += value
+    taylor_first: float = 0.0  # the order inside each group as resolved (SolverState)
+    obs_weighting: str = "none"
 
 
 def _max_remove(group: Group, max_prune: float) -> int:
@@ -205,8 +246,21 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     # sweep. One block: its sensitivity would be a common factor of every curve, changing nothing
     energy = config.block_energy
     chained = partition.list_path is not None and len(partition.blocks) > 1
-    streams = ActivationStore(config.buffer_budget) if energy in ("gradient", "auto") and chained else None
+    weighting = ("fisher" if chained else "none") if config.obs_weighting == "auto" else config.obs_weighting
+    # None: AUTO_TAYLOR_FIRST on a chain of blocks (a model solved as one block, mostly a CNN, keeps OBS)
+    taylor = config.taylor_first != 0.0 and (chained or config.taylor_first is not None)
+    fisher = weighting == "fisher"
+    if taylor and not chained and resident is not in_memory:
+        raise StructPruneError("taylor_first on a model solved as one block takes the whole model's gradients, "
+                               "which a streamed model never holds; use taylor_first=0")
+    swept = energy in ("gradient", "auto") or taylor or fisher  # what the backward sweep is for
+    streams = ActivationStore(config.buffer_budget) if swept and chained else None
     energy = "stream" if energy == "auto" and streams is None else energy
+    unit_scores: Mapping[str, tuple[float, ...]] = {}
+    output_fisher: Mapping[str, torch.Tensor] = {}
+    if fisher and not chained:
+        raise StructPruneError("obs_weighting='fisher' weights each layer's output by the loss gradient swept "
+                               "block by block, and this model is solved as one block; use obs_weighting='none'")
     try:
         calib = BlockCalibratePass()(BlockCalibrationRequest(
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
@@ -217,14 +271,30 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
         if streams is not None:
             try:
                 sensitivity = BlockSensitivityPass()(SensitivityRequest(
-                    model, partition, inputs, batches, resident, collective, streams=streams)).state
-                calib, energy = _gradient_scaled(calib, partition, sensitivity), "gradient"
+                    model, partition, inputs, batches, resident, collective, streams=streams,
+                    groups={gid: by_id[gid] for gid in placed} if taylor or fisher else None,
+                    taylor=taylor, output_fisher=fisher)).state
+                unit_scores, output_fisher = sensitivity.unit_taylor, sensitivity.output_fisher
+                if energy in ("gradient", "auto"):
+                    calib, energy = _gradient_scaled(calib, partition, sensitivity), "gradient"
             except NoLossError as err:
+                if (taylor and config.taylor_first is not None) or (fisher and config.obs_weighting != "auto"):
+                    raise NoLossError(f"taylor_first > 0 and obs_weighting='fisher' need the loss gradient "
+                                      f"({err}); use taylor_first=0 and obs_weighting='none'") from err
                 if energy == "gradient":
                     raise
-                energy = "stream"  # "auto" on a model without a loss (an encoder, a CNN): the curves as swept
+                # "auto" on a model without a loss (an encoder, a CNN): the curves as swept, plain OBS
+                energy, weighting = "stream", "none"
                 logger.info("block energy: stream (%s)", err)
             clock.mark("sensitivity")
+        elif taylor:  # one block: the whole model's gradients are one block's
+            try:
+                unit_scores = _whole_model_taylor(model, graph, tuple(by_id[gid] for gid in placed), batches)
+            except NoLossError as err:
+                if config.taylor_first is not None:
+                    raise
+                logger.info("order inside each group: OBS (%s)", err)  # no scores: taylor_first() is 0
+            clock.mark("taylor")
     finally:
         if streams is not None:
             streams.close()
@@ -234,7 +304,18 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                            else "no linear or convolution layer reads its channels")
                      for gid in placed if gid not in calib.curves})
     return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings(),
-                       clock.seconds)
+                       clock.seconds, unit_scores, output_fisher, weighting if output_fisher else "none")
+
+
+def _whole_model_taylor(model: nn.Module, graph: Optional[DependencyGraph], groups: tuple[Group, ...],
+                        batches: Sequence[Any]) -> Mapping[str, tuple[float, ...]]:
+    """``method="taylor-global"``'s per-unit scores (one backward pass of the whole model per batch)."""
+    try:
+        calibration = CalibratePass()(CalibrationRequest(model, graph, groups, tuple(batches), gradients=True)).state
+    except CalibrationError as err:
+        raise NoLossError(f"taylor_first > 0 needs the loss gradient and the model gives no loss ({err}); use "
+                          f"taylor_first=0") from err
+    return ScorePass()(ScoreRequest(model, groups, "taylor", calibration)).state.per_unit
 
 
 class _StageClock:
@@ -463,6 +544,8 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     _every_rank_has(held, collective, "tau_holdout")
     score = _trial_loss(model, state, [batches[i] for i in held], collective)
     inputs = [state.inputs[i] for i in fit]
+    if state.unit_scores or state.output_fisher:  # the order's statistics from the fitted batches alone
+        state = _order_statistics(model, state, [batches[i] for i in fit], inputs, resident, collective)
 
     def evaluate(counts: Mapping[str, int]) -> float:
         store = ActivationStore(budget_bytes=config.buffer_budget)  # the trial's re-fitted weights
@@ -470,12 +553,27 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
                 resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective,
-                statistics_dtype=STATISTICS_DTYPES[config.statistics])).state  # no refit_bias here (SolverConfig)
+                statistics_dtype=STATISTICS_DTYPES[config.statistics],
+                unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
+                output_weights=state.output_fisher or None)).state  # no refit_bias here (SolverConfig)
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
             store.close()
     return evaluate
+
+
+def _order_statistics(model: nn.Module, state: SolverState, batches: Sequence[Any], inputs: Sequence[BlockInput],
+                      resident: Resident, collective: Collective) -> SolverState:
+    """``state`` with the Taylor scores and output Fisher (those it has) measured on ``batches`` only: a tau
+    trial fitted on them then never sees its held-out batches, and equals the model a run on them returns."""
+    groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
+    if state.partition.list_path is not None and len(state.partition.blocks) > 1:
+        swept = BlockSensitivityPass()(SensitivityRequest(
+            model, state.partition, inputs, batches, resident, collective, groups=groups,
+            taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
+        return replace(state, unit_scores=swept.unit_taylor, output_fisher=swept.output_fisher)
+    return replace(state, unit_scores=_whole_model_taylor(model, None, tuple(groups.values()), batches))
 
 
 @dataclass(frozen=True)
@@ -549,7 +647,9 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
             admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective,
-            statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias)).state
+            statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias,
+            unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
+            output_weights=state.output_fisher or None)).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())
@@ -580,7 +680,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     keep = {gid: solution.keep.get(gid, tuple(range(g.size))) for gid, g in state.groups.items()}
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.tau_losses, solution.block_errors, admm_errors,
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
-                        clock.seconds, sequential, rounds_seconds, dict(solution.new_biases))
+                        clock.seconds, sequential, rounds_seconds, dict(solution.new_biases),
+                        taylor_first(config, state), state.obs_weighting)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

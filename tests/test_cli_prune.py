@@ -233,3 +233,21 @@ def test_torchrun_distributed_stream_writes_the_single_process_folder(tiny_model
     with torch.no_grad():  # rank 0's folder holds the single-process weights (each rank solved half the batches)
         torch.testing.assert_close(sp.load(tmp_path / "dist")(ids).logits, sp.load(tmp_path / "single")(ids).logits,
                                    atol=1e-6, rtol=1e-6)
+
+
+def test_taylor_first_and_obs_weighting_reach_the_solver_and_are_refused_with_another_method(tiny_model_dir, capsys):
+    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
+              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "32", "--eval-seqlen",
+              "64", "--eval-windows", "2"]
+    out = tiny_model_dir / "ordered"
+    assert main(common + ["--out", str(out), "--taylor-first", "0.5", "--obs-weighting", "fisher"]) == 0
+    solver = json.loads((out / "report.json").read_text())["solver"]
+    assert solver["taylor_first"] == 0.5 and solver["obs_weighting"] == "fisher"
+    capsys.readouterr()
+    never = tiny_model_dir / "never-ordered"
+    assert main(common + ["--out", str(never), "--method", "wanda-sp", "--taylor-first", "0.5"]) == 2
+    assert "--taylor-first and --obs-weighting choose structprune's order" in capsys.readouterr().err
+    assert not never.exists()
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(never), "--taylor-first", "1.5"])
+    assert "a share of each layer's units, in [0, 1]" in capsys.readouterr().err
