@@ -2,7 +2,8 @@
 
 For block b, on the *pruned* trajectory (the outputs of the already pruned blocks 0..b-1): collect H of
 the block's consumer layers from the dense block; pick each group's units by greedy structured OBS
-(``passes/obs.py``); re-fit the consumers' kept columns by least squares on the same inputs
+(``passes/obs.py``), after those another score removes first (``unit_scores``, e.g. Taylor) and with each
+output channel's error weighted (``output_weights``, e.g. the loss's output Fisher); re-fit the consumers' kept columns by least squares on the same inputs
 (``reconstruct``; otherwise they keep their values); run the pruned block to get the next block's input.
 Only one block is being solved at a time. The model is never modified: the result is a keep-set plus
 the consumers' new weights, applied by the rewrite pass (``new_weights``) and, while solving, through
@@ -63,12 +64,12 @@ class BlockSolveRequest:
     # (SolverConfig.refit_bias, REFIT_BIASES): "refit", the re-fit's H centred; "centred", the OBS order's too
     refit_bias: str = "none"
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
-    # group id -> one score per unit: a group's allocated units are removed lowest score first (another
-    # order, e.g. first-order Taylor: SolverConfig.order) instead of by greedy OBS; the re-fit is the same
+    # group id -> one score per unit: up to scored_fraction of a group's units are removed lowest score first
+    # (another order, e.g. first-order Taylor: SolverConfig.taylor_first), the rest by greedy OBS; same re-fit
     unit_scores: Optional[Mapping[str, tuple[float, ...]]] = None
     scored_fraction: float = 1.0  # at most this fraction of a group's units leave in unit_scores' order; then OBS
     # full layer path -> (out,) weight of each output channel in the OBS selection's error (e.g. the loss's
-    # mean squared gradient there: SolverConfig.order="fisher"); the re-fit is unweighted (rows fit alone)
+    # mean squared gradient there: SolverConfig.obs_weighting="fisher"); the re-fit is unweighted (rows fit alone)
     output_weights: Optional[Mapping[str, torch.Tensor]] = None
 
 
