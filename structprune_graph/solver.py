@@ -245,7 +245,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     # "gradient" and "auto": the dense sweep leaves every block's input for the sensitivity pass's backward
     # sweep. One block: its sensitivity would be a common factor of every curve, changing nothing
     energy = config.block_energy
-    chained = partition.list_path is not None and len(partition.blocks) > 1
+    chained = _chained(partition)
     weighting = ("fisher" if chained else "none") if config.obs_weighting == "auto" else config.obs_weighting
     # None: AUTO_TAYLOR_FIRST on a chain of blocks (a model solved as one block, mostly a CNN, keeps OBS)
     taylor = config.taylor_first != 0.0 and (chained or config.taylor_first is not None)
@@ -287,13 +287,8 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                 energy, weighting = "stream", "none"
                 logger.info("block energy: stream (%s)", err)
             clock.mark("sensitivity")
-        elif taylor:  # one block: the whole model's gradients are one block's
-            try:
-                unit_scores = _whole_model_taylor(model, graph, tuple(by_id[gid] for gid in placed), batches)
-            except NoLossError as err:
-                if config.taylor_first is not None:
-                    raise
-                logger.info("order inside each group: OBS (%s)", err)  # no scores: taylor_first() is 0
+        elif taylor:  # one block (an explicit taylor_first only): the whole model's gradients are one block's
+            unit_scores = _whole_model_taylor(model, graph, tuple(by_id[gid] for gid in placed), batches)
             clock.mark("taylor")
     finally:
         if streams is not None:
@@ -305,6 +300,11 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                      for gid in placed if gid not in calib.curves})
     return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings(),
                        clock.seconds, unit_scores, output_fisher, weighting if output_fisher else "none")
+
+
+def _chained(partition: Partition) -> bool:
+    """Whether the model runs as a chain of several blocks (what every block-by-block sweep needs)."""
+    return partition.list_path is not None and len(partition.blocks) > 1
 
 
 def _whole_model_taylor(model: nn.Module, graph: Optional[DependencyGraph], groups: tuple[Group, ...],
@@ -568,7 +568,7 @@ def _order_statistics(model: nn.Module, state: SolverState, batches: Sequence[An
     """``state`` with the Taylor scores and output Fisher (those it has) measured on ``batches`` only: a tau
     trial fitted on them then never sees its held-out batches, and equals the model a run on them returns."""
     groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
-    if state.partition.list_path is not None and len(state.partition.blocks) > 1:
+    if _chained(state.partition):
         swept = BlockSensitivityPass()(SensitivityRequest(
             model, state.partition, inputs, batches, resident, collective, groups=groups,
             taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state

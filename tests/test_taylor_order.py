@@ -231,3 +231,18 @@ def test_the_default_order_is_a_taylor_prefix_and_fisher_weighted_obs_where_the_
     assert (encoded.report.solver["taylor_first"], encoded.report.solver["obs_weighting"]) == (0.0, "none")
     plain = sp.prune(bert, [entry.inputs(s) for s in range(2)], 0.3, solver=PLAIN_OBS)
     assert plain.plan.keep == encoded.plan.keep
+
+
+def test_an_explicit_taylor_prefix_on_a_streamed_model_solved_as_one_block_is_refused(tmp_path):
+    """A one-block model's Taylor scores need the whole model's gradients, which streaming never holds:
+    refused before any sweep, and nothing is written."""
+    from structprune_graph.checkpoint import prune_checkpoint
+
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)).eval()
+    model.save_pretrained(tmp_path / "resnet")
+    batches = [{"pixel_values": torch.randn(2, 3, 32, 32)} for _ in range(2)]
+    with pytest.raises(sp.StructPruneError, match="taylor_first on a model solved as one block .* use taylor_first=0"):
+        prune_checkpoint(tmp_path / "resnet", batches, 0.3, tmp_path / "out", solver=SolverConfig(taylor_first=0.5))
+    assert not (tmp_path / "out").exists()
