@@ -48,6 +48,10 @@ structprune's counts with the method's order inside each group and the re-fit, b
 ``--calib-samples`` windows.
 With 64 windows global Taylor leads out of domain at 20% and 30% (README): is it its allocation?
 
+``--probe refit-target``: what the re-fit matches (``SolverConfig.refit_target``, every ``--targets``, one
+dense sweep): ``block``, the dense layer's output on the pruned trajectory's own inputs, or ``model``, the
+dense model's output of the layer, so that each block also undoes the drift left by the blocks before it.
+
 ``--probe order``: the order the block solve removes each group's allocated units in (the allocation
 stays OBS's): the first ``SolverConfig.taylor_first`` (every ``--taylor-firsts``) of a group's units by lowest
 first-order Taylor saliency |w * dL/dw|, swept block by block in the library (the counts probe's ``order``
@@ -94,13 +98,15 @@ RECORDED_RIDGE = 0.01
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
-                                                 "refit-bias", "calib-size", "counts", "order"), required=True)
+                                                 "refit-bias", "calib-size", "counts", "order", "refit-target"),
+                        required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--sources", nargs="+", default=["austen", "self", "austen+self"])
     parser.add_argument("--energies", nargs="+", default=["robust"])
     parser.add_argument("--errors", nargs="+", default=["removal", "blend"])
     parser.add_argument("--taus", type=float, nargs="+", default=[0.125])
+    parser.add_argument("--targets", nargs="+", default=["model", "block"], choices=("block", "model"))
     parser.add_argument("--calib", default="austen", choices=("austen", "self", "austen+self", "pydoc", "mix"),
                         help="calibration text (default Austen; the development windows are always Austen's and pydoc's)")
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.01])
@@ -166,6 +172,13 @@ def main() -> None:
                  tau_losses={str(k): round(v, 4) for k, v in r.report.solver["tau_losses"].items()},
                  removed_per_group={g: r.graph.group(g).size - len(k) for g, k in r.plan.keep.items()})
         return reuse
+
+    if args.probe == "refit-target":  # one dense sweep shared by every --targets
+        shared = None
+        for target in args.targets:
+            shared = per_config(f"structprune, re-fit toward the {target}'s output", SolverConfig(refit_target=target),
+                                shared)
+        return
 
     if args.probe == "block-energy":  # recorded with the OBS curves
         for how in args.energies:

@@ -11,6 +11,7 @@ the next block runs: only one block's H matrices exist at a time. The model is n
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, MutableMapping, Optional, Sequence
 
@@ -106,13 +107,28 @@ class StatsCollector:
         self.sums: dict[str, torch.Tensor] = {}  # linear layer -> (in,) sum of x over the tokens (centred only)
         self.tokens: dict[str, torch.Tensor] = {}  # linear layer -> tokens counted, a 1-element float64 tensor
         self.means: dict[str, torch.Tensor] = {}  # after ``centre``: linear layer -> (in,) mean input
+        # refit_target="model": linear layer -> (in, out) X^T X~ W^T (a ModelTargetCollector's, set by the solve)
+        self.targets: Mapping[str, torch.Tensor] = {}
+        self._module, self._paths = module, sorted(set(paths))
         self._handles = []
-        for p in sorted(set(paths)):
-            if fused.is_fused_path(module, p):  # H per expert, under "path#e"
-                self._handles.append(fused.hook_experts(module.get_submodule(p.rpartition(".")[0]), p,
-                                                        self.hessians, dtype))
+        self._register()
+
+    def _register(self) -> None:
+        for p in self._paths:
+            if fused.is_fused_path(self._module, p):  # H per expert, under "path#e"
+                self._handles.append(fused.hook_experts(self._module.get_submodule(p.rpartition(".")[0]), p,
+                                                        self.hessians, self.dtype))
             else:
-                self._handles.append(module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
+                self._handles.append(self._module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
+
+    @contextmanager
+    def paused(self):
+        """Runs of the block inside count nothing (e.g. the dense trajectory's, for ModelTargetCollector)."""
+        self.close()
+        try:
+            yield
+        finally:
+            self._register()
 
     def _hook(self, path: str):
         def hook(layer: nn.Module, args: tuple) -> None:
@@ -135,6 +151,7 @@ class StatsCollector:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
 
     def reduce(self, collective: Collective, stage: str) -> None:
         """Sum the statistics over the ranks (each ran its share of the batches)."""
@@ -152,6 +169,59 @@ class StatsCollector:
             self.means[path] = s / n  # (in,) float64
             if hessians:
                 self.hessians[path].addr_(s.to(self.dtype), s.to(self.dtype), alpha=-1.0 / n)
+
+
+class ModelTargetCollector:
+    """The right-hand side of a re-fit toward the dense *model's* activations (``refit_target="model"``):
+    P = X^T (X~ W^T) per linear (or unfoldable convolution) consumer, X its input on the pruned trajectory
+    (the dense block on the pruned blocks' output, the X of H = X^T X), X~ its input in the dense model, W its
+    dense weight. Inside ``dense()`` a run of the block on the dense trajectory records X~ W^T; the next run,
+    on the pruned trajectory (the same batch), adds X^T X~ W^T. Fused experts get none (the block's target)."""
+
+    def __init__(self, module: nn.Module, paths: Sequence[str], dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
+        self.targets: dict[str, torch.Tensor] = {}  # consumer path -> (in, out)
+        self._outputs: dict[str, list[torch.Tensor]] = {}  # consumer path -> this batch's X~ W^T, (tokens, out)
+        self._recording = False
+        self._handles = []
+        for p in sorted(set(paths)):
+            if fused.is_fused_path(module, p):
+                continue
+            layer = module.get_submodule(p)
+            if is_linear(layer) or unfoldable(layer):
+                self._handles.append(layer.register_forward_pre_hook(self._hook(p)))
+
+    def _hook(self, path: str):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if self._recording:
+                self._outputs.setdefault(path, []).append(flat @ as_out_in(layer, layer.weight, torch.float32).T)
+                return
+            waiting = self._outputs.get(path)
+            if not waiting:
+                raise StructPruneError(f"refit_target='model': {path} ran on the pruned trajectory without a run "
+                                       f"on the dense one first; run the block inside dense() first")
+            p = (flat.T @ waiting.pop(0)).to(self.dtype)  # (in, out)
+            self.targets[path] = self.targets[path] + p if path in self.targets else p
+        return hook
+
+    @contextmanager
+    def dense(self):
+        """Record X~ W^T: the block runs on the dense trajectory's input."""
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def reduce(self, collective: Collective, stage: str) -> None:
+        """Sum over the ranks (each ran its share of the batches)."""
+        collective.sum_tensors_(self.targets, f"{stage}: dense-model targets")
 
 
 def consumer_width(module: nn.Module, path: str) -> int:

@@ -323,10 +323,12 @@ RHS_ROWS = 1024  # rows of H (x its width) the re-fit's right-hand side is compu
 
 
 def _problem(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor, cross: Optional[torch.Tensor],
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """H_KK and H_K,: W^T (+ cross) in ``dtype``; the right-hand side RHS_ROWS rows of H at a time, never the
-    whole (k, in) gather (0.34 GB at the 7B MLP's width in float32)."""
+             dtype: torch.dtype, rhs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_KK and H_K,: W^T (+ cross) in ``dtype`` (or ``rhs`` itself); the right-hand side RHS_ROWS rows of H
+    at a time, never the whole (k, in) gather (0.34 GB at the 7B MLP's width in float32)."""
     h_kk = hessian[keep_cols[:, None], keep_cols[None, :]].to(dtype)  # (k, k), one gather
+    if rhs is not None:
+        return h_kk, rhs.to(dtype).clone()  # (k, out)
     w_t = weight.T.to(dtype)  # (in, out)
     rhs = torch.empty(len(keep_cols), w_t.shape[1], dtype=dtype)  # (k, out)
     for start in range(0, len(keep_cols), RHS_ROWS):
@@ -338,17 +340,20 @@ def _problem(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tenso
 
 
 def least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: torch.Tensor,
-                  cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  cross: Optional[torch.Tensor] = None, rhs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept columns re-fitted: argmin ||X_K V^T - (X W^T + D)||^2 with H = X^T X (damped), cross = X_K^T D
-    (in_kept, out); removed columns are zero. weight: (out, in); returns (out, in) in weight's dtype. Below
+    (in_kept, out); ``rhs``: the whole right-hand side (in_kept, out) instead of (H W^T)_K + cross, for a
+    target that is not a function of X; removed columns are zero. weight: (out, in); returns (out, in) in
+    weight's dtype. Below
     float64, one step of iterative refinement corrects the solution, and its size (the estimated relative
     error) must stay under ``FLOAT32_TOLERANCE`` or the fit is redone in float64 (the float32 problem released
     first, the float64 one factored in place)."""
-    h_kk, rhs = _problem(weight, hessian, keep_cols, cross, hessian.dtype)
+    target = rhs
+    h_kk, rhs = _problem(weight, hessian, keep_cols, cross, hessian.dtype, target)
     v = _solve_checked(h_kk, rhs)  # (k, out)
     if v is None:  # the float32 fit failed its check: the whole problem in float64
         del h_kk, rhs
-        h_kk, rhs = _problem(weight, hessian, keep_cols, cross, torch.float64)
+        h_kk, rhs = _problem(weight, hessian, keep_cols, cross, torch.float64, target)
         v = _cho_solve(_factor(h_kk, "least-squares re-fit", in_place=True), rhs)
         del h_kk, rhs
     out = torch.zeros_like(weight)

@@ -30,7 +30,8 @@ from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
 from . import experts as fused
-from .blockwise_calibrate import StatsCollector, block_module, build_consumers, consumer_width, consumers_of
+from .blockwise_calibrate import (ModelTargetCollector, StatsCollector, block_module, build_consumers, consumer_width,
+                                  consumers_of)
 from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped
 from .partition import Block, Partition
 
@@ -42,6 +43,17 @@ ERROR_BATCHES = 8  # batches the per-block error is measured on
 # section 4): 0.3 scored best at 20/30/50% calibrated on Austen and on Austen + self (0.01 until 2026-12-03)
 DEFAULT_REFIT_RIDGE = 0.3
 REFIT_BIASES = ("none", "refit", "centred")
+# what each consumer's re-fit matches on the pruned trajectory's inputs: "block", the dense layer's output on
+# those same inputs (each block repairs its own cut); "model", the dense model's own output of the layer (on
+# the dense trajectory), so that each block also undoes the drift of the blocks before it
+REFIT_TARGETS = ("block", "model")
+
+
+def _scored_first(scores: Sequence[float], n: int, fraction: float) -> list[int]:
+    """The units of a group that leave first in ``scores``' order when ``n`` leave: the lowest
+    min(n, floor(fraction x size)) scores, ties by index (``BlockSolveRequest.scored_fraction``)."""
+    ranked = sorted(range(len(scores)), key=lambda u: (scores[u], u))
+    return ranked[:min(n, math.floor(fraction * len(scores)))]
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class BlockSolveRequest:
     # full layer path -> (out,) weight of each output channel in the OBS selection's error (e.g. the loss's
     # mean squared gradient there: SolverConfig.obs_weighting="fisher"); the re-fit is unweighted (rows fit alone)
     output_weights: Optional[Mapping[str, torch.Tensor]] = None
+    refit_target: str = "block"  # REFIT_TARGETS (SolverConfig.refit_target)
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,19 @@ def consumer_clusters(block: Block, module: nn.Module, groups: Mapping[str, Grou
     return sorted((sorted(c[1], key=order.get) for c in clusters), key=lambda c: order[c[0]])
 
 
+def _model_rhs(stats: StatsCollector, path: str, w: torch.Tensor, h: torch.Tensor, kept_cols: torch.Tensor,
+               ridge: float) -> Optional[torch.Tensor]:
+    """refit_target="model": the re-fit's right-hand side X_K^T X~ W_dense^T + r m W_K^T (the dense model's
+    output of the layer as the target, the ridge still toward the current weights W), (kept, out); None (the
+    block's target) where no ModelTargetCollector ran. ``h`` is H + r m I (redamped): r m is recovered from its
+    diagonal, whose mean is (1 + r) m."""
+    target = stats.targets.get(path)
+    if target is None:
+        return None
+    shift = ridge * float(h.diagonal().mean()) / (1.0 + ridge)
+    return target.index_select(0, kept_cols).to(h.dtype) + shift * w[:, kept_cols].T.to(h.dtype)  # (kept, out)
+
+
 def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mapping[str, torch.Tensor]],
                   prefix: str) -> Sequence[Consumer]:
     """Copies of the consumers whose weight rows are scaled by sqrt(d / mean d), so that the OBS error
@@ -158,6 +184,11 @@ def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mappin
     return weighted
 
 
+def _next_input(inp: BlockInput, out: torch.Tensor, block: Block) -> BlockInput:
+    """The next block's input: this block's output stream (a model solved as one block has no next)."""
+    return inp.with_stream(out) if block.path else inp
+
+
 class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
     def call(self, state: BlockSolveRequest) -> PassResult[BlockSolution]:
         keep: dict[str, tuple[int, ...]] = {}
@@ -165,22 +196,33 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         new_biases: dict[str, torch.Tensor] = {}
         errors = []
         inputs = list(state.inputs)
+        # refit_target="model": the dense model's own trajectory, run beside the pruned one (one stream per batch)
+        trajectory = list(state.inputs) if state.refit_target == "model" and state.reconstruct else None
         measured = {i for i in state.collective.local_positions(range(ERROR_BATCHES)) if i < len(inputs)}  # global 0..7
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
             stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none")
+            targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:
                 with torch.no_grad():
                     for i, inp in enumerate(inputs):
+                        if targets is not None:  # X~ W^T of this batch, then the run below adds X^T X~ W^T
+                            with stats.paused(), targets.dense():
+                                trajectory[i] = _next_input(trajectory[i], run_block(module, trajectory[i]), block)
                         out = run_block(module, inp)
                         if i in measured:
                             dense.append(out)
             finally:
                 stats.close()
+                if targets is not None:
+                    targets.close()
             stats.reduce(state.collective, f"solve block {block.index}")
             stats.centre(hessians=state.refit_bias == "centred")
+            if targets is not None:
+                targets.reduce(state.collective, f"solve block {block.index}")
+                stats.targets = targets.targets
             self._solve_block(state, block, module, stats, keep, new_weights, new_biases)
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)
             with torch.no_grad():
@@ -189,8 +231,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             del dense
             if state.store is not None and state.keep_boundaries:
                 state.store.put(("pruned", block.index), torch.stack([pruned[i] for i in state.keep_boundaries]))
-            if block.path:
-                inputs = [inp.with_stream(out) for inp, out in zip(inputs, pruned)]
+            inputs = [_next_input(inp, out, block) for inp, out in zip(inputs, pruned)]
         return PassResult(BlockSolution(keep, new_weights, tuple(errors), new_biases), modified=False)
 
     @staticmethod
@@ -236,14 +277,12 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             if fixed is not None:
                 removed = set(range(group.size)) - set(fixed)
             elif state.unit_scores is not None and gid in state.unit_scores:
-                scores = state.unit_scores[gid]
-                ranked = sorted(range(group.size), key=lambda u: (scores[u], u))
-                first = min(n, math.floor(state.scored_fraction * group.size))  # in the scores' order
-                if first == n:
-                    removed = set(ranked[:n])
+                first = _scored_first(state.unit_scores[gid], n, state.scored_fraction)
+                if len(first) == n:
+                    removed = set(first)
                 else:  # the rest by greedy OBS, after the scored ones have left
                     order, _ = greedy_obs(_row_weighted(consumers, state.output_weights, prefix), group.size, n,
-                                          first=ranked[:first])
+                                          first=first)
                     removed = set(order[:n])
             else:
                 order, _ = greedy_obs(_row_weighted(consumers, state.output_weights, prefix), group.size, n)
@@ -266,7 +305,8 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                     mu = stats.means.get(c.path)
                     if state.refit_bias == "refit" and mu is not None:  # the fit with a free bias: H - n mu mu^T
                         h.addr_(mu.to(h.dtype), mu.to(h.dtype), alpha=-float(stats.tokens[c.path]))
-                    w = least_squares(w, h, kept_cols)
+                    w = least_squares(w, h, kept_cols, rhs=_model_rhs(stats, c.path, w, h, kept_cols,
+                                                                      state.refit_ridge))
                 else:
                     w = w.clone()
                     w[:, sorted(gone)] = 0.0

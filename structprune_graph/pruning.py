@@ -164,6 +164,7 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
 def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[SolverState] = None) -> dict:
     return {"config": config.label(), "block_energy": solved.block_energy, "statistics": config.statistics,
             "taylor_first": solved.taylor_first, "obs_weighting": solved.obs_weighting,
+            "refit_target": config.refit_target,
             # wall seconds per stage of the solver (the dense sweep's only where this call ran it)
             "stages": {**(state.stage_seconds if state is not None else {}), **solved.stage_seconds},
             "tau": solved.tau, "tau_losses": dict(solved.tau_losses),

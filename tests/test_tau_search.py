@@ -12,7 +12,7 @@ from conftest import traced
 from structprune_graph.errors import StructPruneError
 from structprune_graph.passes.calibrate import default_loss
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import SolverConfig, _tau_loss, _tau_split, prepare
+from structprune_graph.solver import SolverConfig, _tau_loss, _tau_split, prepare, taylor_first
 from test_pruning import lm_batches
 
 
@@ -64,3 +64,22 @@ def test_bad_tau_settings_are_refused():
         SolverConfig(tau_search="loss")
     with pytest.raises(StructPruneError, match="tau_batches must be >= 1"):
         SolverConfig(tau_batches=0)
+
+
+
+def test_masked_score_masks_the_sweeps_obs_order_even_under_a_taylor_prefix(llama):
+    batches = lm_batches(3, seed=1)
+    config = SolverConfig(tau_batches=2)  # the default order: a Taylor prefix, then (Fisher-weighted) OBS
+    graph, state, evaluate = _setup(llama, batches, [], config)
+    curves = state.calibration.curves
+    counts = {gid: min(len(curves[gid].order), state.groups[gid].size // 2) for gid in curves}
+    assert taylor_first(config, state) == 0.25
+    lowest = {gid: sorted(range(state.groups[gid].size), key=lambda u: (state.unit_scores[gid][u], u))
+              for gid in counts}
+    # the solve's first units (lowest Taylor) are not the OBS order's, so the two masks differ
+    assert any(not set(lowest[gid][:int(0.25 * state.groups[gid].size)]) <= set(curves[gid].order[:n])
+               for gid, n in counts.items())
+    keep = {gid: [u for u in range(state.groups[gid].size) if u not in set(curves[gid].order[:n])]
+            for gid, n in counts.items()}
+    torch.testing.assert_close(evaluate(counts), _held_loss(sp.apply(llama, graph, keep), batches[:2]),
+                               rtol=1e-5, atol=1e-6)
