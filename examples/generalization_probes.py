@@ -95,6 +95,10 @@ RECORDED_CURVES = "obs"
 RECORDED_RIDGE = 0.01
 
 
+# the order inside each group today (rows recorded before 2026-12-03 without this label used plain OBS)
+DEFAULT_ORDER = "Taylor 25% then Fisher-weighted OBS"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
@@ -207,7 +211,7 @@ def main() -> None:
             for ridge in args.ridges:
                 name = {"none": "re-fit without a bias", "refit": "re-fit with a bias"}.get(
                     how, "centred OBS, curves and re-fit with a bias")
-                shared = per_config(f"structprune, {name}, ridge {ridge:g}",
+                shared = per_config(f"structprune, {name}, ridge {ridge:g}, {DEFAULT_ORDER}",
                                     SolverConfig(refit_bias=how, refit_ridge=ridge), shared)
         return
 

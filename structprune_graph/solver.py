@@ -5,12 +5,12 @@
 
 Global-quality allocation with the memory of one block: the dense model is only ever run one block at a
 time (two for the ADMM coupling step), and every block's statistics are dropped before the next block.
-``docs/structprune_solver.md`` has the equations and the defaults.
+``docs/structprune_solver.md`` has the equations and the defaults. The loss each tau is scored by (a model
+with units masked and weights swapped in, never modified) is ``trial.py``'s.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -25,10 +25,8 @@ from structprune_graph.passes.allocate import prunable_params
 from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
 from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration,
-                                                          BlockCalibrationRequest, GroupCurve, block_module,
-                                                          consumers_of)
-from structprune_graph.passes.experts import is_fused_path
-from structprune_graph.passes.calibrate import CalibratePass, CalibrationError, CalibrationRequest, default_loss
+                                                          BlockCalibrationRequest, GroupCurve)
+from structprune_graph.passes.calibrate import CalibratePass, CalibrationError, CalibrationRequest
 from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
@@ -39,12 +37,13 @@ from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass,
 from structprune_graph.passes.solve import (DEFAULT_REFIT_RIDGE, REFIT_BIASES, REFIT_TARGETS, BlockSolution,
                                            BlockSolvePass, BlockSolveRequest)
 
-from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains, run_model
+from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains
 from .distributed import LOCAL, Collective, DistributedError
 from .errors import StructPruneError
-from .evaluate import STAGE_LOG, main_output
+from .evaluate import STAGE_LOG
 from .graph import DependencyGraph, Group
 from .streaming import resident as in_memory
+from .trial import trial_loss
 
 logger = logging.getLogger(__name__)
 
@@ -404,103 +403,9 @@ def _coverage(model: nn.Module, list_path: str, groups: tuple[Group, ...]) -> fl
     return inside / max(sum(sum(g.unit_params) for g in groups), 1)
 
 
-def _takes_labels(model: nn.Module, batch: Any) -> bool:
-    """A keyword batch of a model whose forward accepts ``labels`` (transformers LMs)."""
-    if not isinstance(batch, Mapping):
-        return False
-    params = inspect.signature(model.forward).parameters
-    return "labels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _tensors(batch: Any) -> list[torch.Tensor]:
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple) else (batch,)
     return [v for v in values if isinstance(v, torch.Tensor)]
-
-
-def _trial_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], collective: Collective = LOCAL):
-    """(removed units, replacement weights) -> loss on ``batches`` of the model with those units masked (a
-    removed unit's channels zeroed at its consumers' inputs) and those weights in place of the dense ones.
-    The LM loss when the model gives one, else the relative error of its main output against the dense
-    model's. Replacements are swapped in around each layer's forward, so streamed weights work too."""
-    with torch.no_grad():
-        dense = None
-        try:
-            if not batches or not _takes_labels(model, batches[0]):
-                raise CalibrationError("the model takes no labels")
-            default_loss(model, batches[0])
-        except CalibrationError:
-            dense = [main_output(run_model(model, b)) for b in batches]
-
-    def masks_of(removed: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-        masks: dict[str, torch.Tensor] = {}
-        for block in state.partition.blocks:
-            module = block_module(model, block)
-            prefix = block.path + "." if block.path else ""
-            for gid in block.group_ids:
-                units = removed.get(gid, ())
-                if not units:
-                    continue
-                for path, columns in consumers_of(block, module, state.groups[gid]):
-                    full = prefix + path
-                    if is_fused_path(module, path):  # (experts, out, in): masked on its last dim
-                        width = module.get_parameter(path).shape[-1]
-                    else:
-                        layer = model.get_submodule(full)
-                        width = layer.weight.shape[1] if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) else layer.weight.shape[0]
-                    mask = masks.setdefault(full, torch.ones(width))
-                    mask[torch.cat([columns[u] for u in units])] = 0.0
-        return masks
-
-    def score(removed: Mapping[str, Sequence[int]], weights: Mapping[str, torch.Tensor]) -> float:
-        handles = []
-        masked_params = set()
-        for full, mask in masks_of(removed).items():
-            if is_fused_path(model, full):
-                handles += _swap_weight(model, full, weights, scale=mask)  # a removed channel's column is zero
-                masked_params.add(full)
-                continue
-            layer = model.get_submodule(full)
-            dim_last = not isinstance(layer, nn.modules.conv._ConvNd)
-            shaped = mask if dim_last else mask.view(1, -1, *([1] * (layer.weight.dim() - 2)))
-            handles.append(layer.register_forward_pre_hook(
-                lambda m, a, s=shaped: (a[0] * s.to(a[0].device, a[0].dtype), *a[1:])))
-        for name in weights:
-            if name not in masked_params:
-                handles += _swap_weight(model, name, weights)
-        try:
-            with torch.no_grad():  # sums over this rank's batches, then over the ranks
-                if dense is None:
-                    total, count = collective.sum_floats(
-                        [sum(float(default_loss(model, b)) for b in batches), len(batches)], "tau trial loss")
-                    return total / count
-                outs = [main_output(run_model(model, b)) for b in batches]
-                num, den = collective.sum_floats([sum(float(((o - d) ** 2).sum()) for o, d in zip(outs, dense)),
-                                                  sum(float((d ** 2).sum()) for d in dense)], "tau trial error")
-                return num / max(den, 1e-30)
-        finally:
-            for h in handles:
-                h.remove()
-    return score
-
-
-def _swap_weight(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor],
-                 scale: Optional[torch.Tensor] = None) -> list:
-    """Hooks that put ``weights[name]`` (the parameter itself when absent) times ``scale`` (on its last
-    dim) in place of the parameter for the layer's forward (read when the layer runs: a disk-backed store
-    holds one layer's tensor at a time) and put the parameter back after."""
-    path, attr = name.rsplit(".", 1)
-    layer = model.get_submodule(path)
-    saved: list = []
-
-    def swap_in(module, args):
-        current = module._parameters[attr]
-        saved.append(current)
-        value = weights[name].to(current.device, current.dtype) if name in weights else current.detach()
-        module._parameters[attr] = value * scale.to(value.device, value.dtype) if scale is not None else value
-
-    def swap_back(module, args, output):
-        module._parameters[attr] = saved.pop()
-    return [layer.register_forward_pre_hook(swap_in), layer.register_forward_hook(swap_back)]
 
 
 def _tau_split(n: int, config: SolverConfig) -> tuple[list[int], list[int]]:
@@ -553,12 +458,12 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
     if config.tau_search == "masked":
         mine = collective.local_positions(range(min(config.tau_batches, total)))
         _every_rank_has(mine, collective, "tau_batches")
-        score = _trial_loss(model, state, [batches[i] for i in mine], collective)
+        score = trial_loss(model, state.partition, state.groups, [batches[i] for i in mine], collective)
         return lambda counts: score({gid: state.calibration.curves[gid].order[:n] for gid, n in counts.items()}, {})
     fit, held = (collective.local_positions(indices) for indices in _tau_split(total, config))
     _every_rank_has(fit, collective, "tau_batches")
     _every_rank_has(held, collective, "tau_holdout")
-    score = _trial_loss(model, state, [batches[i] for i in held], collective)
+    score = trial_loss(model, state.partition, state.groups, [batches[i] for i in held], collective)
     inputs = [state.inputs[i] for i in fit]
     if state.unit_scores or state.output_fisher:  # the order's statistics from the fitted batches alone
         state = _order_statistics(model, state, [batches[i] for i in fit], inputs, resident, collective)
