@@ -68,7 +68,11 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
                                                     curve_error="removal", taylor_first=0.0, obs_weighting="none"),
                "softmax-gradient-removal-taylor0.25-fisher": dict(allocation="softmax", tau_search="masked",
                                                                   block_energy="gradient", curve_error="removal",
-                                                                  taylor_first=0.25, obs_weighting="fisher")}
+                                                                  taylor_first=0.25, obs_weighting="fisher"),
+               # the allocator's cap per group at sparsity + 0.2 (SolverConfig.prune_margin; --probe prune-margin)
+               "softmax-gradient-removal-taylor0.25-fisher-margin0.2": dict(
+                   allocation="softmax", tau_search="masked", block_energy="gradient", curve_error="removal",
+                   taylor_first=0.25, obs_weighting="fisher", prune_margin=0.2)}
 
 
 def code_text() -> str:
@@ -242,7 +246,9 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
     for s in args.sparsities:
         for name in args.allocations:
             t = time.perf_counter()
-            config = SolverConfig(refit_ridge=ridge, **ALLOCATIONS[name])  # the library's tau batches
+            # the library's tau batches; an entry recorded before SolverConfig.prune_margin was capped by
+            # max_prune alone, and still is unless it names a margin
+            config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, **ALLOCATIONS[name]})
             sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
             result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config)
             seconds = round(time.perf_counter() - t, 1)

@@ -206,4 +206,4 @@ class SoftmaxAllocatePass(Pass[SoftmaxAllocationRequest, SoftmaxAllocation]):
         if abs(alloc.removed_params - alloc.target_params) > coarsest:
             raise StructPruneError(f"softmax allocation pass: removed {alloc.removed_params} parameters for a target of "
                                    f"{alloc.target_params}: the groups cannot meet the budget within their caps "
-                                   f"(max_prune); lower the sparsity or raise max_prune")
+                                   f"(SolverConfig.max_prune, prune_margin); lower the sparsity or raise them")

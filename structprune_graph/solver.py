@@ -51,6 +51,7 @@ TAU_SEARCHES = ("refit", "masked")
 COORDINATIONS = ("admm", "propagate")
 OBS_WEIGHTINGS = ("auto", "none", "fisher")
 AUTO_TAYLOR_FIRST = 0.25  # SolverConfig.taylor_first=None on a chain of blocks that gives a loss (else 0)
+DEFAULT_PRUNE_MARGIN = 0.2  # SolverConfig.prune_margin
 MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
 
 
@@ -66,7 +67,12 @@ class SolverConfig:
     tau_search: str = "masked"
     tau_batches: int = 8  # calibration batches each tau is re-fitted on ("masked": evaluated on)
     tau_holdout: int = 4  # "refit": the last calibration batches, never fitted, each tau is scored on
-    max_prune: float = 0.8  # most of a group's units the allocator may remove
+    max_prune: float = 0.8  # most of a group's units the allocator may remove (and the dense sweep's curves reach)
+    # the allocator removes at most sparsity + prune_margin of any group (never more than max_prune); None:
+    # max_prune alone. Chosen on the development windows (SmolLM2, Austen, 16 windows; docs section 3, "How
+    # deep one group may be cut"): 0.2 scored 1.586 / 1.974 / 3.619 at 20 / 30 / 50% against max_prune
+    # alone's 1.611 / 2.019 / 4.264; 0.3 scored 1.574 / 2.030 / 4.264
+    prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN
     # what the allocator compares blocks by: their OBS errors relative to the input stream's energy ("stream"),
     # to a robust energy blind to massive channels ("robust"), or times the loss's sensitivity at the block's
     # output ("gradient": passes/sensitivity.py; block by block, streamed and distributed runs included).
@@ -161,6 +167,9 @@ class SolverConfig:
         if self.refit_bias != "none" and self.tau_search == "refit":
             raise StructPruneError("SolverConfig: refit_bias scores taus on the masked model; use "
                                    "tau_search='masked'")
+        if self.prune_margin is not None and not self.prune_margin > 0.0:
+            raise StructPruneError(f"SolverConfig: prune_margin is the share of a group the allocator may remove "
+                                   f"beyond the sparsity, > 0 (None: max_prune alone); got {self.prune_margin}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
@@ -517,7 +526,8 @@ def allocate(model: nn.Module, state: SolverState, batches: Sequence[Any], spars
     ``batches``); the model is not modified."""
     groups = _solvable(state)
     shapes = _shapes(model, tuple(budget_groups) + groups)
-    curves = state.calibration.curves
+    cap = allocation_cap(config, sparsity)
+    curves = {g.id: _capped(state.calibration.curves[g.id], _max_remove(g, cap)) for g in groups}
     target = round(sparsity * prunable_params(tuple(budget_groups), shapes))
 
     def rounded(counts: Mapping[str, int]):  # -> RoundedCounts
@@ -537,6 +547,17 @@ def allocate(model: nn.Module, state: SolverState, batches: Sequence[Any], spars
         final = rounded(alloc.counts)
         counts, removed = final.counts, final.removed_params
     return Allocation(dict(counts), removed, alloc.target_params, alloc.tau, dict(alloc.losses))
+
+
+def allocation_cap(config: SolverConfig, sparsity: float) -> float:
+    """The most of any group the allocator may remove at this sparsity: sparsity + prune_margin, at most
+    max_prune (the dense sweep's curves reach no further)."""
+    return config.max_prune if config.prune_margin is None else min(config.max_prune, sparsity + config.prune_margin)
+
+
+def _capped(curve: GroupCurve, most: int) -> GroupCurve:
+    """The curve's first ``most`` removals (the allocator's cap for this sparsity)."""
+    return curve if most >= len(curve.order) else GroupCurve(curve.order[:most], curve.increments[:most])
 
 
 def _solvable(state: SolverState) -> tuple[Group, ...]:
