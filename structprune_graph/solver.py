@@ -70,7 +70,7 @@ class SolverConfig:
     max_prune: float = 0.8  # most of a group's units the allocator may remove (and the dense sweep's curves reach)
     # the allocator removes at most sparsity + prune_margin of any group (never more than max_prune); None:
     # max_prune alone. Chosen on the development windows (SmolLM2, Austen, 16 windows; docs section 3, "How
-    # deep one group may be cut"): 0.2 scored 1.586 / 1.974 / 3.619 at 20 / 30 / 50% against max_prune
+    # deep one group may be cut"): 0.2 scored 1.586 / 1.974 / 3.603 at 20 / 30 / 50% against max_prune
     # alone's 1.611 / 2.019 / 4.264; 0.3 scored 1.574 / 2.030 / 4.264
     prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN
     # what the allocator compares blocks by: their OBS errors relative to the input stream's energy ("stream"),
