@@ -165,6 +165,8 @@ def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[S
     return {"config": config.label(), "block_energy": solved.block_energy, "statistics": config.statistics,
             "taylor_first": solved.taylor_first, "obs_weighting": solved.obs_weighting,
             "refit_target": config.refit_target,
+            # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)
+            "prune_margin": config.prune_margin, "max_prune": config.max_prune,
             # wall seconds per stage of the solver (the dense sweep's only where this call ran it)
             "stages": {**(state.stage_seconds if state is not None else {}), **solved.stage_seconds},
             "tau": solved.tau, "tau_losses": dict(solved.tau_losses),

@@ -43,3 +43,4 @@ def test_no_group_loses_more_than_the_cap_and_the_budget_is_met():
     for r in (free, capped):
         assert abs(r.report.sparsity_achieved - 0.3) < 0.05
     assert _removed_share(capped) != _removed_share(free)
+    assert (capped.report.solver["prune_margin"], free.report.solver["prune_margin"]) == (0.1, None)
