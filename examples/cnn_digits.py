@@ -117,6 +117,9 @@ def run_seed(seed: int) -> list[dict]:
 
     runs = {
         "structprune": lambda: sp.prune(dense, calib, SPARSITY, method="structprune").model,
+        # the allocator's cap per group as it was until 2026-12-03 (max_prune = 0.8 at every sparsity)
+        "structprune, cap 0.8 (prune_margin=None)": lambda: sp.prune(dense, calib, SPARSITY, method="structprune",
+                                                                     solver=SolverConfig(prune_margin=None)).model,
         "structprune (no reconstruction)": lambda: sp.prune(dense, calib, SPARSITY, method="structprune",
                                                             solver=SolverConfig(reconstruct=False)).model,
         "wanda-sp": lambda: sp.prune(dense, calib, SPARSITY, method="wanda-sp").model,

@@ -29,8 +29,12 @@ import torch
 
 import structprune_graph as sp
 from structprune_graph.evaluate import count_params
+from structprune_graph.solver import SolverConfig
 
 SPARSITIES = (0.3, 0.5)
+# structprune with the allocator's cap at max_prune = 0.8 at every sparsity (SolverConfig(prune_margin=None)):
+# the default until 2026-12-03, when the cap became min(sparsity + 0.2, 0.8), chosen on SmolLM2
+CAP_ABLATION = "structprune, cap 0.8 (prune_margin=None)"
 CALIB_SENTENCES, HELDOUT_SENTENCES, BATCH, MAX_TOKENS = 256, 512, 32, 64
 
 
@@ -151,18 +155,20 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         for sparsity in SPARSITIES:
-            for method in ("structprune", "wanda-sp", "torch-pruning"):
+            for method in ("structprune", CAP_ABLATION, "wanda-sp", "torch-pruning"):
                 import copy
 
                 t = time.perf_counter()
                 if method == "torch-pruning":
                     model = torch_pruning(copy.deepcopy(dense_model), calib, sparsity)
+                elif method == CAP_ABLATION:  # the allocator's cap per group as it was until 2026-12-03
+                    model = sp.prune(dense_model, calib, sparsity, solver=SolverConfig(prune_margin=None)).model
                 else:
                     model = sp.prune(dense_model, calib, sparsity, method=method).model
                 seconds = time.perf_counter() - t
                 row = {"method": method, "sparsity": sparsity, "params": count_params(model), "seconds": seconds,
                        **quality(embed(model, held), dense)}
-                if method != "wanda-sp":  # wanda-sp has structprune's shapes at the same sparsity
+                if method not in ("wanda-sp", CAP_ABLATION):  # a quality ablation; wanda-sp has structprune's shapes
                     row.update(onnx_latency(model, timing_inputs, Path(tmp), f"{method}-{sparsity}", args.repeats))
                 rows.append(row)
                 print(json.dumps(row), flush=True)

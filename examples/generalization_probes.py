@@ -52,6 +52,12 @@ With 64 windows global Taylor leads out of domain at 20% and 30% (README): is it
 dense sweep): ``block``, the dense layer's output on the pruned trajectory's own inputs, or ``model``, the
 dense model's output of the layer, so that each block also undoes the drift left by the blocks before it.
 
+``--probe ridge-scale``: what the re-fit's ridge is relative to (``SolverConfig.refit_ridge_scale``, every
+``--scales`` at every ``--ridges``, one dense sweep): ``mean``, r mean(diag H) I (the default), or ``diagonal``,
+r diag(H): each input shrunk by its own second moment, so that the calibration text's correlations between
+inputs are shrunk toward none whatever the input's scale (where a few inputs are much larger than the rest,
+they set mean(diag H), and the mean scale leaves the small inputs almost unregularised).
+
 ``--probe max-prune``: the most of a group the allocator may remove (``SolverConfig.max_prune``, every
 ``--caps``; 0.8 by default, never tuned before 2026-12-03). At 50% on SmolLM2 18 of the 30 MLP layers sit at
 the cap. ``--probe prune-margin``: the cap as sparsity + ``--margins`` (``SolverConfig.prune_margin``, at
@@ -106,9 +112,9 @@ DEFAULT_ORDER = "Taylor 25% then Fisher-weighted OBS"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error", "tau",
-                                                 "refit-bias", "calib-size", "counts", "order", "refit-target", "max-prune",
-                                                 "prune-margin"),
+    parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error",
+                                            "tau", "refit-bias", "calib-size", "counts", "order", "refit-target",
+                                            "ridge-scale", "max-prune", "prune-margin"),
                         required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
@@ -119,6 +125,7 @@ def main() -> None:
     parser.add_argument("--caps", type=float, nargs="+", default=[0.7, 0.9], help="max-prune: SolverConfig.max_prune")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.2],
                         help="prune-margin: SolverConfig.prune_margin")
+    parser.add_argument("--scales", nargs="+", default=["diagonal"], choices=("mean", "diagonal"))
     parser.add_argument("--targets", nargs="+", default=["model", "block"], choices=("block", "model"))
     parser.add_argument("--calib", default="austen", choices=("austen", "self", "austen+self", "pydoc", "mix"),
                         help="calibration text (default Austen; the development windows are always Austen's and pydoc's)")
@@ -197,6 +204,14 @@ def main() -> None:
         for margin in args.margins:
             shared = per_config(f"structprune, at most the sparsity + {margin:g} of a group removed (max 0.8), "
                                 f"{DEFAULT_ORDER}", SolverConfig(prune_margin=margin), shared)
+        return
+
+    if args.probe == "ridge-scale":  # the re-fit's ridge is not a sweep setting: one dense sweep for every row
+        shared = None
+        for scale in args.scales:
+            for ridge in args.ridges:
+                shared = per_config(f"structprune, ridge {ridge:g} x {'diag(H)' if scale == 'diagonal' else 'mean(diag H) I'}"
+                                    f", {DEFAULT_ORDER}", SolverConfig(refit_ridge=ridge, refit_ridge_scale=scale), shared)
         return
 
     if args.probe == "refit-target":  # one dense sweep shared by every --targets

@@ -94,14 +94,33 @@ def damped(h: torch.Tensor, damping: float, inplace: bool = False) -> torch.Tens
     return h
 
 
-def redamped(h: torch.Tensor, damping: float, ridge: float) -> torch.Tensor:
-    """An H that ``damped(h, damping, inplace=True)`` damped, shifted in place to H + ridge * mean(diag H) * I
-    (the re-fit's own ridge; the mean is recovered from the damped diagonal, whose mean is (1 + damping) *
-    mean(diag H)); returned as it is when ``ridge == damping``."""
-    if ridge != damping:
-        diag = h.diagonal()
+def redamped(h: torch.Tensor, damping: float, ridge: float, scale: str = "mean") -> torch.Tensor:
+    """An H that ``damped(h, damping, inplace=True)`` damped, shifted in place to the re-fit's own ridge:
+    H + ridge * mean(diag H) * I (``scale="mean"``; the mean is recovered from the damped diagonal, whose mean
+    is (1 + damping) * mean(diag H)), or H + ridge * diag(H) (``"diagonal"``: each input by its own second
+    moment, i.e. the correlations shrunk toward none, whatever each input's scale); returned as it is when
+    ``ridge == damping`` with the mean scale."""
+    diag = h.diagonal()
+    if scale == "diagonal":
+        own = diag - damping * float(diag.mean()) / (1.0 + damping)  # diag H (dead inputs: 1), (in,)
+        diag.copy_(own * (1.0 + ridge))
+    elif ridge != damping:
         diag += (ridge - damping) * float(diag.mean()) / (1.0 + damping)
     return h
+
+
+def ridge_shift(h: torch.Tensor, ridge: float, scale: str = "mean") -> torch.Tensor:
+    """The ridge a ``redamped`` H carries, recovered from its diagonal: r m (a scalar tensor) for the mean
+    scale, whose diagonal mean is (1 + r) m; r diag(H) (in,) for the diagonal scale, whose diagonal is
+    (1 + r) diag(H)."""
+    diag = h.diagonal()
+    return diag * (ridge / (1.0 + ridge)) if scale == "diagonal" else diag.mean() * (ridge / (1.0 + ridge))
+
+
+def ridged(h: torch.Tensor, ridge: float, scale: str = "mean") -> torch.Tensor:
+    """A copy of an undamped H with the re-fit's ridge: ``damped(h, ridge)`` (mean scale) or H + ridge *
+    diag(H) with dead inputs given a unit diagonal first (diagonal scale)."""
+    return redamped(damped(h, 0.0), 0.0, ridge, scale) if scale == "diagonal" else damped(h, ridge)
 
 
 def _factor_in_place(h: torch.Tensor) -> bool:

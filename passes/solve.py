@@ -32,7 +32,8 @@ from ._infra import Pass, PassResult
 from . import experts as fused
 from .blockwise_calibrate import (ModelTargetCollector, StatsCollector, block_module, build_consumers, consumer_width,
                                   consumers_of)
-from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped
+from .obs import (DEFAULT_DAMPING, Consumer, as_out_in, damped, from_out_in, greedy_obs, least_squares, redamped,
+                  ridge_shift, ridged)
 from .partition import Block, Partition
 
 
@@ -43,6 +44,10 @@ ERROR_BATCHES = 8  # batches the per-block error is measured on
 # section 4): 0.3 scored best at 20/30/50% calibrated on Austen and on Austen + self (0.01 until 2026-12-03)
 DEFAULT_REFIT_RIDGE = 0.3
 REFIT_BIASES = ("none", "refit", "centred")
+# what the re-fit's ridge is relative to: "mean", r mean(diag H) I (every input the same shrinkage); "diagonal",
+# r diag(H) (each input by its own second moment: the calibration text's correlations between inputs shrunk
+# toward none, the same at any scale of the input)
+REFIT_RIDGE_SCALES = ("mean", "diagonal")
 # what each consumer's re-fit matches on the pruned trajectory's inputs: "block", the dense layer's output on
 # those same inputs (each block repairs its own cut); "model", the dense model's own output of the layer (on
 # the dense trajectory), so that each block also undoes the drift of the blocks before it
@@ -84,6 +89,7 @@ class BlockSolveRequest:
     # mean squared gradient there: SolverConfig.obs_weighting="fisher"); the re-fit is unweighted (rows fit alone)
     output_weights: Optional[Mapping[str, torch.Tensor]] = None
     refit_target: str = "block"  # REFIT_TARGETS (SolverConfig.refit_target)
+    refit_ridge_scale: str = "mean"  # REFIT_RIDGE_SCALES (SolverConfig.refit_ridge_scale)
 
 
 @dataclass(frozen=True)
@@ -155,15 +161,15 @@ def consumer_clusters(block: Block, module: nn.Module, groups: Mapping[str, Grou
 
 
 def _model_rhs(stats: StatsCollector, path: str, w: torch.Tensor, h: torch.Tensor, kept_cols: torch.Tensor,
-               ridge: float) -> Optional[torch.Tensor]:
-    """refit_target="model": the re-fit's right-hand side X_K^T X~ W_dense^T + r m W_K^T (the dense model's
-    output of the layer as the target, the ridge still toward the current weights W), (kept, out); None (the
-    block's target) where no ModelTargetCollector ran. ``h`` is H + r m I (redamped): r m is recovered from its
-    diagonal, whose mean is (1 + r) m."""
+               ridge: float, scale: str = "mean") -> Optional[torch.Tensor]:
+    """refit_target="model": the re-fit's right-hand side X_K^T X~ W_dense^T + R W_K^T (the dense model's
+    output of the layer as the target, the ridge R still toward the current weights W), (kept, out); None (the
+    block's target) where no ModelTargetCollector ran. ``h`` is H + R (redamped), R recovered by ridge_shift."""
     target = stats.targets.get(path)
     if target is None:
         return None
-    shift = ridge * float(h.diagonal().mean()) / (1.0 + ridge)
+    shift = ridge_shift(h, ridge, scale)
+    shift = shift.index_select(0, kept_cols)[:, None] if shift.dim() else shift  # (kept, 1) or ()
     return target.index_select(0, kept_cols).to(h.dtype) + shift * w[:, kept_cols].T.to(h.dtype)  # (kept, out)
 
 
@@ -300,13 +306,14 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 h = owned.pop(c.path, None)
                 if state.reconstruct and second_order[c.path]:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
-                    h = redamped(h, state.damping, state.refit_ridge) if h is not None else \
-                        damped(stats.hessians[c.path], state.refit_ridge)
+                    scale = state.refit_ridge_scale
+                    h = redamped(h, state.damping, state.refit_ridge, scale) if h is not None else \
+                        ridged(stats.hessians[c.path], state.refit_ridge, scale)
                     mu = stats.means.get(c.path)
                     if state.refit_bias == "refit" and mu is not None:  # the fit with a free bias: H - n mu mu^T
                         h.addr_(mu.to(h.dtype), mu.to(h.dtype), alpha=-float(stats.tokens[c.path]))
                     w = least_squares(w, h, kept_cols, rhs=_model_rhs(stats, c.path, w, h, kept_cols,
-                                                                      state.refit_ridge))
+                                                                      state.refit_ridge, scale))
                 else:
                     w = w.clone()
                     w[:, sorted(gone)] = 0.0

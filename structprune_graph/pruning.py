@@ -164,7 +164,8 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
 def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[SolverState] = None) -> dict:
     return {"config": config.label(), "block_energy": solved.block_energy, "statistics": config.statistics,
             "taylor_first": solved.taylor_first, "obs_weighting": solved.obs_weighting,
-            "refit_target": config.refit_target,
+            "refit_target": config.refit_target, "refit_ridge": config.refit_ridge,
+            "refit_ridge_scale": config.refit_ridge_scale,
             # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)
             "prune_margin": config.prune_margin, "max_prune": config.max_prune,
             # wall seconds per stage of the solver (the dense sweep's only where this call ran it)

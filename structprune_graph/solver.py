@@ -34,8 +34,8 @@ from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensiti
                                                   SensitivityRequest)
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
-from structprune_graph.passes.solve import (DEFAULT_REFIT_RIDGE, REFIT_BIASES, REFIT_TARGETS, BlockSolution,
-                                           BlockSolvePass, BlockSolveRequest)
+from structprune_graph.passes.solve import (DEFAULT_REFIT_RIDGE, REFIT_BIASES, REFIT_RIDGE_SCALES, REFIT_TARGETS,
+                                           BlockSolution, BlockSolvePass, BlockSolveRequest)
 
 from .blockwise import ActivationStore, BlockInput, capture_block_inputs, chains
 from .distributed import LOCAL, Collective, DistributedError
@@ -103,6 +103,9 @@ class SolverConfig:
     damping: float = DEFAULT_DAMPING  # of H in the OBS selection
     reconstruct: bool = True  # least-squares update of the surviving weights
     refit_ridge: float = DEFAULT_REFIT_RIDGE  # of H in the re-fit: shrinkage toward the dense weights
+    # what refit_ridge is relative to (REFIT_RIDGE_SCALES): "mean", r mean(diag H) I; "diagonal", r diag(H)
+    # (each input by its own second moment: the inputs' correlations on the calibration text shrunk toward none)
+    refit_ridge_scale: str = "mean"
     # a free bias in every linear consumer's fit (REFIT_BIASES): its bias keeps the consumer's output mean
     # ((W - W') mu added; created where the layer has none, as FLAP's compensation is). "refit": the re-fit
     # alone uses the centred H - n mu mu^T (OBS order and curves unchanged); "centred": the OBS order and the
@@ -155,6 +158,9 @@ class SolverConfig:
                                    f"{tuple(STATISTICS_DTYPES)}")
         if self.refit_bias not in REFIT_BIASES:
             raise StructPruneError(f"SolverConfig: unknown refit_bias {self.refit_bias!r}; choose one of {REFIT_BIASES}")
+        if self.refit_ridge_scale not in REFIT_RIDGE_SCALES:
+            raise StructPruneError(f"SolverConfig: unknown refit_ridge_scale {self.refit_ridge_scale!r}; choose one "
+                                   f"of {REFIT_RIDGE_SCALES}")
         if self.refit_target not in REFIT_TARGETS:
             raise StructPruneError(f"SolverConfig: unknown refit_target {self.refit_target!r}; choose one of "
                                    f"{REFIT_TARGETS}")
@@ -377,7 +383,8 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group
     fixed = {gid: tuple(kept) for gid, kept in keep.items()}
     return BlockSolvePass()(BlockSolveRequest(model, partition, {g.id: g for g in groups}, inputs, {}, config.damping,
                                               True, resident=resident, fixed_keep=fixed,
-                                              refit_ridge=config.refit_ridge, refit_target=config.refit_target,
+                                              refit_ridge=config.refit_ridge, refit_ridge_scale=config.refit_ridge_scale,
+                                              refit_target=config.refit_target,
                                               statistics_dtype=STATISTICS_DTYPES[config.statistics])).state.new_weights
 
 
@@ -482,7 +489,8 @@ def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], conf
         try:
             solution = BlockSolvePass()(BlockSolveRequest(
                 model, state.partition, state.groups, inputs, counts, config.damping, config.reconstruct,
-                resident=resident, weights_out=store, refit_ridge=config.refit_ridge, collective=collective,
+                resident=resident, weights_out=store, refit_ridge=config.refit_ridge,
+                refit_ridge_scale=config.refit_ridge_scale, collective=collective,
                 statistics_dtype=STATISTICS_DTYPES[config.statistics],
                 unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
                 output_weights=state.output_fisher or None,
@@ -589,7 +597,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
-            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge, collective=collective,
+            admm_idx, store, resident, weights_out, refit_ridge=config.refit_ridge,
+            refit_ridge_scale=config.refit_ridge_scale, collective=collective,
             statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias,
             unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
             output_weights=state.output_fisher or None, refit_target=config.refit_target)).state

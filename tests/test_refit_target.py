@@ -82,16 +82,22 @@ def test_a_later_blocks_refit_solves_the_normal_equations_toward_the_dense_model
     assert not torch.allclose(own, want, rtol=1e-3, atol=1e-5)
 
 
-def test_an_infinite_ridge_is_no_refit_and_keeping_everything_changes_nothing(llama):
-    batches = lm_batches(2)
-    huge = _prune(llama, batches, "model", refit_ridge=1e12).solution
+def assert_no_refit_and_nothing_changed(llama, batches, huge, kept_all):
+    """``huge`` (a solution at 40% with ridge -> inf) equals no re-fit; ``kept_all`` (a result at 0%) is the
+    dense model exactly."""
     none = sp.prune(llama, batches, 0.4, solver=SolverConfig(reconstruct=False, **PLAIN)).solution
     assert huge.keep == none.keep
     for name, w in none.new_weights.items():
         torch.testing.assert_close(huge.new_weights[name], w, rtol=1e-6, atol=1e-7)
-    kept_all = sp.prune(llama, batches, 0.0, solver=SolverConfig(refit_target="model", **PLAIN))
     for name, p in llama.named_parameters():
         torch.testing.assert_close(kept_all.model.get_parameter(name), p, rtol=0, atol=0)
+
+
+def test_an_infinite_ridge_is_no_refit_and_keeping_everything_changes_nothing(llama):
+    batches = lm_batches(2)
+    assert_no_refit_and_nothing_changed(
+        llama, batches, _prune(llama, batches, "model", refit_ridge=1e12).solution,
+        sp.prune(llama, batches, 0.0, solver=SolverConfig(refit_target="model", **PLAIN)))
 
 
 def test_bad_refit_targets_are_refused():
