@@ -22,6 +22,11 @@ measured, and the table to ``OUT/NAME.md``.
 Phases A and B use the library's defaults; rows recorded before 2026-12-02 (evening) had the OBS curves
 (``SolverConfig(curve_error="obs")``), and those before the gradient energy the stream energy.
 
+``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
+95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
+cancels); with ``--eval-windows 32`` it says which of the 4-window figures a gap of a few percent can be
+trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``.
+
 Run: ``python examples/generalization.py [--calib-samples 16] [--eval-windows 4] [--out examples/results]``
 """
 
@@ -112,8 +117,9 @@ def setup(args):
         calib["mix"] = data.mixed_windows([calib["austen"], calib["pydoc"], self_windows], args.calib_samples)
         calib["self"] = self_windows
         calib["austen+self"] = data.mixed_windows([calib["austen"], self_windows], args.calib_samples)
-    dev = {"austen": data.evaluation_windows(a_dev, 1024, args.eval_windows),
-           "pydoc": data.evaluation_windows(p_dev, 1024, args.eval_windows)}
+    dev_windows = getattr(args, "dev_windows", None) or args.eval_windows
+    dev = {"austen": data.evaluation_windows(a_dev, 1024, dev_windows),
+           "pydoc": data.evaluation_windows(p_dev, 1024, dev_windows)}
     evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:40961],
                                                1024, args.eval_windows),
              "pydoc": data.evaluation_windows(data.tokenize(tok, data.load_text("pydoc", "evaluation")), 1024,
@@ -126,6 +132,17 @@ def ppl(model, windows) -> dict:
     from structprune_graph.evaluate import perplexity
 
     return {name: round(perplexity(model, w, progress=False), 3) for name, w in windows.items()}
+
+
+def held_out(model, windows, paired: bool) -> dict:
+    """The row's evaluation fields: {"eval": ppl per domain}, and with ``paired`` each window's loss too."""
+    from structprune_graph.evaluate import window_losses
+
+    if not paired:
+        return {"eval": ppl(model, windows)}
+    losses = {name: window_losses(model, w, progress=False) for name, w in windows.items()}
+    return {"eval": {name: round(math.exp(sum(v) / len(v)), 3) for name, v in losses.items()},
+            "eval_nll": {name: [round(x, 6) for x in v] for name, v in losses.items()}}
 
 
 def dev_score(d: dict, dense: dict) -> float:
@@ -160,6 +177,10 @@ def main() -> None:
                         help="phase C: structprune with each allocation on the --sources at every --sparsities "
                              "(chosen ridge), measured on the development and the evaluation windows")
     parser.add_argument("--no-structprune", action="store_true", help="phase B: the --baselines only")
+    parser.add_argument("--paired", action="store_true", help="record every evaluation window's loss and "
+                        "report each ratio to dense with its paired 95%% interval")
+    parser.add_argument("--dev-windows", type=int, default=None, help="development windows per domain "
+                        "(default: --eval-windows)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,7 +206,7 @@ def main() -> None:
     args.self_calibration = any(s == "mix" or "self" in s for s in args.sources + args.dev_sources)
     model, calib, dev, evals = setup(args)
     emit({"phase": "dense", "method": "dense", "calib": "-", "sparsity": 0.0, "dev": ppl(model, dev),
-          "eval": ppl(model, evals)})
+          **held_out(model, evals, args.paired)})
     dense_dev = rows[0]["dev"]
 
     # Phase A: calibration policy and ridge, on development windows only
@@ -218,7 +239,7 @@ def main() -> None:
                 result = sp.prune(model, batches, s, reuse=first, solver=config)
                 first = first or result
                 emit({"phase": "eval", "method": f"structprune ridge={ridge:g}" + (" (chosen)" if ridge == chosen else ""),
-                      "calib": source, "sparsity": s, "eval": ppl(result.model, evals),
+                      "calib": source, "sparsity": s, **held_out(result.model, evals, args.paired),
                       "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
         if args.allocations:
             allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit)
@@ -232,7 +253,7 @@ def main() -> None:
                 d = ppl(result.model, dev)
                 emit({"phase": "eval", "method": method, "calib": source, "sparsity": s, "dev": d,
                       "dev_score": round(dev_score(d, dense_dev), 4),
-                      "eval": ppl(result.model, evals), "seconds": seconds})
+                      **held_out(result.model, evals, args.paired), "seconds": seconds})
     print(table(rows))
 
 
@@ -256,7 +277,7 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
             d = ppl(result.model, dev)
             emit({"phase": "eval", "method": f"structprune, {name}", "calib": source, "sparsity": s, "dev": d,
                   "dev_score": round(dev_score(d, dense_dev), 4),
-                  "eval": ppl(result.model, evals), "tau": result.report.solver["tau"],
+                  **held_out(result.model, evals, args.paired), "tau": result.report.solver["tau"],
                   "tau_losses": {str(k): round(v, 4) for k, v in result.report.solver["tau_losses"].items()},
                   "seconds": seconds})
 
@@ -300,8 +321,40 @@ def summary(runs: list[list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(rows: list[dict]) -> str:
+    """Each row with per-window losses: ppl / dense with its 95% interval over the windows, per domain."""
+    from structprune_graph.evaluate import paired_ratio
+
+    dense = next((r for r in rows if r["method"] == "dense" and "eval_nll" in r), None)
+    measured = [r for r in rows if r["phase"] == "eval" and "eval_nll" in r]
+    if dense is None or not measured:
+        return ""
+    domains = list(dense["eval_nll"])
+    lines = ["", f"Paired ratios to dense on the evaluation windows ({len(dense['eval_nll'][domains[0]])} per domain; "
+             "95% interval over the windows):", "",
+             "| sparsity | calibration | method | " + " | ".join(f"{d} / dense" for d in domains) + " |",
+             "|---|---|---|" + "---|" * len(domains)]
+    for r in sorted(measured, key=lambda r: (r["sparsity"], r["calib"], r["method"])):
+        cells = []
+        for d in domains:
+            ratio, low, high = paired_ratio(r["eval_nll"][d], dense["eval_nll"][d])
+            cells.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"| {r['sparsity']:.0%} | {r['calib']} | {r['method']} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for a in measured for b in measured if a["method"].startswith("structprune")
+             and not b["method"].startswith("structprune") and (a["sparsity"], a["calib"]) == (b["sparsity"], b["calib"])]
+    if pairs:  # below 1 with the interval below 1: structprune lower on those windows beyond their spread
+        lines += ["", "structprune against each other method, paired on the same windows (ppl ratio, 95% interval):",
+                  "", "| sparsity | calibration | ratio | " + " | ".join(domains) + " |",
+                  "|---|---|---|" + "---|" * len(domains)]
+        for a, b in pairs:
+            cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(a["eval_nll"][d], b["eval_nll"][d])) for d in domains]
+            lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {b['method']} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
-    return summary([rows])
+    return summary([rows]) + paired_table(rows)
 
 
 if __name__ == "__main__":

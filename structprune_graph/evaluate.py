@@ -17,19 +17,36 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
-    """exp of the mean next-token loss over non-overlapping windows (each window's first token has no
-    prediction: ``seqlen - 1`` losses per window, all windows weighted equally, as SparseGPT does)."""
+def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> list[float]:
+    """The mean next-token loss of each non-overlapping window (its first token has no prediction: ``seqlen -
+    1`` losses per window), one float per window."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out: list[float] = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = windows[start: start + batch_size].to(device)  # (batch, seqlen)
         logits = model(input_ids=ids).logits.float()  # (batch, seqlen, vocab)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  ids[:, 1:].reshape(-1), reduction="none")
-        total += loss.view(ids.shape[0], -1).mean(dim=1).sum().item()
-        count += ids.shape[0]
-    return math.exp(total / count)
+        out.extend(loss.view(ids.shape[0], -1).mean(dim=1).tolist())  # (batch,)
+    return out
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp of the mean next-token loss over non-overlapping windows, all windows weighted equally, as
+    SparseGPT does (``window_losses``)."""
+    losses = window_losses(model, windows, batch_size, progress)
+    return math.exp(sum(losses) / len(losses))
+
+
+def paired_ratio(losses: Sequence[float], reference: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """ppl / reference ppl on the same windows, and its interval exp(mean d +- z se(d)), d the per-window loss
+    differences: (ratio, low, high). Pairing removes the windows' own difficulty, which both models share."""
+    if len(losses) != len(reference) or len(losses) < 2:
+        raise ValueError(f"paired_ratio needs the same windows, at least 2: got {len(losses)} and {len(reference)}")
+    d = [a - b for a, b in zip(losses, reference)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return math.exp(mean), math.exp(mean - z * se), math.exp(mean + z * se)
 
 
 def main_output(output) -> torch.Tensor:

@@ -21,6 +21,23 @@ def test_perplexity_matches_a_direct_computation():
         math.exp(sum(nll) / len(nll)), rel=1e-5)
 
 
+def test_window_losses_and_the_paired_ratio():
+    model = build_eval(next(e for e in ZOO if e.name == "llama"))
+    windows = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits, dim=-1)  # (3, 10, vocab)
+        losses = evaluate.window_losses(model, windows, batch_size=2, progress=False)
+    want = [-sum(logp[w, t, windows[w, t + 1]].item() for t in range(9)) / 9 for w in range(3)]
+    assert losses == pytest.approx(want, rel=1e-5)
+    ratio, low, high = evaluate.paired_ratio([1.0, 2.0, 3.5], [0.5, 1.5, 2.5])  # differences 0.5, 0.5, 1.0
+    se = math.sqrt(((0.5 - 2 / 3) ** 2 * 2 + (1.0 - 2 / 3) ** 2) / 2 / 3)
+    assert ratio == pytest.approx(math.exp(2 / 3))
+    assert (low, high) == pytest.approx((math.exp(2 / 3 - 1.96 * se), math.exp(2 / 3 + 1.96 * se)))
+    assert evaluate.paired_ratio([1.0, 2.0], [1.0, 2.0]) == (1.0, 1.0, 1.0)  # the same model: no spread
+    with pytest.raises(ValueError, match="the same windows, at least 2: got 2 and 3"):
+        evaluate.paired_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
 def test_calibration_windows_are_disjoint_seeded_and_checked():
     tokens = torch.arange(1000)
     a = data.calibration_windows(tokens, data.WindowSpec(samples=5, seqlen=100, seed=1))
