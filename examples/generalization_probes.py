@@ -56,7 +56,8 @@ dense model's output of the layer, so that each block also undoes the drift left
 ``--scales`` at every ``--ridges``, one dense sweep): ``mean``, r mean(diag H) I (the default), or ``diagonal``,
 r diag(H): each input shrunk by its own second moment, so that the calibration text's correlations between
 inputs are shrunk toward none whatever the input's scale (where a few inputs are much larger than the rest,
-they set mean(diag H), and the mean scale leaves the small inputs almost unregularised).
+they set mean(diag H): the mean scale then leaves them almost unregularised and holds the small inputs near
+their dense weights).
 
 ``--probe max-prune``: the most of a group the allocator may remove (``SolverConfig.max_prune``, every
 ``--caps``; 0.8 by default, never tuned before 2026-12-03). At 50% on SmolLM2 18 of the 30 MLP layers sit at

@@ -44,7 +44,8 @@ ERROR_BATCHES = 8  # batches the per-block error is measured on
 # section 4): 0.3 scored best at 20/30/50% calibrated on Austen and on Austen + self (0.01 until 2026-12-03)
 DEFAULT_REFIT_RIDGE = 0.3
 REFIT_BIASES = ("none", "refit", "centred")
-# what the re-fit's ridge is relative to: "mean", r mean(diag H) I (every input the same shrinkage); "diagonal",
+# what the re-fit's ridge is relative to: "mean", r mean(diag H) I (the same ridge on every input:
+# relative to its own second moment, strongest on the smallest inputs); "diagonal",
 # r diag(H) (each input by its own second moment: the calibration text's correlations between inputs shrunk
 # toward none, the same at any scale of the input)
 REFIT_RIDGE_SCALES = ("mean", "diagonal")
