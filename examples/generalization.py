@@ -25,7 +25,11 @@ Phases A and B use the library's defaults; rows recorded before 2026-12-02 (even
 ``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
 95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
 cancels); with ``--eval-windows 32`` it says which of the 4-window figures a gap of a few percent can be
-trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``.
+trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``. ``--compare-with
+NAME ...`` pairs this run's rows against earlier ``--paired`` runs' rows of the same sparsity and
+calibration (refused unless the dense model's window losses match exactly), so that a new setting needs
+no re-run of the others. Phase C's ``...-priorN`` allocations fit the first N self-generated windows in the
+re-fit beside the calibration text (``prune(refit_prior=...)``, weight 0.5 per token).
 
 Run: ``python examples/generalization.py [--calib-samples 16] [--eval-windows 4] [--out examples/results]``
 """
@@ -78,6 +82,11 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
                "softmax-gradient-removal-taylor0.25-fisher-margin0.2": dict(
                    allocation="softmax", tau_search="masked", block_energy="gradient", curve_error="removal",
                    taylor_first=0.25, obs_weighting="fisher", prune_margin=0.2)}
+# the re-fit's prior text (prune(refit_prior=...); --probe refit-prior): the first N self-generated windows
+# fitted beside the calibration text, with SolverConfig.refit_prior_weight per token
+for _n in (8, 16):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior{_n}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2"], prior_samples=_n, refit_prior_weight=0.5)
 
 
 def code_text() -> str:
@@ -181,6 +190,10 @@ def main() -> None:
                         "report each ratio to dense with its paired 95%% interval")
     parser.add_argument("--dev-windows", type=int, default=None, help="development windows per domain "
                         "(default: --eval-windows)")
+    parser.add_argument("--compare-with", nargs="*", default=[], metavar="NAME",
+                        help="with --paired: earlier runs (OUT/NAME.json, recorded with --paired on the same "
+                             "evaluation windows: their dense rows must match this run's window by window) whose "
+                             "rows this run's rows are paired against, as if measured in one run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,14 +209,17 @@ def main() -> None:
     rows: list[dict] = []
     path_json, path_md = out / f"{args.name}.json", out / f"{args.name}.md"
 
+    earlier = [r for name in args.compare_with for r in json.loads((out / f"{name}.json").read_text())["rows"]]
+
     def emit(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
         path_json.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-        path_md.write_text(table(rows))
+        path_md.write_text(table(rows) + compared_table(rows, earlier))
 
     # sampling the model's own text takes minutes: only when a source uses it
-    args.self_calibration = any(s == "mix" or "self" in s for s in args.sources + args.dev_sources)
+    args.self_calibration = (any(s == "mix" or "self" in s for s in args.sources + args.dev_sources)
+                             or any("prior_samples" in ALLOCATIONS[a] for a in args.allocations))
     model, calib, dev, evals = setup(args)
     emit({"phase": "dense", "method": "dense", "calib": "-", "sparsity": 0.0, "dev": ppl(model, dev),
           **held_out(model, evals, args.paired)})
@@ -242,7 +258,7 @@ def main() -> None:
                       "calib": source, "sparsity": s, **held_out(result.model, evals, args.paired),
                       "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
         if args.allocations:
-            allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit)
+            allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit, calib.get("self"))
         for method in args.baselines:  # "NAME+refit": NAME's keep-set, re-fitted as structprune re-fits
             reuse, name = None, method.removesuffix("+refit")
             for s in args.sparsities:
@@ -254,10 +270,10 @@ def main() -> None:
                 emit({"phase": "eval", "method": method, "calib": source, "sparsity": s, "dev": d,
                       "dev_score": round(dev_score(d, dense_dev), 4),
                       **held_out(result.model, evals, args.paired), "seconds": seconds})
-    print(table(rows))
+    print(table(rows) + compared_table(rows, earlier))
 
 
-def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, emit) -> None:
+def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, emit, self_windows=None) -> None:
     """Phase C: one structprune run per allocation and sparsity (the dense sweep shared), each measured on
     the development windows (where a default may be chosen) and the evaluation windows (reported only)."""
     import structprune_graph as sp
@@ -269,9 +285,12 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
             t = time.perf_counter()
             # the library's tau batches; an entry recorded before SolverConfig.prune_margin was capped by
             # max_prune alone, and still is unless it names a margin
-            config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, **ALLOCATIONS[name]})
+            settings = dict(ALLOCATIONS[name])
+            n_prior = settings.pop("prior_samples", 0)
+            config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, **settings})
             sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
-            result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config)
+            prior = batches_of(self_windows[:n_prior]) if n_prior else None
+            result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config, refit_prior=prior)
             seconds = round(time.perf_counter() - t, 1)
             sweeps.setdefault(sweep, result)
             d = ppl(result.model, dev)
@@ -350,6 +369,34 @@ def paired_table(rows: list[dict]) -> str:
             cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(a["eval_nll"][d], b["eval_nll"][d])) for d in domains]
             lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {b['method']} | "
                          + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compared_table(rows: list[dict], earlier: list[dict]) -> str:
+    """This run's rows paired against earlier runs' rows of the same sparsity and calibration, window by
+    window; refused unless every run's dense model read the same windows with the same losses."""
+    from structprune_graph.evaluate import paired_ratio
+
+    if not earlier:
+        return ""
+    dense = next((r for r in rows if r["method"] == "dense" and "eval_nll" in r), None)
+    theirs = [r for r in earlier if r["method"] == "dense" and "eval_nll" in r]
+    if dense is None or not theirs or any(r["eval_nll"] != dense["eval_nll"] for r in theirs):
+        raise SystemExit("--compare-with: an earlier run's dense losses differ from this run's (other windows or "
+                         "another model): pair only runs recorded with --paired on the same evaluation windows")
+    domains = list(dense["eval_nll"])
+    ours = [r for r in rows if r["phase"] == "eval" and "eval_nll" in r]
+    others = [r for r in earlier if r["phase"] == "eval" and "eval_nll" in r]
+    lines = ["", "This run's rows against earlier runs' rows (--compare-with), paired on the same windows (ppl "
+             "ratio, 95% interval):", "", "| sparsity | calibration | ratio | " + " | ".join(domains) + " |",
+             "|---|---|---|" + "---|" * len(domains)]
+    for a in ours:
+        for b in others:
+            if (a["sparsity"], a["calib"]) == (b["sparsity"], b["calib"]):
+                cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(a["eval_nll"][d], b["eval_nll"][d]))
+                         for d in domains]
+                lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {b['method']} | "
+                             + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

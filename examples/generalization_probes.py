@@ -80,6 +80,11 @@ of the calibration batches (``passes/sensitivity.py``; the whole model in memory
 the results file were first measured with this probe's own copy of that computation (commit 9f4a3f2);
 the library option, re-run at 30%, gives the same row to the last digit (the last gradient row).
 
+``--probe refit-prior``: the model's own samples as prior text of the re-fit (``prune(refit_prior=...)``):
+the first ``--prior-samples`` of the 16 self-generated windows of 512 tokens are fitted beside the
+calibration text, with each ``--prior-weights`` of the weight per token (``SolverConfig.refit_prior_weight``);
+the selection, allocation and scores see the calibration text only (one dense sweep for every row).
+
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
 """
@@ -115,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error",
                                             "tau", "refit-bias", "calib-size", "counts", "order", "refit-target",
-                                            "ridge-scale", "max-prune", "prune-margin"),
+                                            "ridge-scale", "max-prune", "prune-margin", "refit-prior"),
                         required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
@@ -143,6 +148,10 @@ def main() -> None:
     parser.add_argument("--taylor-firsts", type=float, nargs="+", default=[1.0])
     parser.add_argument("--weightings", nargs="+", default=["none"], choices=("none", "fisher"))
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 1.0])
+    parser.add_argument("--prior-samples", type=int, nargs="+", default=[16],
+                        help="refit-prior: self-generated windows of 512 tokens fitted beside the calibration")
+    parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.5],
+                        help="refit-prior: SolverConfig.refit_prior_weight")
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -158,7 +167,8 @@ def main() -> None:
 
     out = Path(args.out)
     setup = argparse.Namespace(calib_samples=args.calib_samples, seqlen=512, eval_windows=4, out=str(out),
-                               self_calibration=args.calib_samples == 16 or "self" in args.calib or args.calib == "mix")
+                               self_calibration=args.calib_samples == 16 or "self" in args.calib or args.calib == "mix"
+                               or args.probe == "refit-prior")
     model, calib, dev, _ = G.setup(setup)  # the evaluation windows are never touched here
     batches = G.batches_of(calib[args.calib])
     dense = G.ppl(model, dev)
@@ -184,10 +194,10 @@ def main() -> None:
             emit(f"structprune, OBS damping {d:g}", r.model, t, tau=r.report.solver["tau"])
         return
 
-    def per_config(name: str, config, reuse=None):  # one dense sweep (or reuse's), every --sparsities
+    def per_config(name: str, config, reuse=None, prior=None):  # one dense sweep (or reuse's), every --sparsities
         for s in args.sparsities:
             t = time.perf_counter()
-            r = sp.prune(model, batches, s, solver=config, reuse=reuse)
+            r = sp.prune(model, batches, s, solver=config, reuse=reuse, refit_prior=prior)
             reuse = r
             emit(name, r.model, t, s, tau=r.report.solver["tau"],
                  tau_losses={str(k): round(v, 4) for k, v in r.report.solver["tau_losses"].items()},
@@ -213,6 +223,15 @@ def main() -> None:
             for ridge in args.ridges:
                 shared = per_config(f"structprune, ridge {ridge:g} x {'diag(H)' if scale == 'diagonal' else 'mean(diag H) I'}"
                                     f", {DEFAULT_ORDER}", SolverConfig(refit_ridge=ridge, refit_ridge_scale=scale), shared)
+        return
+
+    if args.probe == "refit-prior":  # the prior is not a sweep setting: one dense sweep for every row
+        shared = None
+        for n in args.prior_samples:
+            for weight in args.prior_weights:
+                shared = per_config(f"structprune, re-fit also on {n} x 512 self-generated tokens, weight {weight:g}, "
+                                    f"{DEFAULT_ORDER}", SolverConfig(refit_prior_weight=weight), shared,
+                                    G.batches_of(calib["self"][:n]))
         return
 
     if args.probe == "refit-target":  # one dense sweep shared by every --targets

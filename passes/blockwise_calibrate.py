@@ -109,6 +109,8 @@ class StatsCollector:
         self.means: dict[str, torch.Tensor] = {}  # after ``centre``: linear layer -> (in,) mean input
         # refit_target="model": linear layer -> (in, out) X^T X~ W^T (a ModelTargetCollector's, set by the solve)
         self.targets: Mapping[str, torch.Tensor] = {}
+        # refit_prior: linear layer -> (H of the prior batches, their tokens / the calibration's) (set by the solve)
+        self.prior: Mapping[str, tuple[torch.Tensor, float]] = {}
         self._module, self._paths = module, sorted(set(paths))
         self._handles = []
         self._register()

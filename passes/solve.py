@@ -91,6 +91,11 @@ class BlockSolveRequest:
     output_weights: Optional[Mapping[str, torch.Tensor]] = None
     refit_target: str = "block"  # REFIT_TARGETS (SolverConfig.refit_target)
     refit_ridge_scale: str = "mean"  # REFIT_RIDGE_SCALES (SolverConfig.refit_ridge_scale)
+    # the first block's inputs of broad text (e.g. the model's own samples) that the re-fit fits beside the
+    # calibration batches, with weight ``prior_weight`` per token against their 1 - prior_weight; the
+    # selection never sees them (SolverConfig.refit_prior_weight, prune(refit_prior=...))
+    prior_inputs: Sequence[BlockInput] = ()
+    prior_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,41 @@ def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mappin
     return weighted
 
 
+def _prior_statistics(module: nn.Module, paths: Sequence[str], priors: Sequence[BlockInput], stats: StatsCollector,
+                      state: BlockSolveRequest) -> dict[str, tuple[torch.Tensor, float]]:
+    """Consumer path -> (H of the prior batches on the pruned trajectory, its share of the tokens
+    relative to the calibration's: n_prior / n_calibration), from a run of the dense block that the
+    calibration's collector does not count."""
+    with stats.paused():
+        collector = StatsCollector(module, paths, state.statistics_dtype)
+        try:
+            with torch.no_grad():
+                for inp in priors:
+                    run_block(module, inp)
+        finally:
+            collector.close()
+    tokens = {"calibration": sum(_tokens(inp) for inp in state.inputs), "prior": sum(_tokens(inp) for inp in priors)}
+    ratio = tokens["prior"] / max(tokens["calibration"], 1)
+    return {path: (h, ratio) for path, h in collector.hessians.items()}
+
+
+def _tokens(inp: BlockInput) -> int:
+    """Positions of one block input: batch x tokens of the residual stream (a model solved as one block:
+    the batch's leading dimension)."""
+    first = next((a for a in inp.args if isinstance(a, torch.Tensor)),
+                 next((v for v in inp.kwargs.values() if isinstance(v, torch.Tensor)), None))
+    if first is None:
+        return 1
+    return int(first.shape[:-1].numel()) if first.dim() >= 2 else int(first.shape[0])
+
+
+def _blended(h: torch.Tensor, prior: tuple[torch.Tensor, float], weight: float) -> torch.Tensor:
+    """(1 - w) H + w (n / n_prior) H_prior, in place on ``h`` (undamped, the calibration's sum over its n
+    tokens): per token, the prior text weighs w against the calibration's 1 - w, whatever their sizes."""
+    h_prior, ratio = prior
+    return h.mul_(1.0 - weight).add_(h_prior.to(h.dtype), alpha=weight / ratio)
+
+
 def _next_input(inp: BlockInput, out: torch.Tensor, block: Block) -> BlockInput:
     """The next block's input: this block's output stream (a model solved as one block has no next)."""
     return inp.with_stream(out) if block.path else inp
@@ -206,10 +246,12 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         # refit_target="model": the dense model's own trajectory, run beside the pruned one (one stream per batch)
         trajectory = list(state.inputs) if state.refit_target == "model" and state.reconstruct else None
         measured = {i for i in state.collective.local_positions(range(ERROR_BATCHES)) if i < len(inputs)}  # global 0..7
+        priors = list(state.prior_inputs) if state.reconstruct else []
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
             stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none")
+            prior = _prior_statistics(module, paths, priors, stats, state) if priors else None
             targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:
@@ -230,10 +272,13 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             if targets is not None:
                 targets.reduce(state.collective, f"solve block {block.index}")
                 stats.targets = targets.targets
+            if prior is not None:
+                stats.prior = prior
             self._solve_block(state, block, module, stats, keep, new_weights, new_biases)
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)
             with torch.no_grad():
                 pruned = [run_block(module, inp, overrides) for inp in inputs]
+                priors = [_next_input(inp, run_block(module, inp, overrides), block) for inp in priors]
             errors.append(relative_error([pruned[i] for i in sorted(measured)], dense, state.collective))
             del dense
             if state.store is not None and state.keep_boundaries:
@@ -308,8 +353,13 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
                 if state.reconstruct and second_order[c.path]:
                     kept_cols = torch.tensor([i for i in range(w.shape[1]) if i not in gone], dtype=torch.long)
                     scale = state.refit_ridge_scale
-                    h = redamped(h, state.damping, state.refit_ridge, scale) if h is not None else \
-                        ridged(stats.hessians[c.path], state.refit_ridge, scale)
+                    if c.path in stats.prior:  # broad text beside the calibration's: blended, then the ridge
+                        h = _blended(redamped(h, state.damping, 0.0) if h is not None else
+                                     stats.hessians[c.path].clone(), stats.prior[c.path], state.prior_weight)
+                        h = redamped(damped(h, 0.0, inplace=True), 0.0, state.refit_ridge, scale)
+                    else:
+                        h = redamped(h, state.damping, state.refit_ridge, scale) if h is not None else \
+                            ridged(stats.hessians[c.path], state.refit_ridge, scale)
                     mu = stats.means.get(c.path)
                     if state.refit_bias == "refit" and mu is not None:  # the fit with a free bias: H - n mu mu^T
                         h.addr_(mu.to(h.dtype), mu.to(h.dtype), alpha=-float(stats.tokens[c.path]))

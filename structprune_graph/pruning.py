@@ -30,7 +30,7 @@ from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import OPT_IN_KINDS, DependencyGraph, Group, trace
 from .plan import Plan
-from .solver import SolverConfig, SolverResult, SolverState, prepare, solve
+from .solver import SolverConfig, SolverResult, SolverState, check_prior, prepare, solve
 from .solver import reconstruct as refit
 from .verify import nonfinite_weights
 
@@ -212,7 +212,8 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
           kinds: Optional[Sequence[str]] = None, example_inputs: Any = None, loss_fn: Optional[LossFn] = None,
           graph: Optional[DependencyGraph] = None, reuse: Optional[PruneResult] = None,
           solver: Optional[SolverConfig] = None, reconstruct: bool = False, round_to: int = 1,
-          uniform: bool = False, distributed: bool = False) -> PruneResult:
+          uniform: bool = False, distributed: bool = False, refit_prior: Optional[Iterable[Any]] = None
+          ) -> PruneResult:
     """Prune ``sparsity`` of the prunable parameters of ``model`` with ``method`` (see ``METHODS``),
     calibrated on ``calibration`` (an iterable of model inputs: tensors or dicts of keyword tensors).
     ``reuse``: a previous result of the same method and model whose graph and calibration statistics
@@ -223,7 +224,11 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     group); ``uniform``: every layer keeps the same width per kind (budget met to within one step of
     either). ``distributed``: this process is one rank of an initialised ``torch.distributed`` group; every
     rank passes the same model and calibration, runs its share of the batches (``distributed.py``) and
-    returns the same result (structprune only). The input model is not modified."""
+    returns the same result (structprune only). ``refit_prior``: batches of broad text (e.g. the model's own
+    samples, ``data.self_generated``) that the least-squares re-fit fits beside ``calibration``, with
+    ``SolverConfig.refit_prior_weight`` of the weight per token; the selection, allocation and scores see
+    ``calibration`` only (structprune, or another method with ``reconstruct=True``). The input model is
+    not modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -251,6 +256,11 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         raise StructPruneError(f"reconstruct=True re-fits another method's selection; {method} "
                                + ("re-fits already (SolverConfig(reconstruct=...))" if spec.score == "obs"
                                   else "compensates biases, which a re-fit would undo"))
+    prior = tuple(refit_prior) if refit_prior is not None else ()
+    if prior and spec.score != "obs" and not reconstruct:
+        raise StructPruneError(f"refit_prior is text the re-fit fits, and method {method!r} has no re-fit: use "
+                               f"method='structprune' or reconstruct=True")
+    check_prior(prior, solver, collective)  # before the sweep: a setting that cannot honour it is named now
     calib, state, solved, details, updates, weights = None, None, None, {}, {}, {}
     with track_peak_memory() as peak:
         graph = graph or (reuse.graph if reuse is not None else trace(model, example_inputs))
@@ -264,7 +274,8 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             state = reuse.solver_state if reuse is not None else prepare(model, graph, groups, batches, solver,
                                                                          collective=collective)
             prepared = time.perf_counter()
-            solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective)
+            solved = solve(model, state, batches, sparsity, solver, groups, widths=widths, collective=collective,
+                           prior=prior)
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
             updates = dict(solved.new_biases)  # SolverConfig.refit_bias: each consumer's output mean kept
             solving = time.perf_counter() - prepared - solved.coordination_seconds
@@ -285,11 +296,13 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
                 keep, removed = _rounded_keep(groups, scores, keep, graph.param_shapes, allocation.target_params, widths)
             updates = _bias_compensation(model, groups, keep, calib.inputs) if spec.bias_compensation else {}
             if reconstruct:
-                weights = refit(model, graph, groups, keep, batches, solver)
+                weights = refit(model, graph, groups, keep, batches, solver, prior=prior)
                 details = {"reconstruct": f"least squares on {len(weights)} consumer layers"}
         pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
     if not widths.identity:
         details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
+    if prior:  # what the re-fit fitted beside the calibration batches
+        details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, all_batches, details)
     plan = Plan.from_keep(graph, model, keep,

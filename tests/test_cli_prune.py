@@ -32,6 +32,22 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def sampled(monkeypatch):
+    """The WindowSpec of every call of data.self_generated (which still samples)."""
+    from structprune_graph import data
+
+    calls = []
+    real = data.self_generated
+
+    def spy(model, tokenizer, spec, **kw):
+        calls.append(spec)
+        return real(model, tokenizer, spec, **kw)
+
+    monkeypatch.setattr(data, "self_generated", spy)
+    return calls
+
+
 def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
     out = tiny_model_dir / "out"
     args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "wanda-sp", "--calib",
@@ -123,7 +139,8 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     common = [str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
               "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "32",
               "--eval-seqlen", "64", "--eval-windows", "2"]
-    assert main(["prune", *common, "--out", str(tiny_model_dir / "mem")]) == 0
+    # --stream has no prior text in its re-fit (--refit-prior auto is none there): the in-memory run without one
+    assert main(["prune", *common, "--refit-prior", "none", "--out", str(tiny_model_dir / "mem")]) == 0
     memory_line = capsys.readouterr().out
     assert main(["prune", *common, "--stream", "--memory-budget", "64MiB", "--out", str(tiny_model_dir / "stream")]) == 0
     stream_line = capsys.readouterr().out
@@ -142,17 +159,8 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     assert "--dtype bfloat16 on a CPU: half-precision matrix products" in caplog.text
 
 
-def test_self_generated_calibration_mixed_with_text(tiny_model_dir, monkeypatch, capsys):
-    from structprune_graph import data
-
-    calls = []
-    real = data.self_generated
-
-    def spy(model, tokenizer, spec, **kw):
-        calls.append(spec)
-        return real(model, tokenizer, spec, **kw)
-
-    monkeypatch.setattr(data, "self_generated", spy)
+def test_self_generated_calibration_mixed_with_text(tiny_model_dir, sampled, capsys):
+    calls = sampled
     out = tiny_model_dir / "self"
     args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.3", "--method", "wanda-sp", "--calib",
             f"{tiny_model_dir / 'text.txt'}+self", "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
@@ -251,3 +259,42 @@ def test_taylor_first_and_obs_weighting_reach_the_solver_and_are_refused_with_an
     with pytest.raises(SystemExit):
         main(common + ["--out", str(never), "--taylor-first", "1.5"])
     assert "a share of each layer's units, in [0, 1]" in capsys.readouterr().err
+
+
+def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without_a_refit(tiny_model_dir, sampled,
+                                                                                         capsys):
+    """--refit-prior self: --refit-prior-samples windows sampled from the model, fitted by the re-fit with
+    --refit-prior-weight (the report records both); refused in one line where nothing would fit it."""
+    calls = sampled
+    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
+              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "16", "--eval-seqlen",
+              "64", "--eval-windows", "1"]
+    out, plain = tiny_model_dir / "prior", tiny_model_dir / "no-prior"
+    assert main(common + ["--out", str(out), "--refit-prior", "self", "--refit-prior-samples", "3",
+                          "--refit-prior-weight", "0.25"]) == 0
+    assert [(s.samples, s.seqlen) for s in calls] == [(3, 16)]
+    assert "re-fit prior: 3 x 16 tokens of self" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["solver"]["refit_prior"] == {"batches": 3, "weight": 0.25}
+    assert json.loads((out / "report.json").read_text())["metrics"]["refit_prior"] == "48 tokens of self"
+    assert main(common + ["--out", str(plain), "--refit-prior", "none"]) == 0
+    assert "refit_prior" not in json.loads((plain / "report.json").read_text())["solver"]
+    assert json.loads((plain / "report.json").read_text())["metrics"]["refit_prior"] == "none"
+    from safetensors.torch import load_file
+
+    fitted, unfitted = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"  # block 0: the same keep-set, a re-fit on both texts
+    assert fitted[name].shape == unfitted[name].shape and not torch.allclose(fitted[name], unfitted[name])
+    auto = tiny_model_dir / "auto-prior"  # the default: 'self' for structprune in memory, none for wanda-sp
+    assert main(common + ["--out", str(auto), "--refit-prior-samples", "2"]) == 0
+    assert json.loads((auto / "report.json").read_text())["solver"]["refit_prior"] == {"batches": 2, "weight": 0.5}
+    assert main(common + ["--out", str(tiny_model_dir / "auto-wanda"), "--method", "wanda-sp"]) == 0
+    assert json.loads((tiny_model_dir / "auto-wanda" / "report.json").read_text())["metrics"]["refit_prior"] == "none"
+    assert len(calls) == 2
+    capsys.readouterr()
+    never = tiny_model_dir / "never-prior"
+    assert main(common + ["--out", str(never), "--method", "wanda-sp", "--refit-prior", "self"]) == 2
+    assert "--method wanda-sp has no re-fit: add --refit" in capsys.readouterr().err
+    assert not never.exists() and len(calls) == 2  # refused before any sampling
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(never), "--refit-prior-weight", "1"])
+    assert "a share of the re-fit's weight, in (0, 1)" in capsys.readouterr().err

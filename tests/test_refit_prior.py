@@ -1,0 +1,88 @@
+"""Prior text in the re-fit (``prune(refit_prior=...)``, ``SolverConfig.refit_prior_weight``): broad text
+(e.g. the model's own samples) that the least-squares re-fit fits beside the calibration batches, weighted
+per token, while the selection sees the calibration only. A re-fit with the prior at its share of the tokens
+equals a re-fit on both texts concatenated; the first block's selection does not move; the block-0 re-fit
+solves the blended normal equations; ridge -> inf is still no re-fit; keeping every channel changes
+nothing; the input batches are not modified; settings it cannot honour are refused; the report records it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import structprune_graph as sp
+from conftest import traced
+from structprune_graph.errors import StructPruneError
+from structprune_graph.pruning import select_groups
+from structprune_graph.solver import SolverConfig, reconstruct
+from test_pruning import lm_batches
+from test_refit_target import PLAIN, _inputs_of, assert_no_refit_and_nothing_changed
+
+RIDGE = 0.3
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return traced("llama")[1]
+
+
+def _config(**extra):
+    return SolverConfig(**{"refit_ridge": RIDGE, **PLAIN, **extra})
+
+
+def test_the_prior_at_its_token_share_equals_one_refit_on_both_texts(llama):
+    calibration, prior = lm_batches(3, seed=0), lm_batches(2, seed=1)
+    result = sp.prune(llama, calibration, 0.4, solver=_config())
+    keep, groups = result.plan.keep, select_groups(result.graph, None)
+    both = reconstruct(llama, result.graph, groups, keep, calibration + prior, _config())
+    share = 2 / 5  # the prior's tokens: 2 of the 5 equal batches
+    blended = reconstruct(llama, result.graph, groups, keep, calibration,
+                          _config(refit_prior_weight=share), prior=prior)
+    assert set(blended) == set(both) and both
+    for name, w in both.items():
+        torch.testing.assert_close(blended[name], w, rtol=1e-5, atol=1e-7)
+    alone = reconstruct(llama, result.graph, groups, keep, calibration, _config())
+    assert any(not torch.allclose(alone[n], w, rtol=1e-4, atol=1e-6) for n, w in both.items())  # it moved
+
+
+def test_the_selection_sees_the_calibration_only_and_block_0_solves_the_blended_equations(llama):
+    calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=2)
+    copies = [{k: v.clone() for k, v in b.items()} for b in calibration + prior]
+    weight = 0.7
+    plain = sp.prune(llama, calibration, 0.4, solver=_config()).solution
+    blended = sp.prune(llama, calibration, 0.4, solver=_config(refit_prior_weight=weight), refit_prior=prior)
+    first = [gid for gid in plain.keep if blended.graph.group(gid).members[0].name.startswith("model.layers.0.")]
+    assert first and all(blended.solution.keep[gid] == plain.keep[gid] for gid in first)
+    path = "model.layers.0.mlp.down_proj"  # block 0's MLP: its inputs are the dense model's on both texts
+    refit = blended.solution.new_weights[path + ".weight"].double()  # (out, in), removed columns zero
+    kept = refit.abs().sum(0).nonzero().flatten()
+    assert 0 < len(kept) < refit.shape[1]
+    x, x_prior = _inputs_of(llama, path, calibration), _inputs_of(llama, path, prior)  # (tokens, in)
+    h = (1 - weight) * x.T @ x + weight * (len(x) / len(x_prior)) * x_prior.T @ x_prior  # per token: w vs 1 - w
+    lhs = h[kept][:, kept] + RIDGE * h.diagonal().mean() * torch.eye(len(kept), dtype=h.dtype)
+    w = llama.get_submodule(path).weight.double()  # (out, in)
+    want = torch.linalg.solve(lhs, h[kept] @ w.T + RIDGE * h.diagonal().mean() * w[:, kept].T).T  # (out, kept)
+    torch.testing.assert_close(refit[:, kept], want, rtol=1e-4, atol=1e-6)
+    for batch, copy in zip(calibration + prior, copies):  # the inputs are never modified
+        for k, v in batch.items():
+            torch.testing.assert_close(v, copy[k], rtol=0, atol=0)
+    assert blended.report.solver["refit_prior"] == {"batches": 3, "weight": weight}
+
+
+def test_an_infinite_ridge_is_no_refit_and_keeping_everything_changes_nothing(llama):
+    batches, prior = lm_batches(2), lm_batches(2, seed=3)
+    assert_no_refit_and_nothing_changed(
+        llama, batches, sp.prune(llama, batches, 0.4, solver=_config(refit_ridge=1e12), refit_prior=prior).solution,
+        sp.prune(llama, batches, 0.0, solver=_config(), refit_prior=prior))
+
+
+def test_what_it_cannot_honour_is_refused(llama):
+    batches, prior = lm_batches(2), lm_batches(1, seed=4)
+    with pytest.raises(StructPruneError, match=r"refit_prior_weight .* in \(0, 1\); got 1.0"):
+        SolverConfig(refit_prior_weight=1.0)
+    with pytest.raises(StructPruneError, match="method 'flap' has no re-fit: use method='structprune' or reconstruct"):
+        sp.prune(llama, batches, 0.4, method="flap", refit_prior=prior)
+    with pytest.raises(StructPruneError, match="this run has refit_bias='refit'"):
+        sp.prune(llama, batches, 0.4, solver=_config(refit_bias="refit"), refit_prior=prior)
+    with pytest.raises(StructPruneError, match=r"this run has reconstruct=False \(no re-fit\)"):
+        sp.prune(llama, batches, 0.4, solver=_config(reconstruct=False), refit_prior=prior)
