@@ -251,10 +251,10 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
             stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none")
-            prior = _prior_statistics(module, paths, priors, stats, state) if priors else None
             targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:
+                prior = _prior_statistics(module, paths, priors, stats, state) if priors else None
                 with torch.no_grad():
                     for i, inp in enumerate(inputs):
                         if targets is not None:  # X~ W^T of this batch, then the run below adds X^T X~ W^T
