@@ -197,20 +197,17 @@ def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mappin
 
 
 def _prior_statistics(module: nn.Module, paths: Sequence[str], priors: Sequence[BlockInput], stats: StatsCollector,
-                      state: BlockSolveRequest) -> dict[str, tuple[torch.Tensor, float]]:
-    """Consumer path -> (H of the prior batches on the pruned trajectory, its share of the tokens
-    relative to the calibration's: n_prior / n_calibration), from a run of the dense block that the
-    calibration's collector does not count."""
+                      dtype: torch.dtype, ratio: float) -> dict[str, tuple[torch.Tensor, float]]:
+    """Consumer path -> (H of the prior batches on the pruned trajectory, ``ratio``: their tokens relative to
+    the calibration's), from a run of the dense block that the calibration's collector does not count."""
     with stats.paused():
-        collector = StatsCollector(module, paths, state.statistics_dtype)
+        collector = StatsCollector(module, paths, dtype)
         try:
             with torch.no_grad():
                 for inp in priors:
                     run_block(module, inp)
         finally:
             collector.close()
-    tokens = {"calibration": sum(_tokens(inp) for inp in state.inputs), "prior": sum(_tokens(inp) for inp in priors)}
-    ratio = tokens["prior"] / max(tokens["calibration"], 1)
     return {path: (h, ratio) for path, h in collector.hessians.items()}
 
 
@@ -247,6 +244,9 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         trajectory = list(state.inputs) if state.refit_target == "model" and state.reconstruct else None
         measured = {i for i in state.collective.local_positions(range(ERROR_BATCHES)) if i < len(inputs)}  # global 0..7
         priors = list(state.prior_inputs) if state.reconstruct else []
+        # the prior's tokens relative to the calibration's (the same at every block)
+        ratio = sum(_tokens(inp) for inp in priors) / max(sum(_tokens(inp) for inp in inputs), 1)
+        last = state.partition.blocks[-1] if state.partition.blocks else None
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
@@ -254,7 +254,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:
-                prior = _prior_statistics(module, paths, priors, stats, state) if priors else None
+                prior = _prior_statistics(module, paths, priors, stats, state.statistics_dtype, ratio) if priors else None
                 with torch.no_grad():
                     for i, inp in enumerate(inputs):
                         if targets is not None:  # X~ W^T of this batch, then the run below adds X^T X~ W^T
@@ -278,7 +278,8 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)
             with torch.no_grad():
                 pruned = [run_block(module, inp, overrides) for inp in inputs]
-                priors = [_next_input(inp, run_block(module, inp, overrides), block) for inp in priors]
+                if block is not last:  # the next block's prior inputs
+                    priors = [_next_input(inp, run_block(module, inp, overrides), block) for inp in priors]
             errors.append(relative_error([pruned[i] for i in sorted(measured)], dense, state.collective))
             del dense
             if state.store is not None and state.keep_boundaries:

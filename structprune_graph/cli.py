@@ -212,7 +212,12 @@ def _prior_batches(args: argparse.Namespace, tokenizer, model) -> Optional[list]
     spec = data.WindowSpec(args.refit_prior_samples, args.seqlen, args.seed)
     windows = (data.self_generated(model, tokenizer, spec) if source == "self" else
                data.calibration_windows(data.tokenize(tokenizer, data.load_text(source, "calibration")), spec))
-    return [{"input_ids": windows[i: i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
+    return _batched(windows, args.batch_size)
+
+
+def _batched(windows: "torch.Tensor", size: int) -> list:
+    """(windows, seqlen) token ids -> model inputs of ``size`` windows each."""
+    return [{"input_ids": windows[i: i + size]} for i in range(0, len(windows), size)]
 
 
 def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list, "torch.Tensor"]:
@@ -230,7 +235,7 @@ def _calibration(args: argparse.Namespace, tokenizer, model=None) -> tuple[list,
             parts.append(data.calibration_windows(data.tokenize(tokenizer, data.load_text(source, "calibration")),
                                                   spec))
     windows = parts[0] if len(parts) == 1 else data.mixed_windows(parts, args.calib_samples, args.seed)
-    batches = [{"input_ids": windows[i: i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
+    batches = _batched(windows, args.batch_size)
     eval_windows = data.evaluation_windows(data.tokenize(tokenizer, data.load_text(args.eval, "evaluation")),
                                            args.eval_seqlen, args.eval_windows)
     return batches, eval_windows
@@ -292,31 +297,29 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _open_share(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _open_share(text: str) -> float:
+    value = _number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text}: a share of the re-fit's weight, in (0, 1), e.g. 0.5")
     return value
 
 
 def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text}: a share of each layer's units, in [0, 1], e.g. 0.25")
     return value
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{text}: a sparsity is a fraction in [0, 1), e.g. 0.3")
     return value
