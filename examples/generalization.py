@@ -87,6 +87,10 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
 for _n in (8, 16):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior{_n}"] = dict(
         ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2"], prior_samples=_n, refit_prior_weight=0.5)
+# KL coordination after the block solve (SolverConfig(coordination="kl"); --probe coordination): N rounds
+for _r in (2, 3):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-kl{_r}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16"], rounds=_r, coordination="kl")
 
 
 def code_text() -> str:
@@ -298,6 +302,8 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
                   "dev_score": round(dev_score(d, dense_dev), 4),
                   **held_out(result.model, evals, args.paired), "tau": result.report.solver["tau"],
                   "tau_losses": {str(k): round(v, 4) for k, v in result.report.solver["tau_losses"].items()},
+                  **({"best_round": result.report.solver["admm_best_round"],
+                      "held_kl": result.report.solver["admm_output_errors"]} if config.rounds else {}),
                   "seconds": seconds})
 
 

@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error",
                                             "tau", "refit-bias", "calib-size", "counts", "order", "refit-target",
-                                            "ridge-scale", "max-prune", "prune-margin", "refit-prior"),
+                                            "ridge-scale", "max-prune", "prune-margin", "refit-prior", "coordination"),
                         required=True)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
@@ -152,6 +152,9 @@ def main() -> None:
                         help="refit-prior: self-generated windows of 512 tokens fitted beside the calibration")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.5],
                         help="refit-prior: SolverConfig.refit_prior_weight")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
+    parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
+                        help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -168,7 +171,7 @@ def main() -> None:
     out = Path(args.out)
     setup = argparse.Namespace(calib_samples=args.calib_samples, seqlen=512, eval_windows=4, out=str(out),
                                self_calibration=args.calib_samples == 16 or "self" in args.calib or args.calib == "mix"
-                               or args.probe == "refit-prior")
+                               or args.probe in ("refit-prior", "coordination"))
     model, calib, dev, _ = G.setup(setup)  # the evaluation windows are never touched here
     batches = G.batches_of(calib[args.calib])
     dense = G.ppl(model, dev)
@@ -232,6 +235,23 @@ def main() -> None:
                 shared = per_config(f"structprune, re-fit also on {n} x 512 self-generated tokens, weight {weight:g}, "
                                     f"{DEFAULT_ORDER}", SolverConfig(refit_prior_weight=weight), shared,
                                     G.batches_of(calib["self"][:n]))
+        return
+
+    if args.probe == "coordination":  # KL rounds after the block solve (with the CLI's prior): one sweep for all
+        shared = None
+        prior = G.batches_of(calib["self"][:args.prior_samples[0]])
+        for rounds in args.rounds:
+            for step in args.kl_steps:
+                for s in args.sparsities:
+                    t = time.perf_counter()
+                    config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step)
+                    r = sp.prune(model, batches, s, solver=config, reuse=shared, refit_prior=prior)
+                    shared, solver = r, r.report.solver
+                    emit(f"structprune + {rounds} KL rounds (step {step:g}), prior {args.prior_samples[0]} self windows, "
+                         f"{DEFAULT_ORDER}", r.model, t, s, tau=solver["tau"], best_round=solver["admm_best_round"],
+                         held_kl=solver["admm_output_errors"], fit_kl=solver.get("coordination_fit_errors"),
+                         weight_changes=solver.get("coordination_weight_changes"),
+                         coordination_seconds=solver.get("stage_seconds", {}).get("coordinate"))
         return
 
     if args.probe == "refit-target":  # one dense sweep shared by every --targets

@@ -99,7 +99,7 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
                         if block.path else stream
             for block in blocks:
                 state.store.drop(("g", block.index))
-            changes.append(tuple(_relative_change(before, weights, block.path) for block in blocks))
+            changes.append(tuple(weight_change(before, weights, block.path) for block in blocks))
             fit_errors.append(self._output_error(state, state.inputs, state.dense_final, keep, weights))
             held_errors.append(self._output_error(state, state.held_inputs, state.held_final, keep, weights))
             logger.info("propagate round %d: output error %.4g (held-out %.4g)", k, fit_errors[-1], held_errors[-1])
@@ -154,7 +154,7 @@ class PropagatePass(Pass[PropagateRequest, PropagateResult]):
         return relative_error(out, list(final))
 
 
-def _relative_change(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], path: str) -> float:
+def weight_change(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], path: str) -> float:
     prefix = path + "." if path else ""
     num = den = 0.0
     for name, w in after.items():

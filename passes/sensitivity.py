@@ -129,27 +129,34 @@ def _half_as_float32(module: nn.Module, skip: Optional[nn.Module] = None) -> Ite
             t.data = data
 
 
-def head_gradient(model: nn.Module, list_path: str, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-    """dL/dh for the last block's output h = ``final`` (batch, tokens, hidden): the model's own forward and
-    loss with every block a pass-through, so only the embeddings and the head compute (half-precision
-    weights in float32)."""
+@contextmanager
+def head_only(model: nn.Module, list_path: str, final: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Within: the model's own forward with every block a pass-through and the last block's output
+    ``final`` (batch, tokens, hidden), so only the embeddings and the head compute (half-precision weights
+    in float32); the block list is put back after."""
     blocks = model.get_submodule(list_path)
     originals = list(blocks)
-    h = _float32(final.detach()).clone().requires_grad_(True)
     try:
         for i, block in enumerate(originals):
-            blocks[i] = _PassThrough(block, as_tuple, h if i == len(originals) - 1 else None)
-        with torch.enable_grad(), _half_as_float32(model, skip=blocks):
-            try:
-                loss = default_loss(model, batch)
-            except CalibrationError as err:
-                raise NoLossError("block sensitivity pass: block_energy='gradient' needs a model that returns "
-                                  "a loss for the calibration batches (a causal LM fed input_ids); use "
-                                  "block_energy='stream'") from err
-            (grad,) = torch.autograd.grad(loss, h, allow_unused=True)
+            blocks[i] = _PassThrough(block, as_tuple, final if i == len(originals) - 1 else None)
+        with _half_as_float32(model, skip=blocks):
+            yield
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+
+
+def head_gradient(model: nn.Module, list_path: str, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """dL/dh for the last block's output h = ``final`` (batch, tokens, hidden), L the model's own loss."""
+    h = _float32(final.detach()).clone().requires_grad_(True)
+    with head_only(model, list_path, h, as_tuple), torch.enable_grad():
+        try:
+            loss = default_loss(model, batch)
+        except CalibrationError as err:
+            raise NoLossError("block sensitivity pass: block_energy='gradient' needs a model that returns "
+                              "a loss for the calibration batches (a causal LM fed input_ids); use "
+                              "block_energy='stream'") from err
+        (grad,) = torch.autograd.grad(loss, h, allow_unused=True)
     if grad is None:
         raise StructPruneError(f"block sensitivity pass: the loss does not depend on the output of the last block "
                                f"of {list_path!r}; use block_energy='stream'")

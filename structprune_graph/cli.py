@@ -173,6 +173,12 @@ def _check_texts(args: argparse.Namespace) -> None:
             except UnicodeDecodeError:
                 raise StructPruneError(f"{flag} {file} is not UTF-8 text; give a .txt file or a folder of them") from None
     sources = _calib_sources(args.calib)
+    if args.kl_rounds and args.method != "structprune":
+        raise StructPruneError(f"--kl-rounds coordinates the blocks of structprune's solve; --method {args.method} has "
+                               f"none: drop --kl-rounds or use --method structprune")
+    if args.kl_rounds and (args.stream or args.distributed):
+        raise StructPruneError("--kl-rounds runs on a model in memory in one process; drop --stream and --distributed "
+                               "or --kl-rounds")
     if args.dtype != "stored" and not args.stream:
         raise StructPruneError(f"--dtype {args.dtype} sets the precision of streamed weights; add --stream (a model "
                                f"loaded whole keeps its own precision)")
@@ -188,8 +194,9 @@ def _solver_config(args: argparse.Namespace):
     from .solver import SolverConfig
 
     weight = {} if args.refit_prior_weight is None else {"refit_prior_weight": args.refit_prior_weight}
+    rounds = {"rounds": args.kl_rounds, "coordination": "kl"} if args.kl_rounds else {}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
-                        taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight)
+                        taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds)
 
 
 def _prior_source(args: argparse.Namespace) -> Optional[str]:
@@ -496,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"windows of --seqlen tokens of the prior text (default {DEFAULT_PRIOR_SAMPLES})")
     prune.add_argument("--refit-prior-weight", type=_open_share, default=None, metavar="W",
                        help="the prior text's share of the re-fit per token, in (0, 1) (default 0.5)")
+    prune.add_argument("--kl-rounds", type=_positive_int, default=0, metavar="N",
+                       help="structprune: after the block solve, N rounds that move every block's residual exit "
+                            "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "
+                            "fitted on the calibration and prior windows and chosen on held-out ones (README, "
+                            "'Coordination on the loss'; default 0: each round costs about 8 forward passes)")
     prune.add_argument("--distributed", action="store_true",
                        help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
                             "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "

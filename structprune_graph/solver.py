@@ -29,6 +29,7 @@ from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockC
 from structprune_graph.passes.calibrate import CalibratePass, CalibrationError, CalibrationRequest
 from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
+from structprune_graph.passes.coordinate_kl import DEFAULT_KL_STEP, KlCoordinationPass, KlCoordinationRequest
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
                                                   SensitivityRequest)
@@ -48,7 +49,7 @@ from .trial import trial_loss
 logger = logging.getLogger(__name__)
 
 TAU_SEARCHES = ("refit", "masked")
-COORDINATIONS = ("admm", "propagate")
+COORDINATIONS = ("admm", "propagate", "kl")
 OBS_WEIGHTINGS = ("auto", "none", "fisher")
 AUTO_TAYLOR_FIRST = 0.25  # SolverConfig.taylor_first=None on a chain of blocks that gives a loss (else 0)
 DEFAULT_PRUNE_MARGIN = 0.2  # SolverConfig.prune_margin
@@ -133,9 +134,12 @@ class SolverConfig:
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
     # "admm": the auxiliary/dual rounds (passes/admm.py); "propagate": every block re-fitted toward its share
-    # of the output error's gradient in every round, rounds chosen on held-out batches (passes/propagate.py)
+    # of the output error's gradient in every round, rounds chosen on held-out batches (passes/propagate.py);
+    # "kl": every block's exit moved along the gradient of the KL to the dense model's next-token distribution,
+    # fitted on the calibration (and prior) windows, rounds chosen on held-out ones (passes/coordinate_kl.py)
     coordination: str = "admm"
     propagate_step: float = DEFAULT_STEP
+    kl_step: float = DEFAULT_KL_STEP  # coordination="kl": relative change of the exits' weights at the first trial
     rho: float = DEFAULT_RHO
     admm_damping: float = ADMM_DAMPING
     admm_batches: int = 16
@@ -186,6 +190,8 @@ class SolverConfig:
         if not 0.0 < self.refit_prior_weight < 1.0:
             raise StructPruneError(f"SolverConfig: refit_prior_weight is the prior text's share of the re-fit, in "
                                    f"(0, 1); got {self.refit_prior_weight}")
+        if not self.kl_step > 0.0:
+            raise StructPruneError(f"SolverConfig: kl_step is a relative weight change, > 0; got {self.kl_step}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
             raise StructPruneError(f"SolverConfig: tau_batches must be >= 1 and tau_holdout >= 0, got "
                                    f"{self.tau_batches} and {self.tau_holdout}")
@@ -476,7 +482,7 @@ def _coordination_split(total: int, config: SolverConfig, collective: Collective
     """Positions (in this rank's share of ``total`` batches) of the batches the coordination rounds fit on,
     and (``propagate``) of the held-out ones its rounds are chosen on: the last ``tau_holdout`` calibration
     batches, never fitted. The split is over the global batch indices."""
-    if config.coordination != "propagate":
+    if config.coordination == "admm":
         fit, held = range(min(config.admm_batches, total)), range(0)
     else:
         h = min(config.tau_holdout, total // 2)
@@ -632,6 +638,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
     store = ActivationStore(budget_bytes=buffers)
+    prior_inputs = _first_inputs(model, state.partition.list_path, prior) if prior else ()
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
@@ -640,16 +647,21 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias,
             unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
             output_weights=state.output_fisher or None, refit_target=config.refit_target,
-            prior_inputs=_first_inputs(model, state.partition.list_path, prior) if prior else (),
+            prior_inputs=prior_inputs,
             prior_weight=config.refit_prior_weight)).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())
         started = time.perf_counter()
-        if config.rounds and len(state.partition.blocks) > 1 and config.coordination == "propagate":
-            if not held_idx:
-                raise StructPruneError("coordination='propagate' chooses its rounds on held-out calibration "
-                                       "batches: pass at least 2 batches and tau_holdout >= 1")
+        if config.rounds and len(state.partition.blocks) > 1 and config.coordination != "admm" and not held_idx:
+            raise StructPruneError(f"coordination={config.coordination!r} chooses its rounds on held-out calibration "
+                                   "batches: pass at least 2 batches and tau_holdout >= 1")
+        if config.rounds and len(state.partition.blocks) > 1 and config.coordination == "kl":
+            result = KlCoordinationPass()(_kl_request(model, state, batches, prior, prior_inputs, fit_idx, held_idx,
+                                                      solution, store, config, resident)).state
+            solution, admm_errors, best = result.solution, result.held_kl, result.best_round
+            coordination = (result.fit_kl, result.weight_changes)
+        elif config.rounds and len(state.partition.blocks) > 1 and config.coordination == "propagate":
             finals = state.calibration.final_outputs
             result = PropagatePass()(PropagateRequest(
                 model, state.partition, state.groups, [state.inputs[i] for i in fit_idx],
@@ -674,6 +686,21 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
                         clock.seconds, sequential, rounds_seconds, dict(solution.new_biases),
                         taylor_first(config, state), state.obs_weighting)
+
+
+def _kl_request(model: nn.Module, state: SolverState, batches: Sequence[Any], prior: Sequence[Any],
+                prior_inputs: Sequence[BlockInput], fit_idx: Sequence[int], held_idx: Sequence[int],
+                solution: BlockSolution, store: ActivationStore, config: SolverConfig,
+                resident: Resident) -> KlCoordinationRequest:
+    """The KL rounds fit the calibration batches the split gives them and the prior windows (broad text, as in
+    the re-fit), and are chosen on the held-out calibration batches and the last ``tau_holdout`` prior
+    windows (at most half of them): both texts, neither fitted."""
+    cut = len(prior) - min(config.tau_holdout, len(prior) // 2)
+    return KlCoordinationRequest(
+        model, state.partition, state.groups,
+        [state.inputs[i] for i in fit_idx] + list(prior_inputs[:cut]), [batches[i] for i in fit_idx] + list(prior[:cut]),
+        [state.inputs[i] for i in held_idx] + list(prior_inputs[cut:]), [batches[i] for i in held_idx] + list(prior[cut:]),
+        solution, store, config.rounds, config.kl_step, config.admm_damping, resident)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

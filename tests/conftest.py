@@ -39,6 +39,22 @@ def random_keep(graph: sp.DependencyGraph, seed: int, only_exact: bool) -> dict[
     return keep
 
 
+def deep_llama_model() -> torch.nn.Module:
+    """A 6-layer random-init Llama with GQA (vocabulary 96): the coordination tests' chain of blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_batches(n: int = 10, seed: int = 0, vocab: int = 96) -> list[dict]:
+    """``n`` batches of 2 x 16 random token ids, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, 16), generator=g)} for _ in range(n)]
+
+
 @pytest.fixture(params=ZOO_NAMES)
 def zoo_model(request):
     return traced(request.param)

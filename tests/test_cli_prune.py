@@ -298,3 +298,24 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
     with pytest.raises(SystemExit):
         main(common + ["--out", str(never), "--refit-prior-weight", "1"])
     assert "a share of the re-fit's weight, in (0, 1)" in capsys.readouterr().err
+
+
+def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(tiny_model_dir, capsys):
+    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
+              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "6", "--seqlen", "16", "--eval-seqlen",
+              "64", "--eval-windows", "1", "--refit-prior", "none"]
+    out = tiny_model_dir / "kl-rounds"
+    assert main(common + ["--out", str(out), "--kl-rounds", "2"]) == 0
+    solver = json.loads((out / "report.json").read_text())["solver"]
+    assert "rounds=2 (kl)" in solver["config"]
+    # round 0 (the block solve) and one entry per round taken; the returned round is the best held-out one
+    assert 2 <= len(solver["admm_output_errors"]) <= 3 and len(solver["coordination_fit_errors"]) == len(
+        solver["admm_output_errors"])
+    assert solver["admm_output_errors"][solver["admm_best_round"]] == min(solver["admm_output_errors"])
+    capsys.readouterr()
+    never = tiny_model_dir / "never-kl"
+    assert main(common + ["--out", str(never), "--method", "wanda-sp", "--kl-rounds", "1"]) == 2
+    assert "--kl-rounds coordinates the blocks of structprune's solve" in capsys.readouterr().err
+    assert main(common + ["--out", str(never), "--kl-rounds", "1", "--stream"]) == 2
+    assert "--kl-rounds runs on a model in memory" in capsys.readouterr().err
+    assert not never.exists()

@@ -8,28 +8,19 @@ import pytest
 import torch
 
 import structprune_graph as sp
+from conftest import deep_llama_model, token_batches
 from structprune_graph.errors import StructPruneError
 from structprune_graph.solver import SolverConfig
 
 
 @pytest.fixture(scope="module")
 def deep_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def _batches(n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 96, (2, 16), generator=g)} for _ in range(n)]
+    return deep_llama_model()
 
 
 def _run(model, coordination, rounds):
     config = SolverConfig(rounds=rounds, coordination=coordination, admm_batches=6, tau_holdout=3)
-    return sp.prune(model, _batches(), 0.4, solver=config)
+    return sp.prune(model, token_batches(), 0.4, solver=config)
 
 
 def test_every_block_changes_in_the_first_round(deep_llama):
@@ -65,4 +56,4 @@ def test_bad_settings_are_refused(deep_llama):
     with pytest.raises(StructPruneError, match="unknown coordination 'vjp'"):
         SolverConfig(coordination="vjp")
     with pytest.raises(StructPruneError, match="held-out calibration batches"):
-        sp.prune(deep_llama, _batches(1), 0.3, solver=SolverConfig(rounds=1, coordination="propagate"))
+        sp.prune(deep_llama, token_batches(1), 0.3, solver=SolverConfig(rounds=1, coordination="propagate"))

@@ -1,0 +1,258 @@
+"""KL coordination pass: every block's exit moves along the whole model's loss gradient (issue 12 item 3).
+
+ADMM and target propagation (``admm.py``, ``propagate.py``) coordinate the blocks on the squared error of
+the last block's output. On SmolLM2 that error is dominated by one channel of the residual stream (a massive
+activation, ~97% of its energy from block 12 on), which the final norm divides away, so matching it does
+not lower the loss. Here the objective is what the user sees: the KL divergence of the pruned model's
+next-token distribution from the dense model's, averaged over tokens and windows,
+
+    L(W) = mean_j mean_t KL( softmax(head(z_jt)) || softmax(head(p_jt(W))) ),
+
+z the dense last-block output, p the pruned one, head = final norm + LM head. Each round:
+
+  (i)   forward sweep with the current weights on the fitting windows, keeping each block's input x_b
+        (``ActivationStore``: memory, then files) and the final output p;
+  (ii)  dL/dp through the head (the model's own forward with the blocks as pass-throughs);
+  (iii) backward sweep, one block at a time: block b runs on x_b with autograd; its residual-exit consumer
+        (``down_proj``: its output is added unchanged to the block's output, so dL/dy = g_b, the gradient
+        at the block's output) gives G_b = sum_t g_bt x_t^T and H_b = sum_t x_t x_t^T over its kept inputs,
+        and the vector-Jacobian product carries g_b to g_{b-1}. The direction is the input-preconditioned
+        gradient D_b = -G_b (H_b + d mean(diag H_b) I)^-1 (a descent direction: <G_b, D_b> < 0), the step
+        an ordinary least-squares re-fit makes when its target moves by -g_b;
+  (iv)  every block at once: W_b + a D_b, with a scaled so that the exits' weights change by ``step``
+        (relative, all exits together) times 1, 1/4 and 1/16; the one with the lowest fitting KL is taken if
+        it lowers it, and the next round starts from twice its scale. None lowering it ends the rounds.
+
+After every round the KL is measured on held-out windows that no step saw; the round with the lowest
+held-out KL is returned, round 0 (the block solve's weights) included, so the pass never returns weights
+worse than its input on those windows. Masks are not re-selected: the units kept stay kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from structprune_graph.blockwise import ActivationStore, BlockInput, run_block
+from structprune_graph.errors import StructPruneError
+from structprune_graph.verify import InvariantError
+from structprune_graph.graph import Group
+from structprune_graph.streaming import resident
+
+from ._infra import Pass, PassResult
+from .admm import ADMM_DAMPING, exits_of
+from .blockwise_calibrate import block_module
+from .calibrate import run_batch
+from .obs import as_out_in, damped, from_out_in
+from .partition import Partition
+from .propagate import weight_change
+from .sensitivity import head_only
+from .solve import BlockSolution, block_overrides
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KL_STEP = 0.01  # relative change of all exits' weights at the first trial of round 1
+TRIALS = (1.0, 0.25, 0.0625)  # multiples of the scale tried along each round's direction
+
+
+class NoLogitsError(StructPruneError):
+    """The model's output has no ``logits``: there is no next-token distribution to coordinate on."""
+
+
+@dataclass(frozen=True)
+class KlCoordinationRequest:
+    model: nn.Module
+    partition: Partition
+    groups: Mapping[str, Group]
+    fit_inputs: Sequence[BlockInput]  # the first block's inputs of the fitting windows
+    fit_batches: Sequence[Any]  # the same windows, as the model is called (the head reads them)
+    held_inputs: Sequence[BlockInput]  # windows no step sees: the rounds are chosen on them
+    held_batches: Sequence[Any]
+    solution: BlockSolution
+    store: ActivationStore = field(compare=False)
+    rounds: int = 2
+    step: float = DEFAULT_KL_STEP
+    damping: float = ADMM_DAMPING
+    resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)
+
+
+@dataclass(frozen=True)
+class KlCoordinationResult:
+    solution: BlockSolution
+    fit_kl: tuple[float, ...]  # mean KL to the dense model on the fitting windows, per round (0 first)
+    held_kl: tuple[float, ...]  # the same on the held-out windows
+    best_round: int
+    coordinated_blocks: int  # blocks with a residual-exit consumer
+    weight_changes: tuple[tuple[float, ...], ...] = ()  # per round, per block: ||W - W_prev|| / ||W_prev||
+    scales: tuple[float, ...] = ()  # per round, the relative change of all exits taken (0: no trial helped)
+
+
+class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
+    def requires(self, state: KlCoordinationRequest) -> None:
+        if state.partition.list_path is None or len(state.partition.blocks) < 2:
+            raise StructPruneError("KL coordination pass: needs a model solved as a chain of blocks")
+        if not state.fit_inputs or not state.held_inputs:
+            raise StructPruneError("KL coordination pass: needs fitting windows and held-out windows "
+                                   f"(got {len(state.fit_inputs)} and {len(state.held_inputs)})")
+        if state.step <= 0 or state.damping <= 0:
+            raise StructPruneError(f"KL coordination pass: step and damping must be > 0 "
+                                   f"(got {state.step}, {state.damping})")
+
+    def call(self, state: KlCoordinationRequest) -> PassResult[KlCoordinationResult]:
+        keep, weights = state.solution.keep, dict(state.solution.new_weights)
+        as_tuple = self._as_tuple(state)
+        dense_fit = self._finals(state, state.fit_inputs, keep, None)  # z: (batch, tokens, hidden) per window
+        dense_held = self._finals(state, state.held_inputs, keep, None)
+        exits = exits_of(state.model, state.partition, state.groups, state.fit_inputs[0], keep, weights,
+                         state.resident)
+        fit_kl = [self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, weights, as_tuple)]
+        held_kl = [self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights, as_tuple)]
+        changes: list[tuple[float, ...]] = []
+        scales: list[float] = []
+        best = (held_kl[0], 0, dict(weights))
+        scale = state.step
+        for k in tqdm(range(1, state.rounds + 1), desc="kl coordination", leave=False) if exits else ():
+            directions = self._directions(state, keep, weights, exits, dense_fit, as_tuple)  # name -> D_b
+            norm = sum(float(d.pow(2).sum()) for d in directions.values()) ** 0.5
+            size = sum(float(weights[n].double().pow(2).sum()) for n in directions) ** 0.5
+            trials = []
+            for m in TRIALS:  # (iv) one step for every block at once, the best of three lengths
+                moved = _moved(weights, directions, scale * m * size / max(norm, 1e-30))
+                trials.append((self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, moved,
+                                        as_tuple), m, moved))
+            kl, m, moved = min(trials, key=lambda t: t[0])
+            if kl >= fit_kl[-1]:
+                logger.info("kl coordination round %d: no step lowers the fitting KL (%.4g); stopped", k, fit_kl[-1])
+                break
+            changes.append(tuple(weight_change(weights, moved, b.path) for b in state.partition.blocks))
+            scales.append(scale * m)
+            weights = moved
+            fit_kl.append(kl)
+            held_kl.append(self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights,
+                                    as_tuple))
+            logger.info("kl coordination round %d: step %.3g, KL %.4g (held-out %.4g)", k, scale * m, kl, held_kl[-1])
+            if held_kl[-1] < best[0]:
+                best = (held_kl[-1], k, dict(weights))
+            scale = 2 * scale * m
+        solution = BlockSolution(keep, best[2], state.solution.block_errors)
+        return PassResult(KlCoordinationResult(solution, tuple(fit_kl), tuple(held_kl), best[1], len(exits),
+                                               tuple(changes), tuple(scales)), modified=best[1] > 0)
+
+    @staticmethod
+    def _as_tuple(state: KlCoordinationRequest) -> bool:
+        block = state.partition.blocks[-1]
+        module = state.resident(block_module(state.model, block))
+        first = state.fit_inputs[0]
+        with torch.no_grad():
+            return isinstance(module(*first.args, **first.kwargs), (tuple, list))
+
+    @staticmethod
+    def _finals(state: KlCoordinationRequest, inputs: Sequence[BlockInput], keep, weights,
+                store_inputs: bool = False) -> list[torch.Tensor]:
+        """The last block's output per window: dense (``weights`` None) or pruned; ``store_inputs`` keeps each
+        block's input stream in the store as ("x", block, window)."""
+        stream = [inp.stream for inp in inputs]
+        for block in state.partition.blocks:
+            module = state.resident(block_module(state.model, block))
+            overrides = None if weights is None else block_overrides(state.model, block, state.groups, keep, weights)
+            with torch.no_grad():
+                for j, inp in enumerate(inputs):
+                    if store_inputs:
+                        state.store.put(("x", block.index, j), stream[j])
+                    stream[j] = run_block(module, inp.with_stream(stream[j]), overrides)
+        return stream
+
+    @staticmethod
+    def _logits(state: KlCoordinationRequest, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+        with head_only(state.model, state.partition.list_path, final, as_tuple):
+            logits = getattr(run_batch(state.model, batch), "logits", None)
+        if logits is None:
+            raise NoLogitsError("KL coordination pass: the model's output has no logits; use coordination='admm' "
+                                "or 'propagate', or rounds=0")
+        return logits.float()  # (batch, tokens, vocab)
+
+    def _kl(self, state: KlCoordinationRequest, inputs: Sequence[BlockInput], batches: Sequence[Any],
+            dense: Sequence[torch.Tensor], keep, weights, as_tuple: bool) -> float:
+        finals = self._finals(state, inputs, keep, weights)
+        with torch.no_grad():
+            return sum(float(_kl(self._logits(state, b, d, as_tuple), self._logits(state, b, p, as_tuple)))
+                       for b, d, p in zip(batches, dense, finals)) / len(finals)
+
+    def _directions(self, state: KlCoordinationRequest, keep, weights, exits: Mapping[int, str],
+                    dense: Sequence[torch.Tensor], as_tuple: bool) -> dict[str, torch.Tensor]:
+        """(i)-(iii): every exit's preconditioned descent direction D_b (out, in), zero on removed inputs."""
+        n = len(state.fit_inputs)
+        finals = self._finals(state, state.fit_inputs, keep, weights, store_inputs=True)
+        grads = []
+        for j, (batch, z, p) in enumerate(zip(state.fit_batches, dense, finals)):  # (ii) dL/dp per window
+            with torch.no_grad():
+                target = F.log_softmax(self._logits(state, batch, z, as_tuple), dim=-1)
+            h = p.detach().float().clone().requires_grad_(True)
+            with torch.enable_grad():
+                with head_only(state.model, state.partition.list_path, h, as_tuple):
+                    logits = run_batch(state.model, batch).logits.float()
+                (g,) = torch.autograd.grad(_kl(target, logits, log_target=True) / n, h)
+            grads.append(g.to(p.dtype))
+        directions = {}
+        for block in tqdm(state.partition.blocks[::-1], desc="kl coordination: backward", leave=False):
+            module = state.resident(block_module(state.model, block))
+            overrides = block_overrides(state.model, block, state.groups, keep, weights)
+            prefix = block.path + "." if block.path else ""
+            path = exits.get(block.index)
+            layer = module.get_submodule(path) if path else None
+            w = as_out_in(layer, weights[f"{prefix}{path}.weight"]) if path else None  # (out, in)
+            kept = (w != 0).any(0).nonzero().flatten() if path else None
+            h = cross = None
+            captured: list[torch.Tensor] = []
+            handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach())) if path else None
+            try:
+                for j, inp in enumerate(state.fit_inputs):
+                    x = state.store.get(("x", block.index, j))
+                    state.store.drop(("x", block.index, j))
+                    x = x.to(inp.stream.device).detach().requires_grad_(block.index > 0)
+                    with torch.enable_grad():
+                        out = run_block(module, inp.with_stream(x), overrides)
+                        if block.index > 0:
+                            (back,) = torch.autograd.grad(out, x, grads[j].to(out.device))
+                    if path:
+                        a = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
+                        g = grads[j].to(out.device).reshape(-1, w.shape[0]).double()  # (tokens, out)
+                        h = a.T @ a if h is None else h + a.T @ a
+                        cross = a.T @ g if cross is None else cross + a.T @ g
+                    if block.index > 0:
+                        grads[j] = back.detach()
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if path:
+                step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, state.damping)))  # (kept, out)
+                d = torch.zeros_like(w)  # (out, in)
+                d[:, kept.to(d.device)] = -step.T.to(d.device)
+                name = f"{prefix}{path}.weight"
+                directions[name] = from_out_in(layer, d, weights[name].double())  # the weight's own layout
+        return directions
+
+
+def _kl(target: torch.Tensor, logits: torch.Tensor, log_target: bool = False) -> torch.Tensor:
+    """Mean over tokens of KL(target || softmax(logits)); ``target`` as logits or (``log_target``) log-probs."""
+    log_p = target if log_target else F.log_softmax(target, dim=-1)
+    log_q = F.log_softmax(logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # (batch, tokens) -> ()
+
+
+def _moved(weights: Mapping[str, torch.Tensor], directions: Mapping[str, torch.Tensor], a: float) -> dict:
+    """``weights`` with every exit moved by ``a`` times its direction (in the weight's own layout and dtype)."""
+    out = dict(weights)
+    for name, d in directions.items():
+        w = weights[name]
+        moved = w.double() + a * d.to(w.device)
+        if not torch.isfinite(moved).all():
+            raise InvariantError(f"KL coordination pass: non-finite weights in {name}; lower the step")
+        out[name] = moved.to(w.dtype)
+    return out
