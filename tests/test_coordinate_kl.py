@@ -37,33 +37,32 @@ def sequential(deep_llama):  # the block solve's weights; its dense sweep is sha
 
 
 @pytest.fixture(scope="module")
-def three_rounds(deep_llama, sequential):
-    return _run(deep_llama, 3, reuse=sequential)
+def two_rounds(deep_llama, sequential):
+    return _run(deep_llama, 2, reuse=sequential)
 
 
-def test_every_block_changes_in_the_first_round(three_rounds):
-    changes = three_rounds.report.solver["coordination_weight_changes"]
+def test_every_block_changes_in_the_first_round(two_rounds):
+    changes = two_rounds.report.solver["coordination_weight_changes"]
     assert changes and len(changes[0]) == 6 and min(changes[0]) > 1e-4, changes
 
 
-def test_each_round_lowers_the_fitting_kl_and_the_best_held_out_round_returns(deep_llama, three_rounds):
-    solver = three_rounds.report.solver
+def test_each_round_lowers_the_fitting_kl_and_the_best_held_out_round_returns(deep_llama, two_rounds):
+    solver = two_rounds.report.solver
     fit, held, best = solver["coordination_fit_errors"], solver["admm_output_errors"], solver["admm_best_round"]
     assert len(fit) == len(held) >= 2 and all(b < a for a, b in zip(fit, fit[1:])), fit
     assert held[best] == min(held) and held[best] <= held[0]
     # the held-out KL the pass reports is the returned model's KL to the dense model on the held-out windows
-    torch.testing.assert_close(_mean_kl(deep_llama, three_rounds.model, token_batches()[-3:]), held[best],
+    torch.testing.assert_close(_mean_kl(deep_llama, two_rounds.model, token_batches()[-3:]), held[best],
                                rtol=1e-4, atol=1e-7)
 
 
 def test_no_round_that_loses_on_held_out_windows_is_returned(deep_llama, sequential):
-    # a step so long that every round it takes loses on held-out windows: the block solve's weights return
-    result = _run(deep_llama, 2, reuse=sequential, kl_step=50.0)
+    # a step so long (50x the weights) that no trial lowers the fitting KL: the block solve's weights return
+    result = _run(deep_llama, 1, reuse=sequential, kl_step=50.0)
     solver = result.report.solver
-    if solver["admm_best_round"] == 0:
-        for k, v in result.model.state_dict().items():
-            torch.testing.assert_close(v, sequential.model.state_dict()[k], rtol=0, atol=0)
-    assert solver["admm_output_errors"][solver["admm_best_round"]] <= solver["admm_output_errors"][0]
+    assert solver["admm_best_round"] == 0 and len(solver["admm_output_errors"]) == 1, solver["admm_output_errors"]
+    for k, v in result.model.state_dict().items():
+        torch.testing.assert_close(v, sequential.model.state_dict()[k], rtol=0, atol=0)
 
 
 def test_the_direction_is_the_preconditioned_gradient_of_the_kl(deep_llama, sequential):
@@ -105,7 +104,7 @@ def test_prior_windows_are_fitted_and_held_out(deep_llama, sequential):
                                rtol=1e-4, atol=1e-7)
 
 
-def test_kl_coordination_is_deterministic(deep_llama, sequential, three_rounds):
+def test_kl_coordination_is_deterministic(deep_llama, sequential, two_rounds):
     a, b = _run(deep_llama, 1, reuse=sequential), _run(deep_llama, 1, reuse=sequential)
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
