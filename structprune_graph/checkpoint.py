@@ -84,6 +84,9 @@ def prune_checkpoint(folder: Union[str, Path], calibration: Iterable[Mapping[str
     batches = tuple(batches[i] for i in collective.shard(len(batches)))
     check_output_dir(output, overwrite, inputs=(folder,))  # refuse before any work is done
     solver = solver or SolverConfig()
+    if solver.rounds and solver.coordination == "kl":
+        raise StructPruneError("prune_checkpoint: coordination='kl' runs the whole model's head and backward sweep on "
+                               "a model in memory; use rounds=0 or coordination='admm' when streaming")
     widths = WidthRule(round_to, uniform)
     source = CheckpointWeights(folder)
     start = time.perf_counter()

@@ -139,6 +139,9 @@ def test_bad_inputs_get_clear_errors(checkpoint, tmp_path):
         prune_checkpoint(folder, batches, 0.3, folder)
     with pytest.raises(StructPruneError, match="dicts of keyword tensors"):
         prune_checkpoint(folder, [batches[0]["input_ids"]], 0.3, tmp_path / "out")
+    with pytest.raises(StructPruneError, match="coordination='kl' runs the whole model's head"):
+        prune_checkpoint(folder, batches, 0.3, tmp_path / "kl", solver=SolverConfig(rounds=1, coordination="kl"))
+    assert not (tmp_path / "kl").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "mine.txt").write_text("keep me")
