@@ -111,14 +111,18 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
         dense_held = self._finals(state, state.held_inputs, keep, None)
         exits = exits_of(state.model, state.partition, state.groups, state.fit_inputs[0], keep, weights,
                          state.resident)
-        fit_kl = [self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, weights, as_tuple)]
+        # round 0's fitting KL comes from round 1's forward (``_directions``), unless no round runs
+        fit_kl = [] if exits and state.rounds else [
+            self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, weights, as_tuple)]
         held_kl = [self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights, as_tuple)]
         changes: list[tuple[float, ...]] = []
         scales: list[float] = []
         best = (held_kl[0], 0, dict(weights))
         scale = state.step
         for k in tqdm(range(1, state.rounds + 1), desc="kl coordination", leave=False) if exits else ():
-            directions = self._directions(state, keep, weights, exits, dense_fit, as_tuple)  # name -> D_b
+            directions, start = self._directions(state, keep, weights, exits, dense_fit, as_tuple)  # name -> D_b
+            if k == 1:
+                fit_kl.append(start)
             norm = sum(float(d.pow(2).sum()) for d in directions.values()) ** 0.5
             size = sum(float(weights[n].double().pow(2).sum()) for n in directions) ** 0.5
             trials = []
@@ -185,11 +189,12 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                        for b, d, p in zip(batches, dense, finals)) / len(finals)
 
     def _directions(self, state: KlCoordinationRequest, keep, weights, exits: Mapping[int, str],
-                    dense: Sequence[torch.Tensor], as_tuple: bool) -> dict[str, torch.Tensor]:
-        """(i)-(iii): every exit's preconditioned descent direction D_b (out, in), zero on removed inputs."""
+                    dense: Sequence[torch.Tensor], as_tuple: bool) -> tuple[dict[str, torch.Tensor], float]:
+        """(i)-(iii): every exit's preconditioned descent direction D_b (out, in), zero on removed inputs, and
+        the fitting KL at the current weights (from the same forward)."""
         n = len(state.fit_inputs)
         finals = self._finals(state, state.fit_inputs, keep, weights, store_inputs=True)
-        grads = []
+        grads, total = [], 0.0
         for j, (batch, z, p) in enumerate(zip(state.fit_batches, dense, finals)):  # (ii) dL/dp per window
             with torch.no_grad():
                 target = F.log_softmax(self._logits(state, batch, z, as_tuple), dim=-1)
@@ -197,7 +202,9 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
             with torch.enable_grad():
                 with head_only(state.model, state.partition.list_path, h, as_tuple):
                     logits = run_batch(state.model, batch).logits.float()
-                (g,) = torch.autograd.grad(_kl(target, logits, log_target=True) / n, h)
+                kl = _kl(target, logits, log_target=True)
+                (g,) = torch.autograd.grad(kl / n, h)
+            total += float(kl)
             grads.append(g.to(p.dtype))
         directions = {}
         for block in tqdm(state.partition.blocks[::-1], desc="kl coordination: backward", leave=False):
@@ -236,7 +243,7 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                 d[:, kept.to(d.device)] = -step.T.to(d.device)
                 name = f"{prefix}{path}.weight"
                 directions[name] = from_out_in(layer, d, weights[name].double())  # the weight's own layout
-        return directions
+        return directions, total / n
 
 
 def _kl(target: torch.Tensor, logits: torch.Tensor, log_target: bool = False) -> torch.Tensor:

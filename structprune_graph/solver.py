@@ -637,8 +637,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     admm_idx = tuple(fit_idx) if config.rounds and config.coordination == "admm" else ()
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
+    prior_inputs = _first_inputs(model, state.partition.list_path, prior) if prior else ()  # before the store opens
     store = ActivationStore(budget_bytes=buffers)
-    prior_inputs = _first_inputs(model, state.partition.list_path, prior) if prior else ()
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
             model, state.partition, state.groups, state.inputs, counts, config.damping, config.reconstruct,
