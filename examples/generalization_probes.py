@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
+    parser.add_argument("--kl-exits", choices=("residual", "all"), default="residual",
+                        help="coordination: SolverConfig.kl_exits, the layers the KL rounds move")
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -244,11 +246,12 @@ def main() -> None:
             for step in args.kl_steps:
                 for s in args.sparsities:
                     t = time.perf_counter()
-                    config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step)
+                    config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step, kl_exits=args.kl_exits)
                     r = sp.prune(model, batches, s, solver=config, reuse=shared, refit_prior=prior)
                     shared, solver = r, r.report.solver
-                    emit(f"structprune + {rounds} KL rounds (step {step:g}), prior {args.prior_samples[0]} self windows, "
-                         f"{DEFAULT_ORDER}", r.model, t, s, tau=solver["tau"], best_round=solver["admm_best_round"],
+                    exits = "" if args.kl_exits == "residual" else f", {args.kl_exits} linear layers moved"
+                    emit(f"structprune + {rounds} KL rounds (step {step:g}{exits}), prior {args.prior_samples[0]} "
+                         f"self windows, {DEFAULT_ORDER}", r.model, t, s, tau=solver["tau"], best_round=solver["admm_best_round"],
                          held_kl=solver["admm_output_errors"], fit_kl=solver.get("coordination_fit_errors"),
                          weight_changes=solver.get("coordination_weight_changes"),
                          coordination_seconds=solver.get("stage_seconds", {}).get("coordinate"))

@@ -13,12 +13,14 @@ z the dense last-block output, p the pruned one, head = final norm + LM head. Ea
   (i)   forward sweep with the current weights on the fitting windows, keeping each block's input x_b
         (``ActivationStore``: memory, then files) and the final output p;
   (ii)  dL/dp through the head (the model's own forward with the blocks as pass-throughs);
-  (iii) backward sweep, one block at a time: block b runs on x_b with autograd; its residual-exit consumer
-        (``down_proj``: its output is added unchanged to the block's output, so dL/dy = g_b, the gradient
-        at the block's output) gives G_b = sum_t g_bt x_t^T and H_b = sum_t x_t x_t^T over its kept inputs,
-        and the vector-Jacobian product carries g_b to g_{b-1}. The direction is the input-preconditioned
-        gradient D_b = -G_b (H_b + d mean(diag H_b) I)^-1 (a descent direction: <G_b, D_b> < 0), the step
-        an ordinary least-squares re-fit makes when its target moves by -g_b;
+  (iii) backward sweep, one block at a time: block b runs on x_b with autograd; each of its exits (``exits=
+        "residual"``: the residual-exit consumer, ``down_proj``, whose output is added unchanged to the
+        block's output; ``"all"``: every linear layer of the block) gets its weight gradient G = dL/dW
+        = sum_t g_t a_t^T (g_t the gradient at the layer's output, a_t its input) and H = sum_t a_t a_t^T over
+        its kept inputs, and the vector-Jacobian product carries g_b to g_{b-1}. The direction is the
+        input-preconditioned gradient D = -G (H + d mean(diag H) I)^-1 (a descent direction: <G, D> < 0),
+        the step an ordinary least-squares re-fit of the layer makes when its output's target moves by -g;
+        it is zero on removed rows and columns, so the units removed stay removed;
   (iv)  every block at once: W_b + a D_b, with a scaled so that the exits' weights change by ``step``
         (relative, all exits together) times 1, 1/4 and 1/16; the one with the lowest fitting KL is taken if
         it lowers it, and the next round starts from twice its scale. None lowering it ends the rounds.
@@ -49,7 +51,7 @@ from ._infra import Pass, PassResult
 from .admm import ADMM_DAMPING, exits_of
 from .blockwise_calibrate import block_module
 from .calibrate import run_batch
-from .obs import as_out_in, damped, from_out_in
+from .obs import as_out_in, damped, from_out_in, is_linear
 from .partition import Partition
 from .propagate import weight_change
 from .sensitivity import head_only
@@ -58,6 +60,7 @@ from .solve import BlockSolution, block_overrides
 logger = logging.getLogger(__name__)
 
 DEFAULT_KL_STEP = 0.01  # relative change of all exits' weights at the first trial of round 1
+KL_EXITS = ("residual", "all")  # which linear layers of a block the rounds move
 TRIALS = (1.0, 0.25, 0.0625)  # multiples of the scale tried along each round's direction
 
 
@@ -79,6 +82,7 @@ class KlCoordinationRequest:
     rounds: int = 2
     step: float = DEFAULT_KL_STEP
     damping: float = ADMM_DAMPING
+    exits: str = "residual"  # one of KL_EXITS
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)
 
 
@@ -88,7 +92,7 @@ class KlCoordinationResult:
     fit_kl: tuple[float, ...]  # mean KL to the dense model on the fitting windows, per round (0 first)
     held_kl: tuple[float, ...]  # the same on the held-out windows
     best_round: int
-    coordinated_blocks: int  # blocks with a residual-exit consumer
+    coordinated_blocks: int  # blocks with at least one exit
     weight_changes: tuple[tuple[float, ...], ...] = ()  # per round, per block: ||W - W_prev|| / ||W_prev||
     scales: tuple[float, ...] = ()  # per round, the relative change of all exits taken (0: no trial helped)
 
@@ -100,6 +104,8 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
         if not state.fit_inputs or not state.held_inputs:
             raise StructPruneError("KL coordination pass: needs fitting windows and held-out windows "
                                    f"(got {len(state.fit_inputs)} and {len(state.held_inputs)})")
+        if state.exits not in KL_EXITS:
+            raise StructPruneError(f"KL coordination pass: unknown exits {state.exits!r}; choose one of {KL_EXITS}")
         if state.step <= 0 or state.damping <= 0:
             raise StructPruneError(f"KL coordination pass: step and damping must be > 0 "
                                    f"(got {state.step}, {state.damping})")
@@ -109,15 +115,14 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
         as_tuple = self._as_tuple(state)
         dense_fit = self._finals(state, state.fit_inputs, keep, None)  # z: (batch, tokens, hidden) per window
         dense_held = self._finals(state, state.held_inputs, keep, None)
-        exits = exits_of(state.model, state.partition, state.groups, state.fit_inputs[0], keep, weights,
-                         state.resident)
+        exits = self._exits(state, keep, weights)  # block index -> layer paths (``weights`` gains new exits)
         # round 0's fitting KL comes from round 1's forward (``_directions``), unless no round runs
         fit_kl = [] if exits and state.rounds else [
             self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, weights, as_tuple)]
         held_kl = [self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights, as_tuple)]
         changes: list[tuple[float, ...]] = []
         scales: list[float] = []
-        best = (held_kl[0], 0, dict(weights))
+        best = (held_kl[0], 0, dict(state.solution.new_weights))
         scale = state.step
         for k in tqdm(range(1, state.rounds + 1), desc="kl coordination", leave=False) if exits else ():
             directions, start = self._directions(state, keep, weights, exits, dense_fit, as_tuple)  # name -> D_b
@@ -188,10 +193,34 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
             return sum(float(_kl(self._logits(state, b, d, as_tuple), self._logits(state, b, p, as_tuple)))
                        for b, d, p in zip(batches, dense, finals)) / len(finals)
 
-    def _directions(self, state: KlCoordinationRequest, keep, weights, exits: Mapping[int, str],
+    @staticmethod
+    def _exits(state: KlCoordinationRequest, keep, weights: dict) -> dict[int, tuple[str, ...]]:
+        """Block index -> the paths (in the block) of the linear layers the rounds move. ``weights`` gains the
+        effective weight (removed slices zeroed) of every exit the block solve did not re-fit."""
+        if state.exits == "residual":
+            found = exits_of(state.model, state.partition, state.groups, state.fit_inputs[0], keep, weights,
+                             state.resident)
+            return {b: (path,) for b, path in found.items()}
+        exits = {}
+        for block in state.partition.blocks:
+            module = state.resident(block_module(state.model, block))
+            prefix = block.path + "." if block.path else ""
+            overrides = block_overrides(state.model, block, state.groups, keep, weights)
+            params = dict(module.named_parameters())
+            paths = tuple(n for n, m in module.named_modules()
+                          if n and is_linear(m) and params.get(f"{n}.weight") is m.weight)
+            for path in paths:
+                local = f"{path}.weight"
+                if prefix + local not in weights:
+                    weights[prefix + local] = overrides.get(local, params[local]).detach().to("cpu", copy=True)
+            if paths:
+                exits[block.index] = paths
+        return exits
+
+    def _directions(self, state: KlCoordinationRequest, keep, weights, exits: Mapping[int, tuple[str, ...]],
                     dense: Sequence[torch.Tensor], as_tuple: bool) -> tuple[dict[str, torch.Tensor], float]:
-        """(i)-(iii): every exit's preconditioned descent direction D_b (out, in), zero on removed inputs, and
-        the fitting KL at the current weights (from the same forward)."""
+        """(i)-(iii): every exit's preconditioned descent direction D (in the weight's own layout), zero on
+        removed rows and columns, and the fitting KL at the current weights (from the same forward)."""
         n = len(state.fit_inputs)
         finals = self._finals(state, state.fit_inputs, keep, weights, store_inputs=True)
         grads, total = [], 0.0
@@ -204,46 +233,69 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                     logits = run_batch(state.model, batch).logits.float()
                 kl = _kl(target, logits, log_target=True)
                 (g,) = torch.autograd.grad(kl / n, h)
-            total += float(kl)
+            total += float(kl.detach())
             grads.append(g.to(p.dtype))
         directions = {}
         for block in tqdm(state.partition.blocks[::-1], desc="kl coordination: backward", leave=False):
             module = state.resident(block_module(state.model, block))
             overrides = block_overrides(state.model, block, state.groups, keep, weights)
             prefix = block.path + "." if block.path else ""
-            path = exits.get(block.index)
-            layer = module.get_submodule(path) if path else None
-            w = as_out_in(layer, weights[f"{prefix}{path}.weight"]) if path else None  # (out, in)
-            kept = (w != 0).any(0).nonzero().flatten() if path else None
-            h = cross = None
-            captured: list[torch.Tensor] = []
-            handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach())) if path else None
+            paths = exits.get(block.index, ())
+            stats = {path: _ExitStats(module.get_submodule(path), weights[f"{prefix}{path}.weight"]) for path in paths}
+            handles = [s.layer.register_forward_pre_hook(s.capture) for s in stats.values()]
             try:
                 for j, inp in enumerate(state.fit_inputs):
                     x = state.store.get(("x", block.index, j))
                     state.store.drop(("x", block.index, j))
                     x = x.to(inp.stream.device).detach().requires_grad_(block.index > 0)
+                    leaves = {f"{path}.weight": overrides[f"{path}.weight"].detach().requires_grad_(True)
+                              for path in paths}
                     with torch.enable_grad():
-                        out = run_block(module, inp.with_stream(x), overrides)
-                        if block.index > 0:
-                            (back,) = torch.autograd.grad(out, x, grads[j].to(out.device))
-                    if path:
-                        a = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
-                        g = grads[j].to(out.device).reshape(-1, w.shape[0]).double()  # (tokens, out)
-                        h = a.T @ a if h is None else h + a.T @ a
-                        cross = a.T @ g if cross is None else cross + a.T @ g
+                        out = run_block(module, inp.with_stream(x), {**overrides, **leaves})
+                        wrt = ([x] if block.index > 0 else []) + list(leaves.values())
+                        got = torch.autograd.grad(out, wrt, grads[j].to(out.device)) if wrt else ()
+                    for s, g in zip(stats.values(), got[1:] if block.index > 0 else got):
+                        s.add(g)
                     if block.index > 0:
-                        grads[j] = back.detach()
+                        grads[j] = got[0].detach()
             finally:
-                if handle is not None:
+                for handle in handles:
                     handle.remove()
-            if path:
-                step = torch.cholesky_solve(cross, torch.linalg.cholesky(damped(h, state.damping)))  # (kept, out)
-                d = torch.zeros_like(w)  # (out, in)
-                d[:, kept.to(d.device)] = -step.T.to(d.device)
-                name = f"{prefix}{path}.weight"
-                directions[name] = from_out_in(layer, d, weights[name].double())  # the weight's own layout
+            for path, s in stats.items():
+                directions[f"{prefix}{path}.weight"] = s.direction(state.damping)
         return directions, total / n
+
+
+class _ExitStats:
+    """One exit's H = sum_t a_t a_t^T over its kept inputs and G = dL/dW, accumulated window by window."""
+
+    def __init__(self, layer: nn.Module, weight: torch.Tensor) -> None:
+        self.layer, self.weight = layer, weight
+        w = as_out_in(layer, weight)  # (out, in)
+        self.rows = (w != 0).any(1).nonzero().flatten()  # removed rows and columns are exactly zero
+        self.cols = (w != 0).any(0).nonzero().flatten()
+        self.h: torch.Tensor | None = None  # (kept in, kept in)
+        self.g: torch.Tensor | None = None  # (out, in)
+        self._inputs: list[torch.Tensor] = []
+
+    def capture(self, module: nn.Module, args: tuple) -> None:
+        self._inputs.append(args[0].detach())
+
+    def add(self, grad: torch.Tensor) -> None:
+        a = self._inputs.pop()
+        a = a.reshape(-1, a.shape[-1])[:, self.cols.to(a.device)].double()  # (tokens, kept in)
+        g = as_out_in(self.layer, grad).double()  # (out, in)
+        self.h = a.T @ a if self.h is None else self.h + a.T @ a
+        self.g = g if self.g is None else self.g + g
+
+    def direction(self, damping: float) -> torch.Tensor:
+        w = as_out_in(self.layer, self.weight)
+        rows, cols = self.rows.to(self.g.device), self.cols.to(self.g.device)
+        g = self.g[rows][:, cols]  # (kept out, kept in)
+        step = torch.cholesky_solve(g.T, torch.linalg.cholesky(damped(self.h, damping)))  # (kept in, kept out)
+        d = torch.zeros(w.shape, dtype=torch.float64, device=step.device)  # (out, in)
+        d[rows.unsqueeze(1), cols] = -step.T
+        return from_out_in(self.layer, d, self.weight.double())  # the weight's own layout
 
 
 def _kl(target: torch.Tensor, logits: torch.Tensor, log_target: bool = False) -> torch.Tensor:

@@ -176,6 +176,8 @@ def _check_texts(args: argparse.Namespace) -> None:
     if args.kl_rounds and args.method != "structprune":
         raise StructPruneError(f"--kl-rounds coordinates the blocks of structprune's solve; --method {args.method} has "
                                f"none: drop --kl-rounds or use --method structprune")
+    if args.kl_exits != "residual" and not args.kl_rounds:
+        raise StructPruneError(f"--kl-exits {args.kl_exits} chooses the layers the KL rounds move; add --kl-rounds N")
     if args.kl_rounds and (args.stream or args.distributed):
         raise StructPruneError("--kl-rounds runs on a model in memory in one process; drop --stream and --distributed "
                                "or --kl-rounds")
@@ -194,7 +196,7 @@ def _solver_config(args: argparse.Namespace):
     from .solver import SolverConfig
 
     weight = {} if args.refit_prior_weight is None else {"refit_prior_weight": args.refit_prior_weight}
-    rounds = {"rounds": args.kl_rounds, "coordination": "kl"} if args.kl_rounds else {}
+    rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
                         taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds)
 
@@ -508,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "
                             "fitted on the calibration and prior windows and chosen on held-out ones (README, "
                             "'Coordination on the loss'; default 0: each round costs about 8 forward passes)")
+    prune.add_argument("--kl-exits", choices=("residual", "all"), default="residual",
+                       help="the layers the --kl-rounds move: each block's residual exit (default) or every linear "
+                            "layer of every block (the units kept stay kept)")
     prune.add_argument("--distributed", action="store_true",
                        help="one rank of a torchrun launch (torchrun --nproc-per-node K -m structprune_graph.cli "
                             "prune ... --distributed): each rank runs a share of the calibration windows, rank 0 "

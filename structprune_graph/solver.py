@@ -29,7 +29,7 @@ from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockC
 from structprune_graph.passes.calibrate import CalibratePass, CalibrationError, CalibrationRequest
 from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTICS_DTYPES
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
-from structprune_graph.passes.coordinate_kl import DEFAULT_KL_STEP, KlCoordinationPass, KlCoordinationRequest
+from structprune_graph.passes.coordinate_kl import DEFAULT_KL_STEP, KL_EXITS, KlCoordinationPass, KlCoordinationRequest
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
                                                   SensitivityRequest)
@@ -140,6 +140,9 @@ class SolverConfig:
     coordination: str = "admm"
     propagate_step: float = DEFAULT_STEP
     kl_step: float = DEFAULT_KL_STEP  # coordination="kl": relative change of the exits' weights at the first trial
+    # coordination="kl": the layers the rounds move: "residual" (each block's residual exit, down_proj) or "all"
+    # (every linear layer of a block)
+    kl_exits: str = "residual"
     rho: float = DEFAULT_RHO
     admm_damping: float = ADMM_DAMPING
     admm_batches: int = 16
@@ -190,6 +193,8 @@ class SolverConfig:
         if not 0.0 < self.refit_prior_weight < 1.0:
             raise StructPruneError(f"SolverConfig: refit_prior_weight is the prior text's share of the re-fit, in "
                                    f"(0, 1); got {self.refit_prior_weight}")
+        if self.kl_exits not in KL_EXITS:
+            raise StructPruneError(f"SolverConfig: unknown kl_exits {self.kl_exits!r}; choose one of {KL_EXITS}")
         if not self.kl_step > 0.0:
             raise StructPruneError(f"SolverConfig: kl_step is a relative weight change, > 0; got {self.kl_step}")
         if self.tau_batches < 1 or self.tau_holdout < 0:
@@ -205,7 +210,8 @@ class SolverConfig:
 
     def label(self) -> str:
         return (f"{self.allocation}, rounds={self.rounds}"
-                + (f" ({self.coordination})" if self.rounds else "") + ", "
+                + (f" ({self.coordination}{', all linear layers' if self.kl_exits == 'all' else ''})"
+                   if self.rounds else "") + ", "
                 + (f"reconstruct (ridge {self.refit_ridge:g})" if self.reconstruct else "no reconstruction"))
 
 
@@ -700,7 +706,7 @@ def _kl_request(model: nn.Module, state: SolverState, batches: Sequence[Any], pr
         model, state.partition, state.groups,
         [state.inputs[i] for i in fit_idx] + list(prior_inputs[:cut]), [batches[i] for i in fit_idx] + list(prior[:cut]),
         [state.inputs[i] for i in held_idx] + list(prior_inputs[cut:]), [batches[i] for i in held_idx] + list(prior[cut:]),
-        solution, store, config.rounds, config.kl_step, config.admm_damping, resident)
+        solution, store, config.rounds, config.kl_step, config.admm_damping, config.kl_exits, resident)
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

@@ -308,6 +308,9 @@ def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(ti
     assert main(common + ["--out", str(out), "--kl-rounds", "2"]) == 0
     solver = json.loads((out / "report.json").read_text())["solver"]
     assert "rounds=2 (kl)" in solver["config"]
+    every = tiny_model_dir / "kl-all"
+    assert main(common + ["--out", str(every), "--kl-rounds", "1", "--kl-exits", "all"]) == 0
+    assert "rounds=1 (kl, all linear layers)" in json.loads((every / "report.json").read_text())["solver"]["config"]
     # round 0 (the block solve) and one entry per round taken; the returned round is the best held-out one
     assert 2 <= len(solver["admm_output_errors"]) <= 3 and len(solver["coordination_fit_errors"]) == len(
         solver["admm_output_errors"])
@@ -318,4 +321,6 @@ def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(ti
     assert "--kl-rounds coordinates the blocks of structprune's solve" in capsys.readouterr().err
     assert main(common + ["--out", str(never), "--kl-rounds", "1", "--stream"]) == 2
     assert "--kl-rounds runs on a model in memory" in capsys.readouterr().err
+    assert main(common + ["--out", str(never), "--kl-exits", "all"]) == 2
+    assert "--kl-exits all chooses the layers the KL rounds move; add --kl-rounds N" in capsys.readouterr().err
     assert not never.exists()

@@ -65,15 +65,26 @@ def test_no_round_that_loses_on_held_out_windows_is_returned(deep_llama, sequent
         torch.testing.assert_close(v, sequential.model.state_dict()[k], rtol=0, atol=0)
 
 
-def test_the_direction_is_the_preconditioned_gradient_of_the_kl(deep_llama, sequential):
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.mark.parametrize("exits", ["residual", "all"])
+def test_the_direction_is_the_preconditioned_gradient_of_the_kl(deep_llama, sequential, exits):
     """One short round: every exit moves by -a G (H + d I)^-1, G the autograd gradient of the whole pruned
     model's mean KL to the dense one over the fitting windows, so each move has a negative inner product with
-    G (a descent direction), whatever the step length the round took."""
-    one = _run(deep_llama, 1, reuse=sequential, kl_step=1e-4)
+    G (a descent direction), whatever the step length the round took. ``exits="residual"`` moves each block's
+    down_proj and nothing else; ``"all"`` moves every linear layer of every block, the same units kept."""
+    one = _run(deep_llama, 1, reuse=sequential, kl_step=1e-4, kl_exits=exits)
     assert one.report.solver["admm_best_round"] == 1, one.report.solver["admm_output_errors"]
-    exits = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(6)]
-    before = {n: sequential.model.state_dict()[n] for n in exits}
-    after = {n: one.model.state_dict()[n] for n in exits}
+    moving = LINEARS if exits == "all" else ("mlp.down_proj",)
+    names = [f"model.layers.{i}.{layer}.weight" for i in range(6) for layer in LINEARS]
+    exits = [n for n in names if n.rpartition(".weight")[0].split(".", 3)[-1] in moving]
+    before, after = sequential.model.state_dict(), one.model.state_dict()
+    for n in names:  # the keep-set is the block solve's: every pruned shape is unchanged
+        assert after[n].shape == before[n].shape, n
+        if n not in exits:
+            torch.testing.assert_close(after[n], before[n], rtol=0, atol=0)
     model = sequential.model
     fit = token_batches()[:6]
     params = dict(model.named_parameters())
@@ -113,6 +124,8 @@ def test_kl_coordination_is_deterministic(deep_llama, sequential, two_rounds):
 def test_bad_settings_are_refused(deep_llama):
     with pytest.raises(StructPruneError, match="kl_step is a relative weight change"):
         SolverConfig(coordination="kl", kl_step=0.0)
+    with pytest.raises(StructPruneError, match="unknown kl_exits 'mlp'"):
+        SolverConfig(coordination="kl", kl_exits="mlp")
     with pytest.raises(StructPruneError, match="held-out calibration batches"):
         sp.prune(deep_llama, token_batches(1), 0.3, solver=SolverConfig(rounds=1, coordination="kl"))
 
