@@ -213,7 +213,8 @@ def main() -> None:
     rows: list[dict] = []
     path_json, path_md = out / f"{args.name}.json", out / f"{args.name}.md"
 
-    earlier = [r for name in args.compare_with for r in json.loads((out / f"{name}.json").read_text())["rows"]]
+    earlier = [dict(r, run=name) for name in args.compare_with  # each row named by the run it came from
+               for r in json.loads((out / f"{name}.json").read_text())["rows"]]
 
     def emit(row):
         rows.append(row)
@@ -401,7 +402,8 @@ def compared_table(rows: list[dict], earlier: list[dict]) -> str:
             if (a["sparsity"], a["calib"]) == (b["sparsity"], b["calib"]):
                 cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(a["eval_nll"][d], b["eval_nll"][d]))
                          for d in domains]
-                lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {b['method']} | "
+                theirs_name = f"{b['method']} ({b['run']})" if "run" in b else b["method"]
+                lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {theirs_name} | "
                              + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
