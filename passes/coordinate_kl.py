@@ -243,13 +243,13 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
             paths = exits.get(block.index, ())
             stats = {path: _ExitStats(module.get_submodule(path), weights[f"{prefix}{path}.weight"]) for path in paths}
             handles = [s.layer.register_forward_pre_hook(s.capture) for s in stats.values()]
+            # the exits' weights as leaves of every window's graph: autograd gives each window's dL/dW
+            leaves = {f"{path}.weight": overrides[f"{path}.weight"].detach().requires_grad_(True) for path in paths}
             try:
                 for j, inp in enumerate(state.fit_inputs):
                     x = state.store.get(("x", block.index, j))
                     state.store.drop(("x", block.index, j))
                     x = x.to(inp.stream.device).detach().requires_grad_(block.index > 0)
-                    leaves = {f"{path}.weight": overrides[f"{path}.weight"].detach().requires_grad_(True)
-                              for path in paths}
                     with torch.enable_grad():
                         out = run_block(module, inp.with_stream(x), {**overrides, **leaves})
                         wrt = ([x] if block.index > 0 else []) + list(leaves.values())

@@ -79,28 +79,28 @@ def test_the_direction_is_the_preconditioned_gradient_of_the_kl(deep_llama, sequ
     assert one.report.solver["admm_best_round"] == 1, one.report.solver["admm_output_errors"]
     moving = LINEARS if exits == "all" else ("mlp.down_proj",)
     names = [f"model.layers.{i}.{layer}.weight" for i in range(6) for layer in LINEARS]
-    exits = [n for n in names if n.rpartition(".weight")[0].split(".", 3)[-1] in moving]
+    moved = [n for n in names if n.rpartition(".weight")[0].split(".", 3)[-1] in moving]
     before, after = sequential.model.state_dict(), one.model.state_dict()
     for n in names:  # the keep-set is the block solve's: every pruned shape is unchanged
         assert after[n].shape == before[n].shape, n
-        if n not in exits:
+        if n not in moved:
             torch.testing.assert_close(after[n], before[n], rtol=0, atol=0)
     model = sequential.model
     fit = token_batches()[:6]
     params = dict(model.named_parameters())
-    flags = {n: params[n].requires_grad for n in exits}
-    for n in exits:
+    flags = {n: params[n].requires_grad for n in moved}
+    for n in moved:
         params[n].requires_grad_(True)
     loss = 0.0
     for b in fit:
         with torch.no_grad():
             target = deep_llama(**b).logits
         loss = loss + _kl(target, model(**b).logits) / len(fit)
-    grads = torch.autograd.grad(loss, [params[n] for n in exits])
-    for n in exits:
+    grads = torch.autograd.grad(loss, [params[n] for n in moved])
+    for n in moved:
         params[n].requires_grad_(flags[n])
     # the step is along -G P with P positive definite: each exit's move has a negative inner product with G
-    for n, g in zip(exits, grads):
+    for n, g in zip(moved, grads):
         step = (after[n] - before[n]).double()
         assert float((step * g.double()).sum()) < 0, n
 
