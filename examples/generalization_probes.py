@@ -83,7 +83,8 @@ the library option, re-run at 30%, gives the same row to the last digit (the las
 ``--probe refit-prior``: the model's own samples as prior text of the re-fit (``prune(refit_prior=...)``):
 the first ``--prior-samples`` of the 16 self-generated windows of 512 tokens are fitted beside the
 calibration text, with each ``--prior-weights`` of the weight per token (``SolverConfig.refit_prior_weight``);
-the selection, allocation and scores see the calibration text only (one dense sweep for every row).
+the selection, allocation and scores see the calibration text only (one dense sweep for every row), unless
+``--prior-scopes selection``: the OBS selection's H blended with the prior's too (``SolverConfig.prior_in_selection``).
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
@@ -152,6 +153,10 @@ def main() -> None:
                         help="refit-prior: self-generated windows of 512 tokens fitted beside the calibration")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.5],
                         help="refit-prior: SolverConfig.refit_prior_weight")
+    parser.add_argument("--prior-scopes", nargs="+", default=["refit"], choices=("refit", "selection"),
+                        help="refit-prior and coordination: what the prior text shapes: 'refit' alone (as the recorded rows; "
+                             "SolverConfig(prior_in_selection=False)) or the OBS selection too ('selection', the default "
+                             "since 2026-12-03, late)")
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
@@ -234,9 +239,12 @@ def main() -> None:
         shared = None
         for n in args.prior_samples:
             for weight in args.prior_weights:
-                shared = per_config(f"structprune, re-fit also on {n} x 512 self-generated tokens, weight {weight:g}, "
-                                    f"{DEFAULT_ORDER}", SolverConfig(refit_prior_weight=weight), shared,
-                                    G.batches_of(calib["self"][:n]))
+                for scope in args.prior_scopes:
+                    fitted = "re-fit" if scope == "refit" else "OBS selection and re-fit"
+                    shared = per_config(f"structprune, {fitted} also on {n} x 512 self-generated tokens, weight "
+                                        f"{weight:g}, {DEFAULT_ORDER}", SolverConfig(
+                                            refit_prior_weight=weight, prior_in_selection=scope == "selection"),
+                                        shared, G.batches_of(calib["self"][:n]))
         return
 
     if args.probe == "coordination":  # KL rounds after the block solve (with the CLI's prior): one sweep for all
@@ -246,10 +254,12 @@ def main() -> None:
             for step in args.kl_steps:
                 for s in args.sparsities:
                     t = time.perf_counter()
-                    config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step, kl_exits=args.kl_exits)
+                    config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step, kl_exits=args.kl_exits,
+                                          prior_in_selection=args.prior_scopes[0] == "selection")
                     r = sp.prune(model, batches, s, solver=config, reuse=shared, refit_prior=prior)
                     shared, solver = r, r.report.solver
                     exits = "" if args.kl_exits == "residual" else f", {args.kl_exits} linear layers moved"
+                    exits += "" if args.prior_scopes[0] == "refit" else ", the prior in the OBS selection"
                     emit(f"structprune + {rounds} KL rounds (step {step:g}{exits}), prior {args.prior_samples[0]} "
                          f"self windows, {DEFAULT_ORDER}", r.model, t, s, tau=solver["tau"], best_round=solver["admm_best_round"],
                          held_kl=solver["admm_output_errors"], fit_kl=solver.get("coordination_fit_errors"),

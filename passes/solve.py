@@ -93,9 +93,12 @@ class BlockSolveRequest:
     refit_ridge_scale: str = "mean"  # REFIT_RIDGE_SCALES (SolverConfig.refit_ridge_scale)
     # the first block's inputs of broad text (e.g. the model's own samples) that the re-fit fits beside the
     # calibration batches, with weight ``prior_weight`` per token against their 1 - prior_weight; the
-    # selection never sees them (SolverConfig.refit_prior_weight, prune(refit_prior=...))
+    # selection sees them only with ``prior_in_selection`` (SolverConfig.refit_prior_weight, prune(refit_prior=...))
     prior_inputs: Sequence[BlockInput] = ()
     prior_weight: float = 0.5
+    # the OBS selection's H blended with the prior's as the re-fit's is (SolverConfig.prior_in_selection): both
+    # then see one second moment; the Taylor prefix and the Fisher weights stay the calibration loss's
+    prior_in_selection: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,10 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             if targets is not None:
                 targets.reduce(state.collective, f"solve block {block.index}")
                 stats.targets = targets.targets
-            if prior is not None:
+            if prior is not None and state.prior_in_selection:  # blended once: the OBS and the re-fit read it
+                for path, p in prior.items():
+                    _blended(stats.hessians[path], p, state.prior_weight)
+            elif prior is not None:
                 stats.prior = prior
             self._solve_block(state, block, module, stats, keep, new_weights, new_biases)
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)

@@ -85,6 +85,10 @@ def _prune(args: argparse.Namespace) -> int:
     if _prior_source(args) and not (args.method == "structprune" or args.refit):
         raise StructPruneError(f"--refit-prior is text the least-squares re-fit fits, and --method {args.method} has "
                                f"no re-fit: add --refit, or use --method structprune (or --refit-prior none)")
+    if args.refit_prior_scope and not (_prior_source(args) and args.method == "structprune"):
+        raise StructPruneError(f"--refit-prior-scope chooses what structprune's prior text shapes, and this run has "
+                               + ("no prior (--refit-prior none)" if not _prior_source(args) else
+                                  f"--method {args.method}, whose selection is its own") + ": drop --refit-prior-scope")
     if _prior_source(args) and (args.stream or args.distributed):
         raise StructPruneError(f"--refit-prior is not supported with --{'stream' if args.stream else 'distributed'}; "
                                f"add --refit-prior none")
@@ -196,6 +200,8 @@ def _solver_config(args: argparse.Namespace):
     from .solver import SolverConfig
 
     weight = {} if args.refit_prior_weight is None else {"refit_prior_weight": args.refit_prior_weight}
+    if args.refit_prior_scope is not None:
+        weight["prior_in_selection"] = args.refit_prior_scope == "selection"
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
                         taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds)
@@ -499,12 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "text alone: 'self' (sampled from the model: no data needed), a .txt file, a folder or "
                             "'pydoc'; 'none' to fit the calibration text only; 'auto' (default): 'self' where a "
                             "re-fit runs on a model in memory (structprune or --refit; not --stream or "
-                            "--distributed), else none. The selection and allocation see the calibration text "
-                            "only (README, 'Prior text in the re-fit')")
+                            "--distributed), else none. The OBS selection sees it too (--refit-prior-scope); the "
+                            "allocation sees the calibration text only (README, 'Prior text in the re-fit')")
     prune.add_argument("--refit-prior-samples", type=_positive_int, default=DEFAULT_PRIOR_SAMPLES, metavar="N",
                        help=f"windows of --seqlen tokens of the prior text (default {DEFAULT_PRIOR_SAMPLES})")
     prune.add_argument("--refit-prior-weight", type=_open_share, default=None, metavar="W",
                        help="the prior text's share of the re-fit per token, in (0, 1) (default 0.5)")
+    prune.add_argument("--refit-prior-scope", choices=("selection", "refit"), default=None,
+                       help="what the prior text shapes: 'selection' (default), the OBS selection's second moments "
+                            "and the re-fit's; 'refit', the re-fit alone (the default until 2026-12-03)")
     prune.add_argument("--kl-rounds", type=_positive_int, default=0, metavar="N",
                        help="structprune: after the block solve, N rounds that move every block's residual exit "
                             "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "

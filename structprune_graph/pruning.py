@@ -301,8 +301,9 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         pruned = ApplyPass()(RewriteRequest(model, graph, keep, updates, weights)).state
     if not widths.identity:
         details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
-    if prior:  # what the re-fit fitted beside the calibration batches
-        details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight}}
+    if prior:  # what the re-fit fitted beside the calibration batches; whether the selection saw it (structprune)
+        details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight,
+                                                   "selection": solver.prior_in_selection and spec.score == "obs"}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, all_batches, details)
     plan = Plan.from_keep(graph, model, keep,

@@ -121,11 +121,16 @@ class SolverConfig:
     # 10.70 at 30% and 50% against "block"'s 2.019 and 4.264, the calibration domain's windows included
     refit_target: str = "block"
     # the share per token of the prior text (``prune(refit_prior=...)``: broad text such as the model's own
-    # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight; the
-    # selection, the allocation and the scores see the calibration text only. Chosen on the development
+    # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight (and in the
+    # OBS selection's H with prior_in_selection); the allocation and the scores see the calibration text only. Chosen on the development
     # windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f): 0.5 scored 1.515 / 1.831 /
     # 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's 1.586 / 1.974 / 3.603
     refit_prior_weight: float = DEFAULT_PRIOR_WEIGHT
+    # where a prior is given, the OBS selection's H blends it in as the re-fit's does (one H for both); the
+    # allocation, the Taylor prefix and the Fisher weights see the calibration text only. Chosen on the
+    # development windows (SmolLM2, 32 windows of Austen, 16 self-generated; docs section 4g): 1.414 / 1.759 /
+    # 2.857 at 20 / 30 / 50% against the re-fit alone's 1.481 / 1.895 / 3.116 (False until 2026-12-03, late)
+    prior_in_selection: bool = True
     # the precision of H, H^-1, the OBS work and the re-fit: "float32" halves the solver's largest memory (the
     # widest layer's H and its inverse) with its error checked, falling back to float64 where the check fails
     # (passes/obs.py); "float64" stays the default (the recorded results)
@@ -653,8 +658,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             statistics_dtype=STATISTICS_DTYPES[config.statistics], refit_bias=config.refit_bias,
             unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
             output_weights=state.output_fisher or None, refit_target=config.refit_target,
-            prior_inputs=prior_inputs,
-            prior_weight=config.refit_prior_weight)).state
+            prior_inputs=prior_inputs, prior_weight=config.refit_prior_weight,
+            prior_in_selection=config.prior_in_selection)).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())

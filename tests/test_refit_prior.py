@@ -1,7 +1,8 @@
 """Prior text in the re-fit (``prune(refit_prior=...)``, ``SolverConfig.refit_prior_weight``): broad text
 (e.g. the model's own samples) that the least-squares re-fit fits beside the calibration batches, weighted
-per token, while the selection sees the calibration only. A re-fit with the prior at its share of the tokens
-equals a re-fit on both texts concatenated; the first block's selection does not move; the block-0 re-fit
+per token, and (``prior_in_selection``, the default) the OBS selection too. A re-fit with the prior at its share
+of the tokens equals a re-fit on both texts concatenated, and so does the whole solve with the prior in the
+selection; with the re-fit scope alone the first block's selection does not move; the block-0 re-fit
 solves the blended normal equations; ridge -> inf is still no re-fit; keeping every channel changes
 nothing; the input batches are not modified; settings it cannot honour are refused; the report records it."""
 
@@ -45,12 +46,14 @@ def test_the_prior_at_its_token_share_equals_one_refit_on_both_texts(llama):
     assert any(not torch.allclose(alone[n], w, rtol=1e-4, atol=1e-6) for n, w in both.items())  # it moved
 
 
-def test_the_selection_sees_the_calibration_only_and_block_0_solves_the_blended_equations(llama):
+def test_the_refit_scope_keeps_the_selection_and_block_0_solves_the_blended_equations(llama):
+    """prior_in_selection=False (the default until 2026-12-03): the selection sees the calibration only."""
     calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=2)
     copies = [{k: v.clone() for k, v in b.items()} for b in calibration + prior]
     weight = 0.7
     plain = sp.prune(llama, calibration, 0.4, solver=_config()).solution
-    blended = sp.prune(llama, calibration, 0.4, solver=_config(refit_prior_weight=weight), refit_prior=prior)
+    blended = sp.prune(llama, calibration, 0.4, solver=_config(refit_prior_weight=weight, prior_in_selection=False),
+                       refit_prior=prior)
     first = [gid for gid in plain.keep if blended.graph.group(gid).members[0].name.startswith("model.layers.0.")]
     assert first and all(blended.solution.keep[gid] == plain.keep[gid] for gid in first)
     path = "model.layers.0.mlp.down_proj"  # block 0's MLP: its inputs are the dense model's on both texts
@@ -66,13 +69,14 @@ def test_the_selection_sees_the_calibration_only_and_block_0_solves_the_blended_
     for batch, copy in zip(calibration + prior, copies):  # the inputs are never modified
         for k, v in batch.items():
             torch.testing.assert_close(v, copy[k], rtol=0, atol=0)
-    assert blended.report.solver["refit_prior"] == {"batches": 3, "weight": weight}
+    assert blended.report.solver["refit_prior"] == {"batches": 3, "weight": weight, "selection": False}
 
 
 def test_an_infinite_ridge_is_no_refit_and_keeping_everything_changes_nothing(llama):
     batches, prior = lm_batches(2), lm_batches(2, seed=3)
+    infinite = _config(refit_ridge=1e12, prior_in_selection=False)  # the selection as without a prior: the same units
     assert_no_refit_and_nothing_changed(
-        llama, batches, sp.prune(llama, batches, 0.4, solver=_config(refit_ridge=1e12), refit_prior=prior).solution,
+        llama, batches, sp.prune(llama, batches, 0.4, solver=infinite, refit_prior=prior).solution,
         sp.prune(llama, batches, 0.0, solver=_config(), refit_prior=prior))
 
 
@@ -86,3 +90,24 @@ def test_what_it_cannot_honour_is_refused(llama):
         sp.prune(llama, batches, 0.4, solver=_config(refit_bias="refit"), refit_prior=prior)
     with pytest.raises(StructPruneError, match=r"this run has reconstruct=False \(no re-fit\)"):
         sp.prune(llama, batches, 0.4, solver=_config(reconstruct=False), refit_prior=prior)
+
+
+def test_the_prior_in_the_selection_equals_one_solve_on_both_texts(llama):
+    """prior_in_selection (the default): the OBS selection reads the blended H too. At the prior's share of
+    the tokens (3 of 6 equal batches, w = 0.5) the blend is H of both texts, halved (the OBS order and the
+    relative damping and ridge do not see a scale): with counts that do not depend on the text (uniform), the
+    keep-set and the re-fitted weights equal one solve on both texts."""
+    calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=5)
+    uniform = {"allocation": "uniform"}
+    both = sp.prune(llama, calibration + prior, 0.4, solver=_config(**uniform)).solution
+    selected = sp.prune(llama, calibration, 0.4, solver=_config(**uniform), refit_prior=prior)  # the default
+    assert selected.report.solver["refit_prior"] == {"batches": 3, "weight": 0.5, "selection": True}
+    selected = selected.solution
+    refit_only = sp.prune(llama, calibration, 0.4, solver=_config(prior_in_selection=False, **uniform),
+                          refit_prior=prior).solution
+    assert selected.keep == both.keep
+    assert refit_only.keep != both.keep  # the calibration's H alone picks other units: the blend moved them
+    assert set(selected.new_weights) == set(both.new_weights) and both.new_weights
+    for name, w in both.new_weights.items():
+        torch.testing.assert_close(selected.new_weights[name], w, rtol=1e-5, atol=1e-7)
+
