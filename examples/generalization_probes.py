@@ -154,9 +154,9 @@ def main() -> None:
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.5],
                         help="refit-prior: SolverConfig.refit_prior_weight")
     parser.add_argument("--prior-scopes", nargs="+", default=["refit"], choices=("refit", "selection"),
-                        help="refit-prior and coordination: what the prior text shapes: 'refit' alone (as the recorded rows; "
+                        help="what the prior text shapes: 'refit' alone (as the recorded rows; "
                              "SolverConfig(prior_in_selection=False)) or the OBS selection too ('selection', the default "
-                             "since 2026-12-03, late)")
+                             "since 2026-12-03, late); refit-prior: every one given; coordination: the first")
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")

@@ -122,9 +122,10 @@ class SolverConfig:
     refit_target: str = "block"
     # the share per token of the prior text (``prune(refit_prior=...)``: broad text such as the model's own
     # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight (and in the
-    # OBS selection's H with prior_in_selection); the allocation and the scores see the calibration text only. Chosen on the development
-    # windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f): 0.5 scored 1.515 / 1.831 /
-    # 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's 1.586 / 1.974 / 3.603
+    # OBS selection's H with prior_in_selection); the allocation and the scores see the calibration text only.
+    # Chosen on the development windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f):
+    # 0.5 scored 1.515 / 1.831 / 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's
+    # 1.586 / 1.974 / 3.603
     refit_prior_weight: float = DEFAULT_PRIOR_WEIGHT
     # where a prior is given, the OBS selection's H blends it in as the re-fit's does (one H for both); the
     # allocation, the Taylor prefix and the Fisher weights see the calibration text only. Chosen on the
