@@ -87,10 +87,12 @@ ALLOCATIONS = {"softmax-refit": dict(allocation="softmax", tau_search="refit", b
 for _n in (8, 16):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior{_n}"] = dict(
         ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2"], prior_samples=_n, refit_prior_weight=0.5,
-        prior_in_selection=False)  # as recorded: the prior in the re-fit alone
-# the prior text in the OBS selection too (SolverConfig.prior_in_selection; --probe refit-prior --prior-scopes selection)
-ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-selection"] = dict(
-    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16"], prior_in_selection=True)
+        prior_scope="refit")  # as recorded: the prior in the re-fit alone
+# the prior text in the OBS selection too, then in the order's scores too (SolverConfig.prior_scope; --probe
+# refit-prior --prior-scopes selection scores)
+for _scope in ("selection", "scores"):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-{_scope}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16"], prior_scope=_scope)
 # KL coordination after the block solve (SolverConfig(coordination="kl"); --probe coordination): N rounds
 for _r in (2, 3):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-kl{_r}"] = dict(

@@ -84,7 +84,8 @@ the library option, re-run at 30%, gives the same row to the last digit (the las
 the first ``--prior-samples`` of the 16 self-generated windows of 512 tokens are fitted beside the
 calibration text, with each ``--prior-weights`` of the weight per token (``SolverConfig.refit_prior_weight``);
 the selection, allocation and scores see the calibration text only (one dense sweep for every row), unless
-``--prior-scopes selection``: the OBS selection's H blended with the prior's too (``SolverConfig.prior_in_selection``).
+``--prior-scopes selection``: the OBS selection's H blended with the prior's too; ``scores``: and the Taylor
+prefix's scores and the Fisher weights too (``SolverConfig.prior_scope``).
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
@@ -115,6 +116,14 @@ RECORDED_RIDGE = 0.01
 
 # the order inside each group today (rows recorded before 2026-12-03 without this label used plain OBS)
 DEFAULT_ORDER = "Taylor 25% then Fisher-weighted OBS"
+# --prior-scopes: what the prior text shapes (the row's wording)
+SCOPES = {"refit": "re-fit", "selection": "OBS selection and re-fit",
+          "scores": "Taylor and Fisher scores, OBS selection and re-fit"}
+
+
+def scope_settings(scope: str) -> dict:
+    """The SolverConfig settings of a --prior-scopes value."""
+    return {"prior_scope": scope}
 
 
 def main() -> None:
@@ -153,10 +162,12 @@ def main() -> None:
                         help="refit-prior: self-generated windows of 512 tokens fitted beside the calibration")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[0.5],
                         help="refit-prior: SolverConfig.refit_prior_weight")
-    parser.add_argument("--prior-scopes", nargs="+", default=["refit"], choices=("refit", "selection"),
+    parser.add_argument("--prior-scopes", nargs="+", default=["refit"], choices=SCOPES,
                         help="what the prior text shapes: 'refit' alone (as the recorded rows; "
-                             "SolverConfig(prior_in_selection=False)) or the OBS selection too ('selection', the default "
-                             "since 2026-12-03, late); refit-prior: every one given; coordination: the first")
+                             "SolverConfig(prior_scope='refit')), the OBS selection's H too ('selection', the "
+                             "default 2026-12-03 to -04), or also the Taylor and Fisher scores ('scores', the default "
+                             "since); "
+                             "refit-prior: every one given; coordination: the first")
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
@@ -240,10 +251,9 @@ def main() -> None:
         for n in args.prior_samples:
             for weight in args.prior_weights:
                 for scope in args.prior_scopes:
-                    fitted = "re-fit" if scope == "refit" else "OBS selection and re-fit"
-                    shared = per_config(f"structprune, {fitted} also on {n} x 512 self-generated tokens, weight "
-                                        f"{weight:g}, {DEFAULT_ORDER}", SolverConfig(
-                                            refit_prior_weight=weight, prior_in_selection=scope == "selection"),
+                    shared = per_config(f"structprune, {SCOPES[scope]} also on {n} x 512 self-generated tokens, "
+                                        f"weight {weight:g}, {DEFAULT_ORDER}",
+                                        SolverConfig(refit_prior_weight=weight, **scope_settings(scope)),
                                         shared, G.batches_of(calib["self"][:n]))
         return
 
@@ -255,11 +265,12 @@ def main() -> None:
                 for s in args.sparsities:
                     t = time.perf_counter()
                     config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step, kl_exits=args.kl_exits,
-                                          prior_in_selection=args.prior_scopes[0] == "selection")
+                                          **scope_settings(args.prior_scopes[0]))
                     r = sp.prune(model, batches, s, solver=config, reuse=shared, refit_prior=prior)
                     shared, solver = r, r.report.solver
                     exits = "" if args.kl_exits == "residual" else f", {args.kl_exits} linear layers moved"
-                    exits += "" if args.prior_scopes[0] == "refit" else ", the prior in the OBS selection"
+                    exits += {"refit": "", "selection": ", the prior in the OBS selection",
+                              "scores": ", the prior in the OBS selection and scores"}[args.prior_scopes[0]]
                     emit(f"structprune + {rounds} KL rounds (step {step:g}{exits}), prior {args.prior_samples[0]} "
                          f"self windows, {DEFAULT_ORDER}", r.model, t, s, tau=solver["tau"], best_round=solver["admm_best_round"],
                          held_kl=solver["admm_output_errors"], fit_kl=solver.get("coordination_fit_errors"),

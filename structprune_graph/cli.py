@@ -201,7 +201,7 @@ def _solver_config(args: argparse.Namespace):
 
     weight = {} if args.refit_prior_weight is None else {"refit_prior_weight": args.refit_prior_weight}
     if args.refit_prior_scope is not None:
-        weight["prior_in_selection"] = args.refit_prior_scope == "selection"
+        weight["prior_scope"] = args.refit_prior_scope
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
                         taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds)
@@ -511,9 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"windows of --seqlen tokens of the prior text (default {DEFAULT_PRIOR_SAMPLES})")
     prune.add_argument("--refit-prior-weight", type=_open_share, default=None, metavar="W",
                        help="the prior text's share of the re-fit per token, in (0, 1) (default 0.5)")
-    prune.add_argument("--refit-prior-scope", choices=("selection", "refit"), default=None,
-                       help="what the prior text shapes: 'selection' (default), the OBS selection's second moments "
-                            "and the re-fit's; 'refit', the re-fit alone (the default until 2026-12-03)")
+    prune.add_argument("--refit-prior-scope", choices=("scores", "selection", "refit"), default=None,
+                       help="what the prior text shapes besides the re-fit: 'scores' (default), the OBS "
+                            "selection's second moments and the Taylor and Fisher scores of the order inside each "
+                            "layer (a second gradient sweep, on the prior windows); 'selection', the second moments "
+                            "alone (the default until 2026-12-04); 'refit', nothing else (until 2026-12-03)")
     prune.add_argument("--kl-rounds", type=_positive_int, default=0, metavar="N",
                        help="structprune: after the block solve, N rounds that move every block's residual exit "
                             "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "

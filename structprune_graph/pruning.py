@@ -226,9 +226,10 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     rank passes the same model and calibration, runs its share of the batches (``distributed.py``) and
     returns the same result (structprune only). ``refit_prior``: batches of broad text (e.g. the model's own
     samples, ``data.self_generated``) that the least-squares re-fit fits beside ``calibration``, with
-    ``SolverConfig.refit_prior_weight`` of the weight per token; the selection, allocation and scores see
-    ``calibration`` only (structprune, or another method with ``reconstruct=True``). The input model is
-    not modified."""
+    ``SolverConfig.refit_prior_weight`` of the weight per token, and with structprune the selection's second
+    moments and scores as ``SolverConfig.prior_scope`` says (another method's selection, with
+    ``reconstruct=True``, is its own); the allocation sees ``calibration`` only. The input model is not
+    modified."""
     if method not in METHODS:
         raise StructPruneError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
@@ -303,7 +304,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
     if prior:  # what the re-fit fitted beside the calibration batches; whether the selection saw it (structprune)
         details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight,
-                                                   "selection": solver.prior_in_selection and spec.score == "obs"}}
+                                                   "scope": solver.prior_scope if spec.score == "obs" else "refit"}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, all_batches, details)
     plan = Plan.from_keep(graph, model, keep,

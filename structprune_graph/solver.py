@@ -55,6 +55,7 @@ AUTO_TAYLOR_FIRST = 0.25  # SolverConfig.taylor_first=None on a chain of blocks 
 DEFAULT_PRUNE_MARGIN = 0.2  # SolverConfig.prune_margin
 MIN_BLOCK_COVERAGE = 0.9  # below: solve the model as one block rather than leave many groups whole
 DEFAULT_PRIOR_WEIGHT = 0.5  # SolverConfig.refit_prior_weight
+PRIOR_SCOPES = ("refit", "selection", "scores")  # SolverConfig.prior_scope: what the prior shapes, cumulative
 
 
 @dataclass(frozen=True)
@@ -122,16 +123,19 @@ class SolverConfig:
     refit_target: str = "block"
     # the share per token of the prior text (``prune(refit_prior=...)``: broad text such as the model's own
     # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight (and in the
-    # OBS selection's H with prior_in_selection); the allocation and the scores see the calibration text only.
+    # OBS selection's H and the order's scores, as prior_scope says); the allocation sees the calibration text only.
     # Chosen on the development windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f):
     # 0.5 scored 1.515 / 1.831 / 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's
     # 1.586 / 1.974 / 3.603
     refit_prior_weight: float = DEFAULT_PRIOR_WEIGHT
-    # where a prior is given, the OBS selection's H blends it in as the re-fit's does (one H for both); the
-    # allocation, the Taylor prefix and the Fisher weights see the calibration text only. Chosen on the
-    # development windows (SmolLM2, 32 windows of Austen, 16 self-generated; docs section 4g): 1.414 / 1.759 /
-    # 2.857 at 20 / 30 / 50% against the re-fit alone's 1.481 / 1.895 / 3.116 (False until 2026-12-03, late)
-    prior_in_selection: bool = True
+    # what a given prior shapes besides the re-fit: "refit" nothing else (until 2026-12-03, late); "selection"
+    # the OBS selection's H, blended as the re-fit's (one H for both; until 2026-12-04); "scores" that and the
+    # Taylor prefix's scores and the Fisher weights of the OBS error, (1 - w) calibration + w prior (each a mean
+    # per batch or token), from a second sensitivity sweep on the prior windows. The allocation sees the
+    # calibration text only. Chosen on the development windows (SmolLM2, 32 windows of Austen, 16
+    # self-generated; docs sections 4g-4h): at 20 / 30 / 50% "scores" 1.392 / 1.711 / 2.809, "selection"
+    # 1.414 / 1.759 / 2.857, "refit" 1.481 / 1.895 / 3.116
+    prior_scope: str = "scores"
     # the precision of H, H^-1, the OBS work and the re-fit: "float32" halves the solver's largest memory (the
     # widest layer's H and its inverse) with its error checked, falling back to float64 where the check fails
     # (passes/obs.py); "float64" stays the default (the recorded results)
@@ -199,6 +203,9 @@ class SolverConfig:
         if not 0.0 < self.refit_prior_weight < 1.0:
             raise StructPruneError(f"SolverConfig: refit_prior_weight is the prior text's share of the re-fit, in "
                                    f"(0, 1); got {self.refit_prior_weight}")
+        if self.prior_scope not in PRIOR_SCOPES:
+            raise StructPruneError(f"SolverConfig: unknown prior_scope {self.prior_scope!r}; choose one of "
+                                   f"{PRIOR_SCOPES}")
         if self.kl_exits not in KL_EXITS:
             raise StructPruneError(f"SolverConfig: unknown kl_exits {self.kl_exits!r}; choose one of {KL_EXITS}")
         if not self.kl_step > 0.0:
@@ -568,6 +575,25 @@ def _order_statistics(model: nn.Module, state: SolverState, batches: Sequence[An
     return replace(state, unit_scores=_whole_model_taylor(model, None, tuple(groups.values()), batches))
 
 
+def _prior_scored(model: nn.Module, state: SolverState, prior: Sequence[Any], prior_inputs: Sequence[BlockInput],
+                  config: SolverConfig, resident: Resident) -> SolverState:
+    """``state`` with its Taylor scores and output Fisher blended with the prior windows' own
+    (``SolverConfig(prior_scope="scores")``): per unit and per output channel, (1 - w) calibration + w prior, each a
+    mean over its own batches (Taylor: |w * dL/dw| of each text's mean loss) or tokens (Fisher), w the
+    prior's share per token as in the blended H. Unchanged where the order has neither score (plain OBS)."""
+    if not ((state.unit_scores or state.output_fisher) and _chained(state.partition)):
+        return state
+    groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
+    swept = BlockSensitivityPass()(SensitivityRequest(  # the prior is never sharded (check_prior): local sums
+        model, state.partition, prior_inputs, prior, resident, buffer_budget=config.buffer_budget, groups=groups,
+        taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
+    w = config.refit_prior_weight
+    scores = {gid: tuple((1.0 - w) * c + w * p for c, p in zip(own, swept.unit_taylor[gid]))
+              for gid, own in state.unit_scores.items()}
+    fisher = {path: (1.0 - w) * own + w * swept.output_fisher[path] for path, own in state.output_fisher.items()}
+    return replace(state, unit_scores=scores, output_fisher=fisher)
+
+
 @dataclass(frozen=True)
 class Allocation:
     """Units to remove per group (rounded when a ``WidthRule`` asks), the parameters that removes, and the
@@ -639,7 +665,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     ``widths`` rounds the allocation (multiples of N channels, the same width in every layer);
     ``collective``: as for ``prepare`` (every rank returns the same result); ``allocation``: counts
     already chosen (e.g. on other calibration text), solved here on ``state``'s batches; ``prior``: batches of
-    broad text the re-fit also fits (``refit_prior_weight``), never the selection."""
+    broad text the re-fit also fits (``refit_prior_weight``) and the selection reads (``prior_scope``), never
+    the allocation."""
     check_prior(prior, config, collective)
     clock = _StageClock()
     alloc = allocation or allocate(model, state, batches, sparsity, config, budget_groups, resident, widths, collective)
@@ -650,6 +677,9 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     buffers = config.buffer_budget if config.memory_budget is None else \
         min(config.buffer_budget, max(0, config.memory_budget - state.partition.peak_bytes))
     prior_inputs = _first_inputs(model, state.partition.list_path, prior) if prior else ()  # before the store opens
+    if prior and config.prior_scope == "scores":  # after the allocation, which keeps the calibration's scores
+        state = _prior_scored(model, state, prior, prior_inputs, config, resident)
+        clock.mark("prior_scores")  # the prior windows' sensitivity sweep
     store = ActivationStore(budget_bytes=buffers)
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
@@ -660,7 +690,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
             output_weights=state.output_fisher or None, refit_target=config.refit_target,
             prior_inputs=prior_inputs, prior_weight=config.refit_prior_weight,
-            prior_in_selection=config.prior_in_selection)).state
+            prior_in_selection=config.prior_scope != "refit")).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())

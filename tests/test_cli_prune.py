@@ -264,8 +264,9 @@ def test_taylor_first_and_obs_weighting_reach_the_solver_and_are_refused_with_an
 def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without_a_refit(tiny_model_dir, sampled,
                                                                                          capsys):
     """--refit-prior self: --refit-prior-samples windows sampled from the model, fitted by the re-fit with
-    --refit-prior-weight and, unless --refit-prior-scope refit, seen by the OBS selection (the report records
-    all three); refused in one line where nothing would fit it."""
+    --refit-prior-weight and, unless --refit-prior-scope refit, seen by the OBS selection and the Taylor and
+    Fisher scores ('scores', the default; 'selection': the OBS selection alone); the report records all three;
+    refused in one line where nothing would fit it."""
     calls = sampled
     common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
               "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "16", "--eval-seqlen",
@@ -275,8 +276,8 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
                           "--refit-prior-weight", "0.25", "--refit-prior-scope", "refit"]) == 0
     assert [(s.samples, s.seqlen) for s in calls] == [(3, 16)]
     assert "re-fit prior: 3 x 16 tokens of self" in capsys.readouterr().out
-    assert json.loads((out / "report.json").read_text())["solver"]["refit_prior"] == {"batches": 3, "weight": 0.25,
-                                                                                       "selection": False}
+    assert json.loads((out / "report.json").read_text())["solver"]["refit_prior"] == {
+        "batches": 3, "weight": 0.25, "scope": "refit"}
     assert json.loads((out / "report.json").read_text())["metrics"]["refit_prior"] == "48 tokens of self"
     assert main(common + ["--out", str(plain), "--refit-prior", "none"]) == 0
     assert "refit_prior" not in json.loads((plain / "report.json").read_text())["solver"]
@@ -288,11 +289,15 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
     assert fitted[name].shape == unfitted[name].shape and not torch.allclose(fitted[name], unfitted[name])
     auto = tiny_model_dir / "auto-prior"  # the default: 'self' for structprune in memory, none for wanda-sp
     assert main(common + ["--out", str(auto), "--refit-prior-samples", "2"]) == 0
-    assert json.loads((auto / "report.json").read_text())["solver"]["refit_prior"] == {"batches": 2, "weight": 0.5,
-                                                                                             "selection": True}
+    assert json.loads((auto / "report.json").read_text())["solver"]["refit_prior"] == {
+        "batches": 2, "weight": 0.5, "scope": "scores"}
+    selected = tiny_model_dir / "selected-prior"
+    assert main(common + ["--out", str(selected), "--refit-prior-samples", "2", "--refit-prior-scope", "selection"]) == 0
+    assert json.loads((selected / "report.json").read_text())["solver"]["refit_prior"] == {
+        "batches": 2, "weight": 0.5, "scope": "selection"}
     assert main(common + ["--out", str(tiny_model_dir / "auto-wanda"), "--method", "wanda-sp"]) == 0
     assert json.loads((tiny_model_dir / "auto-wanda" / "report.json").read_text())["metrics"]["refit_prior"] == "none"
-    assert len(calls) == 2
+    assert len(calls) == 3
     capsys.readouterr()
     never = tiny_model_dir / "never-prior"
     assert main(common + ["--out", str(never), "--method", "wanda-sp", "--refit-prior", "self"]) == 2
@@ -302,7 +307,7 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
     assert main(common + ["--out", str(never), "--method", "wanda-sp", "--refit", "--refit-prior-scope",
                           "selection"]) == 2
     assert "--method wanda-sp, whose selection is its own: drop --refit-prior-scope" in capsys.readouterr().err
-    assert not never.exists() and len(calls) == 2  # refused before any sampling
+    assert not never.exists() and len(calls) == 3  # refused before any sampling
     with pytest.raises(SystemExit):
         main(common + ["--out", str(never), "--refit-prior-weight", "1"])
     assert "a share of the re-fit's weight, in (0, 1)" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """Prior text in the re-fit (``prune(refit_prior=...)``, ``SolverConfig.refit_prior_weight``): broad text
 (e.g. the model's own samples) that the least-squares re-fit fits beside the calibration batches, weighted
-per token, and (``prior_in_selection``, the default) the OBS selection too. A re-fit with the prior at its share
-of the tokens equals a re-fit on both texts concatenated, and so does the whole solve with the prior in the
-selection; with the re-fit scope alone the first block's selection does not move; the block-0 re-fit
+per token, and (``SolverConfig.prior_scope``) the OBS selection and the order's Taylor and Fisher scores too
+(``"scores"``, the default). A re-fit with the prior at its share of the tokens equals a re-fit on both texts
+concatenated, and so does the whole solve with the prior in the selection (and in the Fisher weights); the
+Taylor order follows the blended saliency; with the re-fit scope alone the first block's selection does not
+move; the block-0 re-fit
 solves the blended normal equations; ridge -> inf is still no re-fit; keeping every channel changes
 nothing; the input batches are not modified; settings it cannot honour are refused; the report records it."""
 
@@ -47,12 +49,12 @@ def test_the_prior_at_its_token_share_equals_one_refit_on_both_texts(llama):
 
 
 def test_the_refit_scope_keeps_the_selection_and_block_0_solves_the_blended_equations(llama):
-    """prior_in_selection=False (the default until 2026-12-03): the selection sees the calibration only."""
+    """prior_scope="refit" (the default until 2026-12-03): the selection sees the calibration only."""
     calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=2)
     copies = [{k: v.clone() for k, v in b.items()} for b in calibration + prior]
     weight = 0.7
     plain = sp.prune(llama, calibration, 0.4, solver=_config()).solution
-    blended = sp.prune(llama, calibration, 0.4, solver=_config(refit_prior_weight=weight, prior_in_selection=False),
+    blended = sp.prune(llama, calibration, 0.4, solver=_config(refit_prior_weight=weight, prior_scope="refit"),
                        refit_prior=prior)
     first = [gid for gid in plain.keep if blended.graph.group(gid).members[0].name.startswith("model.layers.0.")]
     assert first and all(blended.solution.keep[gid] == plain.keep[gid] for gid in first)
@@ -69,12 +71,12 @@ def test_the_refit_scope_keeps_the_selection_and_block_0_solves_the_blended_equa
     for batch, copy in zip(calibration + prior, copies):  # the inputs are never modified
         for k, v in batch.items():
             torch.testing.assert_close(v, copy[k], rtol=0, atol=0)
-    assert blended.report.solver["refit_prior"] == {"batches": 3, "weight": weight, "selection": False}
+    assert blended.report.solver["refit_prior"] == {"batches": 3, "weight": weight, "scope": "refit"}
 
 
 def test_an_infinite_ridge_is_no_refit_and_keeping_everything_changes_nothing(llama):
     batches, prior = lm_batches(2), lm_batches(2, seed=3)
-    infinite = _config(refit_ridge=1e12, prior_in_selection=False)  # the selection as without a prior: the same units
+    infinite = _config(refit_ridge=1e12, prior_scope="refit")  # the selection as without a prior: the same units
     assert_no_refit_and_nothing_changed(
         llama, batches, sp.prune(llama, batches, 0.4, solver=infinite, refit_prior=prior).solution,
         sp.prune(llama, batches, 0.0, solver=_config(), refit_prior=prior))
@@ -93,7 +95,8 @@ def test_what_it_cannot_honour_is_refused(llama):
 
 
 def test_the_prior_in_the_selection_equals_one_solve_on_both_texts(llama):
-    """prior_in_selection (the default): the OBS selection reads the blended H too. At the prior's share of
+    """prior_scope="selection": the OBS selection reads the blended H too (the scores scope adds nothing
+    here: PLAIN has neither Taylor nor Fisher scores). At the prior's share of
     the tokens (3 of 6 equal batches, w = 0.5) the blend is H of both texts, halved (the OBS order and the
     relative damping and ridge do not see a scale): with counts that do not depend on the text (uniform), the
     keep-set and the re-fitted weights equal one solve on both texts."""
@@ -101,9 +104,9 @@ def test_the_prior_in_the_selection_equals_one_solve_on_both_texts(llama):
     uniform = {"allocation": "uniform"}
     both = sp.prune(llama, calibration + prior, 0.4, solver=_config(**uniform)).solution
     selected = sp.prune(llama, calibration, 0.4, solver=_config(**uniform), refit_prior=prior)  # the default
-    assert selected.report.solver["refit_prior"] == {"batches": 3, "weight": 0.5, "selection": True}
+    assert selected.report.solver["refit_prior"] == {"batches": 3, "weight": 0.5, "scope": "scores"}
     selected = selected.solution
-    refit_only = sp.prune(llama, calibration, 0.4, solver=_config(prior_in_selection=False, **uniform),
+    refit_only = sp.prune(llama, calibration, 0.4, solver=_config(prior_scope="refit", **uniform),
                           refit_prior=prior).solution
     assert selected.keep == both.keep
     assert refit_only.keep != both.keep  # the calibration's H alone picks other units: the blend moved them
@@ -111,3 +114,49 @@ def test_the_prior_in_the_selection_equals_one_solve_on_both_texts(llama):
     for name, w in both.new_weights.items():
         torch.testing.assert_close(selected.new_weights[name], w, rtol=1e-5, atol=1e-7)
 
+
+
+def test_the_prior_in_the_fisher_weights_equals_one_solve_on_both_texts(llama):
+    """prior_scope="scores" (the default): the output Fisher that weights the OBS error blends the prior's, (1 - w) F + w F_prior,
+    each a mean per token. At the prior's share of the tokens (w = 0.5, 3 of 6 equal batches) that is the
+    Fisher of both texts, and with the blended H the whole solve equals one solve on both texts; the
+    selection scope alone (the calibration's Fisher) picks other units, so the test has power."""
+    calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=5)
+    fisher = {"refit_ridge": RIDGE, "taylor_first": 0.0, "obs_weighting": "fisher", "allocation": "uniform"}
+    both = sp.prune(llama, calibration + prior, 0.4, solver=SolverConfig(**fisher)).solution
+    scored = sp.prune(llama, calibration, 0.4, solver=SolverConfig(**fisher), refit_prior=prior)
+    assert scored.report.solver["refit_prior"] == {"batches": 3, "weight": 0.5, "scope": "scores"}
+    selected = sp.prune(llama, calibration, 0.4, solver=SolverConfig(prior_scope="selection", **fisher),
+                        refit_prior=prior).solution
+    assert scored.solution.keep == both.keep
+    assert selected.keep != both.keep
+    assert set(scored.solution.new_weights) == set(both.new_weights) and both.new_weights
+    for name, w in both.new_weights.items():
+        torch.testing.assert_close(scored.solution.new_weights[name], w, rtol=1e-5, atol=1e-7)
+
+
+def test_the_prior_in_the_taylor_scores_orders_units_by_the_blend(llama):
+    """prior_scope="scores" with the whole order by Taylor (taylor_first=1): each group removes the units with the
+    lowest (1 - w) s + w s_prior, s and s_prior the saliency each text gives alone (ties by index), which is
+    not the calibration's order."""
+    calibration, prior = lm_batches(3, seed=0), lm_batches(2, seed=6)
+    taylor = {"refit_ridge": RIDGE, "taylor_first": 1.0, "obs_weighting": "none", "allocation": "uniform"}
+    weight = 0.3
+    own = sp.prune(llama, calibration, 0.4, solver=SolverConfig(**taylor))
+    other = sp.prune(llama, prior, 0.4, solver=SolverConfig(**taylor)).solver_state.unit_scores
+    scored = sp.prune(llama, calibration, 0.4, refit_prior=prior,
+                      solver=SolverConfig(refit_prior_weight=weight, **taylor)).solution
+    moved = 0
+    for gid, s in own.solver_state.unit_scores.items():
+        n = len(s) - len(own.solution.keep[gid])  # uniform: the same count with or without the prior
+        blend = [(1 - weight) * a + weight * b for a, b in zip(s, other[gid])]
+        gone = set(sorted(range(len(s)), key=lambda u: (blend[u], u))[:n])
+        assert scored.keep[gid] == tuple(u for u in range(len(s)) if u not in gone), gid
+        moved += scored.keep[gid] != own.solution.keep[gid]
+    assert moved  # the prior's saliency moved some group's units
+
+
+def test_an_unknown_prior_scope_is_refused():
+    with pytest.raises(StructPruneError, match=r"unknown prior_scope 'all'; choose one of \('refit', 'selection', "
+                                               r"'scores'\)"):
+        SolverConfig(prior_scope="all")
