@@ -123,7 +123,8 @@ class SolverConfig:
     refit_target: str = "block"
     # the share per token of the prior text (``prune(refit_prior=...)``: broad text such as the model's own
     # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight (and in the
-    # OBS selection's H and the order's scores, as prior_scope says); the allocation sees the calibration text only.
+    # OBS selection's H and the order's scores, as prior_scope says); the allocation sees the calibration text
+    # only.
     # Chosen on the development windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f):
     # 0.5 scored 1.515 / 1.831 / 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's
     # 1.586 / 1.974 / 3.603
@@ -578,8 +579,8 @@ def _order_statistics(model: nn.Module, state: SolverState, batches: Sequence[An
 def _prior_scored(model: nn.Module, state: SolverState, prior: Sequence[Any], prior_inputs: Sequence[BlockInput],
                   config: SolverConfig, resident: Resident) -> SolverState:
     """``state`` with its Taylor scores and output Fisher blended with the prior windows' own
-    (``SolverConfig(prior_scope="scores")``): per unit and per output channel, (1 - w) calibration + w prior, each a
-    mean over its own batches (Taylor: |w * dL/dw| of each text's mean loss) or tokens (Fisher), w the
+    (``SolverConfig(prior_scope="scores")``): per unit and per output channel, (1 - w) calibration + w prior,
+    each a mean over its own batches (Taylor: |w * dL/dw| of each text's mean loss) or tokens (Fisher), w the
     prior's share per token as in the blended H. Unchanged where the order has neither score (plain OBS)."""
     if not ((state.unit_scores or state.output_fisher) and _chained(state.partition)):
         return state

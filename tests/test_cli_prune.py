@@ -292,7 +292,8 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
     assert json.loads((auto / "report.json").read_text())["solver"]["refit_prior"] == {
         "batches": 2, "weight": 0.5, "scope": "scores"}
     selected = tiny_model_dir / "selected-prior"
-    assert main(common + ["--out", str(selected), "--refit-prior-samples", "2", "--refit-prior-scope", "selection"]) == 0
+    assert main(common + ["--out", str(selected), "--refit-prior-samples", "2",
+                          "--refit-prior-scope", "selection"]) == 0
     assert json.loads((selected / "report.json").read_text())["solver"]["refit_prior"] == {
         "batches": 2, "weight": 0.5, "scope": "selection"}
     assert main(common + ["--out", str(tiny_model_dir / "auto-wanda"), "--method", "wanda-sp"]) == 0

@@ -117,8 +117,8 @@ def test_the_prior_in_the_selection_equals_one_solve_on_both_texts(llama):
 
 
 def test_the_prior_in_the_fisher_weights_equals_one_solve_on_both_texts(llama):
-    """prior_scope="scores" (the default): the output Fisher that weights the OBS error blends the prior's, (1 - w) F + w F_prior,
-    each a mean per token. At the prior's share of the tokens (w = 0.5, 3 of 6 equal batches) that is the
+    """prior_scope="scores" (the default): the output Fisher that weights the OBS error blends the prior's,
+    (1 - w) F + w F_prior, each a mean per token. At the prior's share of the tokens (w = 0.5, 3 of 6 equal batches) that is the
     Fisher of both texts, and with the blended H the whole solve equals one solve on both texts; the
     selection scope alone (the calibration's Fisher) picks other units, so the test has power."""
     calibration, prior = lm_batches(3, seed=0), lm_batches(3, seed=5)
