@@ -83,9 +83,10 @@ the library option, re-run at 30%, gives the same row to the last digit (the las
 ``--probe refit-prior``: the model's own samples as prior text of the re-fit (``prune(refit_prior=...)``):
 the first ``--prior-samples`` of the 16 self-generated windows of 512 tokens are fitted beside the
 calibration text, with each ``--prior-weights`` of the weight per token (``SolverConfig.refit_prior_weight``);
-the selection, allocation and scores see the calibration text only (one dense sweep for every row), unless
-``--prior-scopes selection``: the OBS selection's H blended with the prior's too; ``scores``: and the Taylor
-prefix's scores and the Fisher weights too (``SolverConfig.prior_scope``).
+the selection, allocation and scores see the calibration text only (one dense sweep for every row) with
+``--prior-scopes refit`` (the default here, as the recorded rows); with ``selection`` the OBS selection's H
+blends the prior's too, and with ``scores`` the Taylor prefix's scores and the Fisher weights as well
+(``SolverConfig.prior_scope``).
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
@@ -120,10 +121,6 @@ DEFAULT_ORDER = "Taylor 25% then Fisher-weighted OBS"
 SCOPES = {"refit": "re-fit", "selection": "OBS selection and re-fit",
           "scores": "Taylor and Fisher scores, OBS selection and re-fit"}
 
-
-def scope_settings(scope: str) -> dict:
-    """The SolverConfig settings of a --prior-scopes value."""
-    return {"prior_scope": scope}
 
 
 def main() -> None:
@@ -166,8 +163,7 @@ def main() -> None:
                         help="what the prior text shapes: 'refit' alone (as the recorded rows; "
                              "SolverConfig(prior_scope='refit')), the OBS selection's H too ('selection', the "
                              "default 2026-12-03 to -04), or also the Taylor and Fisher scores ('scores', the default "
-                             "since); "
-                             "refit-prior: every one given; coordination: the first")
+                             "since); refit-prior: every one given; coordination: the first")
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
@@ -253,7 +249,7 @@ def main() -> None:
                 for scope in args.prior_scopes:
                     shared = per_config(f"structprune, {SCOPES[scope]} also on {n} x 512 self-generated tokens, "
                                         f"weight {weight:g}, {DEFAULT_ORDER}",
-                                        SolverConfig(refit_prior_weight=weight, **scope_settings(scope)),
+                                        SolverConfig(refit_prior_weight=weight, prior_scope=scope),
                                         shared, G.batches_of(calib["self"][:n]))
         return
 
@@ -265,7 +261,7 @@ def main() -> None:
                 for s in args.sparsities:
                     t = time.perf_counter()
                     config = SolverConfig(rounds=rounds, coordination="kl", kl_step=step, kl_exits=args.kl_exits,
-                                          **scope_settings(args.prior_scopes[0]))
+                                          prior_scope=args.prior_scopes[0])
                     r = sp.prune(model, batches, s, solver=config, reuse=shared, refit_prior=prior)
                     shared, solver = r, r.report.solver
                     exits = "" if args.kl_exits == "residual" else f", {args.kl_exits} linear layers moved"

@@ -96,8 +96,9 @@ class BlockSolveRequest:
     # selection sees them only with ``prior_in_selection`` (SolverConfig.refit_prior_weight, prune(refit_prior=...))
     prior_inputs: Sequence[BlockInput] = ()
     prior_weight: float = 0.5
-    # the OBS selection's H blended with the prior's as the re-fit's is (SolverConfig.prior_in_selection): both
-    # then see one second moment; the Taylor prefix and the Fisher weights stay the calibration loss's
+    # the OBS selection's H blended with the prior's as the re-fit's is (SolverConfig.prior_scope != "refit"):
+    # both then see one second moment; unit_scores and output_weights are used as given (the solver blends the
+    # prior's into them first with prior_scope="scores")
     prior_in_selection: bool = False
 
 

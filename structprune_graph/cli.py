@@ -505,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "text alone: 'self' (sampled from the model: no data needed), a .txt file, a folder or "
                             "'pydoc'; 'none' to fit the calibration text only; 'auto' (default): 'self' where a "
                             "re-fit runs on a model in memory (structprune or --refit; not --stream or "
-                            "--distributed), else none. The OBS selection sees it too (--refit-prior-scope); the "
-                            "allocation sees the calibration text only (README, 'Prior text in the re-fit')")
+                            "--distributed), else none. The OBS selection and its scores see it too "
+                            "(--refit-prior-scope); the allocation sees the calibration text only (README, 'Prior text in the re-fit')")
     prune.add_argument("--refit-prior-samples", type=_positive_int, default=DEFAULT_PRIOR_SAMPLES, metavar="N",
                        help=f"windows of --seqlen tokens of the prior text (default {DEFAULT_PRIOR_SAMPLES})")
     prune.add_argument("--refit-prior-weight", type=_open_share, default=None, metavar="W",

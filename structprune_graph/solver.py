@@ -124,10 +124,9 @@ class SolverConfig:
     # the share per token of the prior text (``prune(refit_prior=...)``: broad text such as the model's own
     # samples) in the re-fit's least squares, against the calibration text's 1 - refit_prior_weight (and in the
     # OBS selection's H and the order's scores, as prior_scope says); the allocation sees the calibration text
-    # only.
-    # Chosen on the development windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section 4f):
-    # 0.5 scored 1.515 / 1.831 / 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no prior's
-    # 1.586 / 1.974 / 3.603
+    # only. Chosen on the development windows (SmolLM2, 16 windows of Austen, 16 self-generated; docs section
+    # 4f): 0.5 scored 1.515 / 1.831 / 3.191 at 20 / 30 / 50% against 0.67's 1.522 / 1.843 / 3.167 and no
+    # prior's 1.586 / 1.974 / 3.603
     refit_prior_weight: float = DEFAULT_PRIOR_WEIGHT
     # what a given prior shapes besides the re-fit: "refit" nothing else (until 2026-12-03, late); "selection"
     # the OBS selection's H, blended as the re-fit's (one H for both; until 2026-12-04); "scores" that and the
@@ -581,7 +580,8 @@ def _prior_scored(model: nn.Module, state: SolverState, prior: Sequence[Any], pr
     """``state`` with its Taylor scores and output Fisher blended with the prior windows' own
     (``SolverConfig(prior_scope="scores")``): per unit and per output channel, (1 - w) calibration + w prior,
     each a mean over its own batches (Taylor: |w * dL/dw| of each text's mean loss) or tokens (Fisher), w the
-    prior's share per token as in the blended H. Unchanged where the order has neither score (plain OBS)."""
+    prior's share per token as in the blended H. Unchanged where the order has neither score (plain OBS) or
+    the model is solved as one block (its Taylor scores are the whole model's gradients, no block sweep)."""
     if not ((state.unit_scores or state.output_fisher) and _chained(state.partition)):
         return state
     groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
