@@ -86,7 +86,8 @@ calibration text, with each ``--prior-weights`` of the weight per token (``Solve
 the selection, allocation and scores see the calibration text only (one dense sweep for every row) with
 ``--prior-scopes refit`` (the default here, as the recorded rows); with ``selection`` the OBS selection's H
 blends the prior's too, and with ``scores`` the Taylor prefix's scores and the Fisher weights as well
-(``SolverConfig.prior_scope``).
+(``SolverConfig.prior_scope``), read off the first ``--prior-score-windows`` prior windows
+(``SolverConfig.prior_score_batches``; all by default) with the tau search on ``--tau-batches`` windows.
 
 Run: ``python examples/generalization_probes.py --probe selection --sparsity 0.2`` (about 17 min on 2
 cores); rows go to ``OUT/generalization_probes.jsonl`` (appended) and the table to ``.md``.
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=("counts", "keep-set", "order"), default=["counts", "keep-set"],
                         help="counts: the method's counts with the OBS order + re-fit; keep-set: its keep-set + re-fit; "
                              "order: structprune's counts with the method's order + re-fit")
-    parser.add_argument("--tau-batches", type=int, default=None, help="calib-size: the masked tau search's windows "
+    parser.add_argument("--tau-batches", type=int, default=None, help="calib-size and refit-prior: the masked tau search's windows "
                         "(default: the library's, 8)")
     parser.add_argument("--taylor-firsts", type=float, nargs="+", default=[1.0])
     parser.add_argument("--weightings", nargs="+", default=["none"], choices=("none", "fisher"))
@@ -164,6 +165,9 @@ def main() -> None:
                              "SolverConfig(prior_scope='refit')), the OBS selection's H too ('selection', the "
                              "default 2026-12-03 to -04), or also the Taylor and Fisher scores ('scores', the default "
                              "since); refit-prior: every one given; coordination: the first")
+    parser.add_argument("--prior-score-windows", type=int, nargs="+", default=[0],
+                        help="refit-prior with the scores scope: the prior windows its sensitivity sweep reads "
+                             "(SolverConfig.prior_score_batches; 0: all, the recorded rows)")
     parser.add_argument("--rounds", type=int, nargs="+", default=[2], help="coordination: KL rounds")
     parser.add_argument("--kl-steps", type=float, nargs="+", default=[0.01],
                         help="coordination: SolverConfig.kl_step, the first trial's relative change of the exits")
@@ -247,10 +251,15 @@ def main() -> None:
         for n in args.prior_samples:
             for weight in args.prior_weights:
                 for scope in args.prior_scopes:
-                    shared = per_config(f"structprune, {SCOPES[scope]} also on {n} x 512 self-generated tokens, "
-                                        f"weight {weight:g}, {DEFAULT_ORDER}",
-                                        SolverConfig(refit_prior_weight=weight, prior_scope=scope),
-                                        shared, G.batches_of(calib["self"][:n]))
+                    for swept in args.prior_score_windows if scope == "scores" else [0]:
+                        tau = {} if args.tau_batches is None else {"tau_batches": args.tau_batches}
+                        shared = per_config(
+                            f"structprune, {SCOPES[scope]} also on {n} x 512 self-generated tokens, weight {weight:g}"
+                            + (f" (scores from the first {swept})" if swept else "")
+                            + (f", tau searched on {args.tau_batches} windows" if tau else "") + f", {DEFAULT_ORDER}",
+                            SolverConfig(refit_prior_weight=weight, prior_scope=scope,
+                                         prior_score_batches=swept or None, **tau),
+                            shared, G.batches_of(calib["self"][:n]))
         return
 
     if args.probe == "coordination":  # KL rounds after the block solve (with the CLI's prior): one sweep for all

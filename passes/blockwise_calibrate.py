@@ -25,6 +25,7 @@ from structprune_graph.errors import StructPruneError
 from structprune_graph.graph import Group
 from structprune_graph.module_attrs import input_dim
 from structprune_graph.streaming import resident
+from structprune_graph.units import unit_tensors
 
 from . import experts as fused
 from ._infra import Pass, PassResult
@@ -81,7 +82,7 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
         path, _, attr = m.name.rpartition(".")
         local = path[len(block.path) + 1:] if block.path else path
         if m.is_param and attr != "weight" and fused.fused_input(module.get_submodule(local), attr, m.dim):
-            found.append((f"{local}.{attr}", [torch.tensor(u, dtype=torch.long) for u in m.indices]))
+            found.append((f"{local}.{attr}", unit_tensors(m.indices)))
             continue  # fused experts: one consumer per expert (passes/experts.py)
         if not m.is_param or attr != "weight":
             continue
@@ -89,7 +90,7 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
         if getattr(layer, "groups", 1) > 1:
             continue  # a grouped convolution maps each channel group on its own: not columns of one matrix
         if input_dim(layer) == m.dim:
-            found.append((local, [torch.tensor(u, dtype=torch.long) for u in m.indices]))
+            found.append((local, unit_tensors(m.indices)))
     return found
 
 

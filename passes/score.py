@@ -20,6 +20,7 @@ from torch import nn
 from structprune_graph.errors import StructPruneError
 from structprune_graph.graph import Group
 from structprune_graph.module_attrs import input_dim
+from structprune_graph.units import per_unit_sum
 
 from ._infra import Pass, PassResult
 from .calibrate import Calibration
@@ -48,7 +49,8 @@ def taylor_saliency(weight: torch.Tensor, grad: torch.Tensor, dim: int,
                     indices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
     """Per unit, sum over its slices of ``weight`` along ``dim`` of |w * dL/dw|: (units,) float64."""
     sal = (weight.detach() * grad.to(weight.dtype)).abs().double()  # the weight's shape
-    return torch.tensor([float(s.sum()) for s in _unit_slices(sal, dim, indices)], dtype=torch.float64)
+    per_channel = sal.sum([d for d in range(sal.dim()) if d != dim]) if sal.dim() > 1 else sal  # (channels,)
+    return per_unit_sum(per_channel, indices)
 
 
 class ScorePass(Pass[ScoreRequest, Scores]):

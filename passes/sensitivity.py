@@ -249,16 +249,19 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                     counts[block.index] += grad.numel()
                     tokens += grad.numel() / grad.shape[-1]
                     if block.index > 0 or weights or layers:  # block 0: only for its weights' or layers' gradients
-                        x = _float32(store[(block.index, j)]).clone().requires_grad_(True)  # (batch, tokens, hidden)
+                        # (batch, tokens, hidden); block 0's input gradient is never read, and is not computed
+                        # where its weights' gradients carry the backward pass
+                        x = _float32(store[(block.index, j)]).clone().requires_grad_(block.index > 0 or not weights)
                         upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
                                             {k: _float32(v) for k, v in inp.kwargs.items()})
+                        wrt = [x] if x.requires_grad else []
                         with torch.enable_grad():
                             out = run_block(module, upcast)
-                            grads = torch.autograd.grad(out, [x, *weights.values()], grad.to(out.dtype),
+                            grads = torch.autograd.grad(out, [*wrt, *weights.values()], grad.to(out.dtype),
                                                         allow_unused=True)
                         if block.index > 0:
                             store[("grad", j)] = grads[0]
-                        for acc, g in zip(weight_grads.values(), grads[1:]):
+                        for acc, g in zip(weight_grads.values(), grads[len(wrt):]):
                             if g is not None:
                                 acc += g.to(acc.dtype)
                     del store[(block.index, j)]

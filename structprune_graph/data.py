@@ -111,11 +111,15 @@ def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | Non
     return tokens[: count * seqlen].view(count, seqlen)  # (windows, seqlen)
 
 
-def self_generated(model, tokenizer, spec: WindowSpec, top_p: float = 0.95, batch_size: int = 8,
+def self_generated(model, tokenizer, spec: WindowSpec, top_p: float = 0.95, batch_size: int = 16,
                    progress: bool = True) -> torch.Tensor:
     """``spec.samples`` windows of ``spec.seqlen`` tokens sampled from the model itself (nucleus sampling,
     ``top_p``, from the BOS token; seeded): calibration text that follows what the model was trained on and
-    needs no data ("self-calibration"). Returns (samples, seqlen) token ids; the BOS is not included."""
+    needs no data ("self-calibration"). Returns (samples, seqlen) token ids; the BOS is not included.
+    ``batch_size`` sequences are sampled together (the samples depend on it, through the random stream):
+    16, as the development runs that chose the defaults sampled them (examples/generalization.py), and one
+    generation loop where 8 took two (SmolLM2 on 2 CPU cores: 16 x 512 tokens in 101 s, against about 150 s
+    in two loops of 8: a step's cost is mostly fixed)."""
     from tqdm import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -304,9 +304,14 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
         details = {**details, "widths": {"round_to": round_to, "uniform": uniform}}
     if prior:  # what the re-fit fitted beside the calibration batches; whether the selection saw it (structprune)
         details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight,
-                                                   "scope": solver.prior_scope if spec.score == "obs" else "refit"}}
+                                                   "scope": solver.prior_scope if spec.score == "obs" else "refit",
+                                                   **({"score_batches": solver.prior_score_batches}
+                                                      if solver.prior_score_batches and spec.score == "obs"
+                                                      and solver.prior_scope == "scores" else {})}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),
                          peak, all_batches, details)
     plan = Plan.from_keep(graph, model, keep,
                           meta={"method": method, "sparsity": sparsity, "bias_compensated": sorted(updates)})
+    if solved is not None and solved.prior_sweep is not None:  # the prior's sweep, for another sparsity's reuse=
+        state = replace(state, prior_sweep=solved.prior_sweep)
     return PruneResult(pruned, plan, report, graph, example_inputs, calib, state, solved)

@@ -11,6 +11,7 @@ with units masked and weights swapped in, never modified) is ``trial.py``'s.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -136,6 +137,9 @@ class SolverConfig:
     # self-generated; docs sections 4g-4h): at 20 / 30 / 50% "scores" 1.392 / 1.711 / 2.809, "selection"
     # 1.414 / 1.759 / 2.857, "refit" 1.481 / 1.895 / 3.116
     prior_scope: str = "scores"
+    # prior_scope="scores": the prior windows its sensitivity sweep reads (the first N; None: all of them).
+    # The sweep is a forward and a backward pass over them, the costliest part of a prior
+    prior_score_batches: Optional[int] = None
     # the precision of H, H^-1, the OBS work and the re-fit: "float32" halves the solver's largest memory (the
     # widest layer's H and its inverse) with its error checked, falling back to float64 where the check fails
     # (passes/obs.py); "float64" stays the default (the recorded results)
@@ -206,6 +210,9 @@ class SolverConfig:
         if self.prior_scope not in PRIOR_SCOPES:
             raise StructPruneError(f"SolverConfig: unknown prior_scope {self.prior_scope!r}; choose one of "
                                    f"{PRIOR_SCOPES}")
+        if self.prior_score_batches is not None and self.prior_score_batches < 1:
+            raise StructPruneError(f"SolverConfig: prior_score_batches is a number of prior windows, >= 1 (None: "
+                                   f"all); got {self.prior_score_batches}")
         if self.kl_exits not in KL_EXITS:
             raise StructPruneError(f"SolverConfig: unknown kl_exits {self.kl_exits!r}; choose one of {KL_EXITS}")
         if not self.kl_step > 0.0:
@@ -247,6 +254,9 @@ class SolverState:
     # the OBS selection's weight of each output channel; empty: unweighted
     output_fisher: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     obs_weighting: str = "none"  # SolverConfig.obs_weighting as resolved ("auto": the model's)
+    # prior_scope="scores": (the prior windows' fingerprint, their own sensitivity sweep), kept so that another
+    # sparsity solved with reuse= on the same prior skips the sweep (``prune`` hands it on); None: not swept
+    prior_sweep: Optional[tuple[str, BlockSensitivity]] = field(default=None, compare=False, repr=False)
 
 
 def taylor_first(config: SolverConfig, state: SolverState) -> float:
@@ -279,6 +289,7 @@ class SolverResult:
     new_biases: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # layer path -> bias += value
     taylor_first: float = 0.0  # the order inside each group as resolved (SolverState)
     obs_weighting: str = "none"
+    prior_sweep: Optional[tuple[str, BlockSensitivity]] = field(default=None, repr=False)  # SolverState.prior_sweep
 
 
 def _max_remove(group: Group, max_prune: float) -> int:
@@ -584,15 +595,37 @@ def _prior_scored(model: nn.Module, state: SolverState, prior: Sequence[Any], pr
     the model is solved as one block (its Taylor scores are the whole model's gradients, no block sweep)."""
     if not ((state.unit_scores or state.output_fisher) and _chained(state.partition)):
         return state
-    groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
-    swept = BlockSensitivityPass()(SensitivityRequest(  # the prior is never sharded (check_prior): local sums
-        model, state.partition, prior_inputs, prior, resident, buffer_budget=config.buffer_budget, groups=groups,
-        taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
+    n = len(prior) if config.prior_score_batches is None else config.prior_score_batches
+    key = _fingerprint(prior[:n], (bool(state.unit_scores), bool(state.output_fisher)))
+    if state.prior_sweep is not None and state.prior_sweep[0] == key:  # another sparsity, the same prior: swept
+        swept = state.prior_sweep[1]
+    else:
+        groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
+        swept = BlockSensitivityPass()(SensitivityRequest(  # the prior is never sharded (check_prior): local sums
+            model, state.partition, prior_inputs[:n], prior[:n], resident, buffer_budget=config.buffer_budget,
+            groups=groups, taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
     w = config.refit_prior_weight
     scores = {gid: tuple((1.0 - w) * c + w * p for c, p in zip(own, swept.unit_taylor[gid]))
               for gid, own in state.unit_scores.items()}
     fisher = {path: (1.0 - w) * own + w * swept.output_fisher[path] for path, own in state.output_fisher.items()}
-    return replace(state, unit_scores=scores, output_fisher=fisher)
+    return replace(state, unit_scores=scores, output_fisher=fisher, prior_sweep=(key, swept))
+
+
+def _fingerprint(batches: Sequence[Any], settings: tuple) -> str:
+    """A digest of the batches' tensors (names, shapes, dtypes, values) and ``settings``: equal digests, equal
+    inputs to a sweep of the same model and partition."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for batch in batches:
+        items = sorted(batch.items()) if isinstance(batch, Mapping) else enumerate(_tensors(batch))
+        for name, value in items:
+            digest.update(f"{name}:".encode())
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -680,7 +713,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     prior_inputs = _first_inputs(model, state.partition.list_path, prior) if prior else ()  # before the store opens
     if prior and config.prior_scope == "scores":  # after the allocation, which keeps the calibration's scores
         state = _prior_scored(model, state, prior, prior_inputs, config, resident)
-        clock.mark("prior_scores")  # the prior windows' sensitivity sweep
+        clock.mark("prior_scores")  # the prior windows' sensitivity sweep (or the one reuse= holds)
     store = ActivationStore(budget_bytes=buffers)
     try:
         solution: BlockSolution = BlockSolvePass()(BlockSolveRequest(
@@ -728,7 +761,7 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
     return SolverResult(keep, solution.new_weights, alloc.tau, alloc.tau_losses, solution.block_errors, admm_errors,
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
                         clock.seconds, sequential, rounds_seconds, dict(solution.new_biases),
-                        taylor_first(config, state), state.obs_weighting)
+                        taylor_first(config, state), state.obs_weighting, state.prior_sweep)
 
 
 def _kl_request(model: nn.Module, state: SolverState, batches: Sequence[Any], prior: Sequence[Any],

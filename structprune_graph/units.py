@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 
 class UnitIndices(Sequence):
@@ -62,6 +63,23 @@ class UnitIndices(Sequence):
 
     def __reduce__(self):
         return UnitIndices, (self.flat, self.offsets)
+
+
+def unit_tensors(indices: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per unit, its indices as a long tensor (views of one tensor for ``UnitIndices``: an MLP's thousands of
+    units cost one conversion, not one each)."""
+    if isinstance(indices, UnitIndices):
+        return list(torch.from_numpy(indices.flat.astype(np.int64)).split(indices.sizes().tolist()))
+    return [torch.tensor(u, dtype=torch.long) for u in indices]
+
+
+def per_unit_sum(values: torch.Tensor, indices: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(channels,) ``values`` -> (units,) float64, each unit's sum over the channels it owns."""
+    columns = unit_tensors(indices)
+    sizes = torch.tensor([len(c) for c in columns], dtype=torch.long)
+    unit = torch.repeat_interleave(torch.arange(len(columns)), sizes)  # (owned channels,)
+    owned = values.double()[torch.cat(columns)] if columns else values.new_zeros(0, dtype=torch.float64)
+    return torch.zeros(len(columns), dtype=torch.float64).index_add_(0, unit, owned)
 
 
 @dataclass(frozen=True)

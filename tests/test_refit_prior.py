@@ -156,6 +156,57 @@ def test_the_prior_in_the_taylor_scores_orders_units_by_the_blend(llama):
     assert moved  # the prior's saliency moved some group's units
 
 
+def test_the_prior_scores_read_only_the_first_prior_score_batches(llama):
+    """prior_score_batches=1: the Taylor order blends the saliency of the first prior window alone (its sweep
+    reads no other), while the re-fit still fits every prior window; the order differs from the one that
+    reads both windows, so the test has power."""
+    calibration, prior = lm_batches(3, seed=0), lm_batches(2, seed=6)
+    taylor = {"refit_ridge": RIDGE, "taylor_first": 1.0, "obs_weighting": "none", "allocation": "uniform"}
+    weight = 0.3
+    own = sp.prune(llama, calibration, 0.4, solver=SolverConfig(**taylor)).solver_state.unit_scores
+    first = sp.prune(llama, prior[:1], 0.4, solver=SolverConfig(**taylor)).solver_state.unit_scores
+    config = SolverConfig(refit_prior_weight=weight, prior_score_batches=1, **taylor)
+    scored = sp.prune(llama, calibration, 0.4, refit_prior=prior, solver=config)
+    assert scored.report.solver["refit_prior"] == {"batches": 2, "weight": weight, "scope": "scores",
+                                                   "score_batches": 1}  # the re-fit's prior: both windows
+    every = sp.prune(llama, calibration, 0.4, refit_prior=prior,
+                     solver=SolverConfig(refit_prior_weight=weight, **taylor)).solution
+    for gid, s in own.items():
+        n = len(s) - len(scored.solution.keep[gid])
+        blend = [(1 - weight) * a + weight * b for a, b in zip(s, first[gid])]
+        gone = set(sorted(range(len(s)), key=lambda u: (blend[u], u))[:n])
+        assert scored.solution.keep[gid] == tuple(u for u in range(len(s)) if u not in gone), gid
+    assert any(scored.solution.keep[gid] != every.keep[gid] for gid in own)
+
+
+def test_reuse_keeps_the_prior_sweep_for_the_same_prior(llama, monkeypatch):
+    """Another sparsity with reuse= and the same prior reads the prior's sensitivity sweep the first call made
+    (no sweep runs) and returns what a fresh call returns; a different prior is swept again."""
+    from structprune_graph.passes import sensitivity
+
+    calibration, prior = lm_batches(3, seed=0), lm_batches(2, seed=6)
+    first = sp.prune(llama, calibration, 0.3, refit_prior=prior)
+    assert first.solver_state.prior_sweep is not None
+    fresh = sp.prune(llama, calibration, 0.4, refit_prior=prior)
+    sweeps = []
+    original = sensitivity.BlockSensitivityPass.call
+    monkeypatch.setattr(sensitivity.BlockSensitivityPass, "call",
+                        lambda self, state: sweeps.append(len(state.batches)) or original(self, state))
+    again = sp.prune(llama, calibration, 0.4, reuse=first, refit_prior=[dict(b) for b in prior])  # equal copies
+    assert sweeps == []
+    assert again.plan.keep == fresh.plan.keep
+    for name, w in fresh.solution.new_weights.items():
+        torch.testing.assert_close(again.solution.new_weights[name], w, rtol=0, atol=0)
+    sp.prune(llama, calibration, 0.4, reuse=first, refit_prior=lm_batches(2, seed=7))
+    assert sweeps == [2]  # another prior: its own sweep
+
+
+def test_prior_score_batches_below_one_is_refused():
+    with pytest.raises(StructPruneError, match=r"prior_score_batches is a number of prior windows, >= 1 \(None: "
+                                               r"all\); got 0"):
+        SolverConfig(prior_score_batches=0)
+
+
 def test_an_unknown_prior_scope_is_refused():
     with pytest.raises(StructPruneError, match=r"unknown prior_scope 'all'; choose one of \('refit', 'selection', "
                                                r"'scores'\)"):

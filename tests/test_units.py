@@ -7,8 +7,9 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-from structprune_graph.units import UnitIndices, UnitTable
+from structprune_graph.units import UnitIndices, UnitTable, per_unit_sum, unit_tensors
 
 
 def test_unit_indices_read_like_tuples():
@@ -21,6 +22,18 @@ def test_unit_indices_read_like_tuples():
     assert pickle.loads(pickle.dumps(idx)) == idx and copy.deepcopy(idx) == idx
     with pytest.raises(IndexError):
         idx[4]
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_unit_tensors_and_per_unit_sums(compact):
+    units = ((0, 1, 2), (5,), (), (7, 9))
+    idx = UnitIndices.of(units) if compact else units
+    tensors = unit_tensors(idx)
+    assert [t.dtype for t in tensors] == [torch.long] * 4 and [t.tolist() for t in tensors] == [list(u) for u in units]
+    values = torch.arange(10, dtype=torch.float32) ** 2  # (channels,)
+    sums = per_unit_sum(values, idx)
+    assert sums.dtype == torch.float64
+    torch.testing.assert_close(sums, torch.tensor([0.0 + 1 + 4, 25, 0, 49 + 81], dtype=torch.float64), rtol=0, atol=0)
 
 
 def test_unit_table_reads_units_off_components():
