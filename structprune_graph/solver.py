@@ -616,7 +616,8 @@ def _fingerprint(batches: Sequence[Any], settings: tuple) -> str:
     inputs to a sweep of the same model and partition."""
     digest = hashlib.sha256(repr(settings).encode())
     for batch in batches:
-        items = sorted(batch.items()) if isinstance(batch, Mapping) else enumerate(_tensors(batch))
+        items = (sorted(batch.items()) if isinstance(batch, Mapping)
+                 else enumerate(batch if isinstance(batch, (tuple, list)) else (batch,)))
         for name, value in items:
             digest.update(f"{name}:".encode())
             if isinstance(value, torch.Tensor):
