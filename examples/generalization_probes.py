@@ -123,7 +123,6 @@ SCOPES = {"refit": "re-fit", "selection": "OBS selection and re-fit",
           "scores": "Taylor and Fisher scores, OBS selection and re-fit"}
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=("selection", "damping", "allocation-source", "block-energy", "curve-error",
@@ -248,11 +247,11 @@ def main() -> None:
 
     if args.probe == "refit-prior":  # the prior is not a sweep setting: one dense sweep for every row
         shared = None
+        tau = {} if args.tau_batches is None else {"tau_batches": args.tau_batches}
         for n in args.prior_samples:
             for weight in args.prior_weights:
                 for scope in args.prior_scopes:
                     for swept in args.prior_score_windows if scope == "scores" else [0]:
-                        tau = {} if args.tau_batches is None else {"tau_batches": args.tau_batches}
                         shared = per_config(
                             f"structprune, {SCOPES[scope]} also on {n} x 512 self-generated tokens, weight {weight:g}"
                             + (f" (scores from the first {swept})" if swept else "")

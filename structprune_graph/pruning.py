@@ -305,7 +305,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
     if prior:  # what the re-fit fitted beside the calibration batches; whether the selection saw it (structprune)
         details = {**details, "refit_prior": {"batches": len(prior), "weight": solver.refit_prior_weight,
                                                    "scope": solver.prior_scope if spec.score == "obs" else "refit",
-                                                   **({"score_batches": solver.prior_score_batches}
+                                                   **({"score_batches": min(solver.prior_score_batches, len(prior))}
                                                       if solver.prior_score_batches and spec.score == "obs"
                                                       and solver.prior_scope == "scores" else {})}}
     report = make_report(method, sparsity, removed, groups, graph, keep, count_params(model), count_params(pruned),

@@ -137,11 +137,23 @@ def _direct_output_fisher(model, batches):
     return {n: s / tokens for n, s in sums.items()}
 
 
-def test_block_by_block_output_fisher_equals_the_whole_models_backward_pass():
+@pytest.mark.parametrize("taylor_first", [None, 0.0])
+def test_block_by_block_output_fisher_equals_the_whole_models_backward_pass(taylor_first):
+    """With the Taylor scores (block 0's weights carry its backward pass) and without them, on a frozen model
+    (only block 0's input then makes its layers' outputs require grad)."""
     model = traced("llama")[1]
     batches = lm_batches(3)
     graph = sp.trace(model, batches[0])
-    state = prepare(model, graph, select_groups(graph), batches, SolverConfig(obs_weighting="fisher"))
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state = prepare(model, graph, select_groups(graph), batches,
+                        SolverConfig(obs_weighting="fisher", taylor_first=taylor_first))
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    assert bool(state.unit_scores) == (taylor_first is None)
     want = _direct_output_fisher(model, batches)
     assert set(state.output_fisher) == set(want) and len(want) == 2 * len(model.model.layers)
     for name, d in want.items():
