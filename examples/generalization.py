@@ -45,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared Torch-Pruning peer
+import torch_pruning_peer as peer  # noqa: E402
+
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
 CODE_MODULES = ("argparse", "dataclasses", "typing", "enum", "functools", "pathlib", "subprocess", "logging",
                 "collections", "json.decoder", "email.message", "http.client")
@@ -97,6 +100,9 @@ for _scope in ("selection", "scores"):
 for _r in (2, 3):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-kl{_r}"] = dict(
         ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16"], rounds=_r, coordination="kl")
+    # the same on today's defaults (the prior in the scores too)
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-kl{_r}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"], rounds=_r, coordination="kl")
 
 
 def code_text() -> str:
@@ -190,7 +196,9 @@ def main() -> None:
                         "are taken as given (a choice made by an earlier run)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--sources", nargs="+", default=["austen", "mix"])
-    parser.add_argument("--baselines", nargs="*", default=["flap", "taylor-global"])
+    parser.add_argument("--baselines", nargs="*", default=["flap", "taylor-global"],
+                        help="our baselines (magnitude, wanda-sp, flap, taylor-global; NAME+refit re-fits NAME's "
+                             "keep-set) and the Torch-Pruning peers (" + ", ".join(peer.PEERS) + ")")
     parser.add_argument("--tau-batches", type=int, default=4)
     parser.add_argument("--allocations", nargs="*", default=[], choices=sorted(ALLOCATIONS),
                         help="phase C: structprune with each allocation on the --sources at every --sparsities "
@@ -270,17 +278,23 @@ def main() -> None:
                       "tau": result.report.solver["tau"], "seconds": round(time.perf_counter() - t, 1)})
         if args.allocations:
             allocation_rows(model, batches, source, chosen, args, dev, evals, dense_dev, emit, calib.get("self"))
+        grads = None  # the Torch-Pruning peers' Taylor gradients, once per calibration source
         for method in args.baselines:  # "NAME+refit": NAME's keep-set, re-fitted as structprune re-fits
             reuse, name = None, method.removesuffix("+refit")
             for s in args.sparsities:
                 t = time.perf_counter()
-                result = sp.prune(model, batches, s, method=name, reuse=reuse, reconstruct=method != name)
-                reuse = reuse or result
+                if method in peer.PEERS:
+                    if "taylor" in method and grads is None:
+                        grads = peer.calibration_gradients(model, batches)
+                    pruned = peer.prune(model, batches, s, method, grads)
+                else:
+                    result = sp.prune(model, batches, s, method=name, reuse=reuse, reconstruct=method != name)
+                    reuse, pruned = reuse or result, result.model
                 seconds = round(time.perf_counter() - t, 1)
-                d = ppl(result.model, dev)
+                d = ppl(pruned, dev)
                 emit({"phase": "eval", "method": method, "calib": source, "sparsity": s, "dev": d,
                       "dev_score": round(dev_score(d, dense_dev), 4),
-                      **held_out(result.model, evals, args.paired), "seconds": seconds})
+                      **held_out(pruned, evals, args.paired), "seconds": seconds})
     print(table(rows) + compared_table(rows, earlier))
 
 

@@ -6,7 +6,7 @@ of *Pride and Prejudice* (40 windows of 1,024, no BOS; dense 28.08) and on the h
 (``--pydoc-windows`` windows of 1,024). Sparsity = fraction of the prunable parameters removed (attention
 q/o of the query-head slots + MLP; 99.5M of 134.5M). Torch-Pruning 1.6 cannot prune Llama attention
 heads (its dependency graph never finishes on the RoPE path, upstream issue #527), so it prunes MLP
-channels only, at the ratio that removes the same number of parameters.
+channels only, at the ratio that removes the same number of parameters (``torch_pruning_peer.py``).
 
 Every job runs in its own subprocess (so its peak memory is its own); the first sparsity of a job runs
 the whole pipeline (time and peak RSS are measured there), later sparsities reuse its calibration.
@@ -19,7 +19,6 @@ Run: ``pip install -e ".[bench]" && python examples/llm_baselines.py [--calib-sa
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -30,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared Torch-Pruning peer
+from torch_pruning_peer import PEERS  # noqa: E402
+
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
 OURS = ("magnitude", "wanda-sp", "flap", "taylor-global", "structprune")
 # The structprune job runs with 2 ADMM rounds (the measured configuration; the library default is 0) and
@@ -39,7 +41,6 @@ STRUCTPRUNE_RUN = {"rounds": 2}
 ABLATIONS = {"structprune (uniform)": {"allocation": "uniform"},
              "structprune (global-threshold)": {"allocation": "global-threshold"},
              "structprune (no reconstruction)": {"reconstruct": False}}
-PEERS = ("tp-magnitude-local", "tp-magnitude-global", "tp-taylor-local", "tp-taylor-global")
 
 
 def setup(args):
@@ -121,41 +122,19 @@ def run_ours(job, args, model, batches, evals) -> list[dict]:
 
 
 def run_peer(job, args, model, batches, evals) -> list[dict]:
-    import torch_pruning as tp
+    import torch_pruning_peer as peer
 
     from structprune_graph.evaluate import count_params, track_peak_memory
 
-    _, importance, scope = job.split("-")
-    mlp_params = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
-    prunable = 99_532_800  # the same budget our methods count (query-head slots + MLP); see the docstring
     grads = None
     rows = []
     for i, s in enumerate(args.sparsities):
         with track_peak_memory() as peak:
-            m = copy.deepcopy(model)
-            if importance == "taylor":
-                if grads is None:
-                    for p in m.parameters():
-                        p.requires_grad_(True)
-                    for batch in batches:
-                        (m(**batch, labels=batch["input_ids"]).loss / len(batches)).backward()
-                    grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-                for n, p in m.named_parameters():
-                    p.grad = grads.get(n)
-                imp = tp.importance.GroupTaylorImportance()
-            else:
-                imp = tp.importance.GroupMagnitudeImportance(p=2)
-            ignored = [m.lm_head, m.model.embed_tokens] + [layer.self_attn for layer in m.model.layers]
-            ratio = min(0.99, s * prunable / mlp_params)
-            pruner = tp.pruner.MetaPruner(m, example_inputs=batches[0]["input_ids"][:, :64], importance=imp,
-                                          pruning_ratio=ratio, global_pruning=scope == "global",
-                                          ignored_layers=ignored,
-                                          forward_fn=lambda mod, x: mod(input_ids=x, use_cache=False).logits)
-            pruner.step()
-            for layer in m.model.layers:  # transformers reads these sizes in forward
-                layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
-            m.zero_grad(set_to_none=True)
-        row = {"method": job, "sparsity": s, "achieved": round((count_params(model) - count_params(m)) / prunable, 4),
+            if "taylor" in job and grads is None:
+                grads = peer.calibration_gradients(model, batches)
+            m = peer.prune(model, batches, s, job, grads)
+        row = {"method": job, "sparsity": s,
+               "achieved": round((count_params(model) - count_params(m)) / peer.prunable_params(model), 4),
                "params": count_params(m), "prune_s": round(peak.seconds, 1),
                "peak_rss_gib": round(peak.rss_bytes / 2**30, 2), "reused_calibration": i > 0 and grads is not None}
         row.update(evaluate(m, evals))
