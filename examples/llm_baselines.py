@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared Torch-Pruning peer
+import torch_pruning_peer as peer  # noqa: E402
 from torch_pruning_peer import PEERS  # noqa: E402
 
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
@@ -122,8 +123,6 @@ def run_ours(job, args, model, batches, evals) -> list[dict]:
 
 
 def run_peer(job, args, model, batches, evals) -> list[dict]:
-    import torch_pruning_peer as peer
-
     from structprune_graph.evaluate import count_params, track_peak_memory
 
     grads = None

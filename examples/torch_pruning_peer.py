@@ -67,4 +67,8 @@ def prune(model, batches, sparsity: float, job: str, grads: dict | None = None):
     m.zero_grad(set_to_none=True)
     for p in m.parameters():
         p.requires_grad_(False)
+    with torch.no_grad():  # run what we return: a width read from a stale attribute fails here, not later
+        logits = m(input_ids=batches[0]["input_ids"][:, :64], use_cache=False).logits  # (batch, 64, vocab)
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"{job} at {sparsity:.0%}: the pruned copy's first forward gave non-finite logits")
     return m
