@@ -103,6 +103,11 @@ for _r in (2, 3):
     # the same on today's defaults (the prior in the scores too)
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-kl{_r}"] = dict(
         ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"], rounds=_r, coordination="kl")
+# item 4 on today's defaults: the same solver with the budget spread uniformly, or by one global threshold on the
+# marginal error per parameter (no tau search)
+for _alloc in ("uniform", "global-threshold"):
+    ALLOCATIONS[f"{_alloc}-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"], allocation=_alloc)
 
 
 def code_text() -> str:

@@ -23,7 +23,7 @@ from torch import nn
 
 from structprune_graph.passes.admm import ADMM_DAMPING, DEFAULT_RHO, AdmmPass, AdmmRequest
 from structprune_graph.passes.allocate import prunable_params
-from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, SoftmaxAllocatePass,
+from structprune_graph.passes.allocate_softmax import (DEFAULT_TAUS, STRATEGIES, SoftmaxAllocatePass,
                                                        SoftmaxAllocationRequest)
 from structprune_graph.passes.blockwise_calibrate import (BLOCK_ENERGIES, BlockCalibratePass, BlockCalibration,
                                                           BlockCalibrationRequest, GroupCurve)
@@ -63,7 +63,11 @@ PRIOR_SCOPES = ("refit", "selection", "scores")  # SolverConfig.prior_scope: wha
 class SolverConfig:
     """Every default of the method (see docs/structprune_solver.md for why)."""
 
-    allocation: str = "softmax"  # "softmax", "uniform" or "global-threshold"
+    # "softmax", "uniform" or "global-threshold" (passes/allocate_softmax.py STRATEGIES). softmax stays the
+    # default on the development windows (SmolLM2, 32 windows of Austen, the CLI's prior; docs section 3): 1.392
+    # / 1.711 / 2.809 at 20 / 30 / 50% against the global threshold's 1.425 / 1.710 / 2.752 (a wash over the
+    # three; the threshold skips the tau search) and uniform's 2.282 / 4.703 at 30 / 50%
+    allocation: str = "softmax"
     taus: tuple[float, ...] = DEFAULT_TAUS
     # "masked": the masked model's loss, no re-fit; "refit": each tau's re-fitted model on held-out batches.
     # On SmolLM2 both chose the same tau at 30% and 50% (examples/results/generalization_allocation.md) and
@@ -164,6 +168,8 @@ class SolverConfig:
     buffer_budget: int = 256 * 2**20  # bytes of ADMM buffers kept in memory; the rest go to temporary files
 
     def __post_init__(self) -> None:
+        if self.allocation not in STRATEGIES:
+            raise StructPruneError(f"SolverConfig: unknown allocation {self.allocation!r}; choose one of {STRATEGIES}")
         if self.tau_search not in TAU_SEARCHES:
             raise StructPruneError(f"SolverConfig: unknown tau_search {self.tau_search!r}; choose one of {TAU_SEARCHES}")
         if self.coordination not in COORDINATIONS:
@@ -528,7 +534,7 @@ def _every_rank_has(positions: Sequence[int], collective: Collective, setting: s
                                f"SolverConfig.{setting} must be at least the number of ranks ({collective.world})")
 
 
-def _tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
+def tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
               resident: Resident = in_memory, collective: Collective = LOCAL) -> Callable[[Mapping[str, int]], float]:
     """counts -> the loss the allocator ranks taus by.
 
@@ -657,7 +663,7 @@ def allocate(model: nn.Module, state: SolverState, batches: Sequence[Any], spars
                                               {g.id: curves[g.id].increments for g in groups}, shapes, target,
                                               widths)).state
 
-    evaluate = _tau_loss(model, state, batches, config, resident, collective) if config.allocation == "softmax" else None
+    evaluate = tau_loss(model, state, batches, config, resident, collective) if config.allocation == "softmax" else None
     if evaluate is not None and not widths.identity:  # each tau is scored as it will be returned: rounded
         unrounded = evaluate
         evaluate = lambda counts: unrounded(rounded(counts).counts)  # noqa: E731

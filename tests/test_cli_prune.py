@@ -48,6 +48,13 @@ def sampled(monkeypatch):
     return calls
 
 
+def _prune_args(model_dir, samples: int, seqlen: int, windows: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """`structprune prune` of the tiny model at 40% on its own text (calibration and evaluation), plus ``extra``."""
+    text = str(model_dir / "text.txt")
+    return ["prune", str(model_dir / "model"), "--sparsity", "0.4", "--calib", text, "--eval", text, "--calib-samples",
+            str(samples), "--seqlen", str(seqlen), "--eval-seqlen", "64", "--eval-windows", str(windows), *extra]
+
+
 def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
     out = tiny_model_dir / "out"
     args = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "wanda-sp", "--calib",
@@ -68,9 +75,7 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_model_dir, capsys):
 def test_refit_re_fits_another_methods_keep_set(tiny_model_dir, capsys):
     """--refit: the same keep-set as without it, other weights (the least squares ran), and a report that
     says so; with a method that compensates by itself it is refused in one line."""
-    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--method", "taylor-global", "--calib",
-              str(tiny_model_dir / "text.txt"), "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4",
-              "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2"]
+    common = _prune_args(tiny_model_dir, samples=4, seqlen=32, windows=2, extra=("--method", "taylor-global"))
     plain, refit = tiny_model_dir / "taylor", tiny_model_dir / "taylor-refit"
     assert main(common + ["--out", str(plain)]) == 0 and main(common + ["--out", str(refit), "--refit"]) == 0
     reports = [json.loads((d / "report.json").read_text()) for d in (plain, refit)]
@@ -79,7 +84,7 @@ def test_refit_re_fits_another_methods_keep_set(tiny_model_dir, capsys):
     a, b = (sp.load(d) for d in (plain, refit))
     assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
     capsys.readouterr()
-    assert main(common[:5] + ["flap"] + common[6:] + ["--out", str(tiny_model_dir / "never"), "--refit"]) == 2
+    assert main(common + ["--method", "flap", "--out", str(tiny_model_dir / "never"), "--refit"]) == 2  # the last --method
     assert "flap compensates biases" in capsys.readouterr().err
     assert not (tiny_model_dir / "never").exists()
 
@@ -227,9 +232,7 @@ def test_export_gguf_and_decoder_from_a_pruned_folder(tiny_model_dir, tmp_path, 
 
 def test_torchrun_distributed_stream_writes_the_single_process_folder(tiny_model_dir, tmp_path):
     """The README's launch: `torchrun --nproc-per-node 2 -m structprune_graph.cli prune ... --distributed`."""
-    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
-              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "8", "--seqlen", "32", "--eval-seqlen",
-              "64", "--eval-windows", "2", "--stream"]
+    common = _prune_args(tiny_model_dir, samples=8, seqlen=32, windows=2, extra=("--stream",))
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
                                "structprune_graph.cli", *common, "--distributed", "--out", str(tmp_path / "dist")],
                               capture_output=True, text=True, timeout=300)
@@ -244,9 +247,7 @@ def test_torchrun_distributed_stream_writes_the_single_process_folder(tiny_model
 
 
 def test_taylor_first_and_obs_weighting_reach_the_solver_and_are_refused_with_another_method(tiny_model_dir, capsys):
-    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
-              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "32", "--eval-seqlen",
-              "64", "--eval-windows", "2"]
+    common = _prune_args(tiny_model_dir, samples=4, seqlen=32, windows=2)
     out = tiny_model_dir / "ordered"
     assert main(common + ["--out", str(out), "--taylor-first", "0.5", "--obs-weighting", "fisher"]) == 0
     solver = json.loads((out / "report.json").read_text())["solver"]
@@ -268,9 +269,7 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
     Fisher scores ('scores', the default; 'selection': the OBS selection alone); the report records all three;
     refused in one line where nothing would fit it."""
     calls = sampled
-    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
-              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "4", "--seqlen", "16", "--eval-seqlen",
-              "64", "--eval-windows", "1"]
+    common = _prune_args(tiny_model_dir, samples=4, seqlen=16, windows=1)
     out, plain = tiny_model_dir / "prior", tiny_model_dir / "no-prior"
     assert main(common + ["--out", str(out), "--refit-prior", "self", "--refit-prior-samples", "3",
                           "--refit-prior-weight", "0.25", "--refit-prior-scope", "refit"]) == 0
@@ -315,9 +314,7 @@ def test_refit_prior_samples_the_model_reaches_the_solver_and_is_refused_without
 
 
 def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(tiny_model_dir, capsys):
-    common = ["prune", str(tiny_model_dir / "model"), "--sparsity", "0.4", "--calib", str(tiny_model_dir / "text.txt"),
-              "--eval", str(tiny_model_dir / "text.txt"), "--calib-samples", "6", "--seqlen", "16", "--eval-seqlen",
-              "64", "--eval-windows", "1", "--refit-prior", "none"]
+    common = _prune_args(tiny_model_dir, samples=6, seqlen=16, windows=1, extra=("--refit-prior", "none"))
     out = tiny_model_dir / "kl-rounds"
     assert main(common + ["--out", str(out), "--kl-rounds", "2"]) == 0
     solver = json.loads((out / "report.json").read_text())["solver"]
@@ -338,3 +335,19 @@ def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(ti
     assert main(common + ["--out", str(never), "--kl-exits", "all"]) == 2
     assert "--kl-exits all chooses the layers the KL rounds move; add --kl-rounds N" in capsys.readouterr().err
     assert not never.exists()
+
+
+def test_allocation_reaches_the_solver_and_is_refused_with_another_method(tiny_model_dir, capsys):
+    common = _prune_args(tiny_model_dir, samples=6, seqlen=16, windows=1, extra=("--refit-prior", "none"))
+    out = tiny_model_dir / "threshold"
+    assert main(common + ["--out", str(out), "--allocation", "global-threshold"]) == 0
+    solver = json.loads((out / "report.json").read_text())["solver"]
+    assert solver["config"].startswith("global-threshold,") and solver["tau_losses"] == {}  # no tau search
+    capsys.readouterr()
+    never = tiny_model_dir / "never-threshold"
+    assert main(common + ["--out", str(never), "--method", "wanda-sp", "--allocation", "uniform"]) == 2
+    assert "--allocation spreads structprune's budget; --method wanda-sp allocates its own" in capsys.readouterr().err
+    assert not never.exists()
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(never), "--allocation", "greedy"])
+    assert "invalid choice: 'greedy'" in capsys.readouterr().err

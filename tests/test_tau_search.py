@@ -12,7 +12,7 @@ from conftest import traced
 from structprune_graph.errors import StructPruneError
 from structprune_graph.passes.calibrate import default_loss
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import SolverConfig, _tau_loss, _tau_split, prepare, taylor_first
+from structprune_graph.solver import SolverConfig, tau_loss, _tau_split, prepare, taylor_first
 from test_pruning import lm_batches
 
 
@@ -30,7 +30,7 @@ def _setup(llama, fit, held, config):
     graph = sp.trace(llama, fit[0])
     groups = select_groups(graph)
     state = prepare(llama, graph, groups, fit + held, config)
-    return graph, state, _tau_loss(llama, state, fit + held, config)
+    return graph, state, tau_loss(llama, state, fit + held, config)
 
 
 def test_refit_score_is_the_held_out_loss_of_the_returned_model(llama):
@@ -64,6 +64,8 @@ def test_bad_tau_settings_are_refused():
         SolverConfig(tau_search="loss")
     with pytest.raises(StructPruneError, match="tau_batches must be >= 1"):
         SolverConfig(tau_batches=0)
+    with pytest.raises(StructPruneError, match=r"unknown allocation 'greedy'; choose one of \('softmax'"):
+        SolverConfig(allocation="greedy")  # refused before any sweep, not at the allocation after it
 
 
 
