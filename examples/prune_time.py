@@ -1,0 +1,86 @@
+"""Pruning time against one forward pass of the same calibration data, measured in one process (issue 12's
+time bound: pruning within 10x one calibration forward).
+
+On a shared 2-core machine the speed moves by 2-5x between minutes, so a ratio is only meaningful when both
+sides are timed in the same spell: this script times the calibration forward before and after each pruning
+and reports the pruning against both. What it prunes is the CLI's main job (``structprune prune``: SmolLM2,
+30%, 32 x 512 tokens of the pydoc calibration half, 16 windows sampled from the model as the re-fit's prior,
+the library's defaults), once per ``--allocations`` (each with its own dense sweep, as a CLI run has).
+
+Run: ``python examples/prune_time.py`` (about 20 min on 2 cores); JSON and a Markdown table to
+``OUT/prune_time.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+def forward_seconds(model, batches) -> float:
+    """One forward pass of every batch, as the CLI batches them (no grad, no cache)."""
+    t = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    return time.perf_counter() - t
+
+
+def _finite(tau):
+    """The chosen tau, None where none was searched (inf, which strict JSON cannot hold)."""
+    return None if tau is None or math.isinf(tau) else tau
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument("--allocations", nargs="+", default=["softmax", "global-threshold"],
+                        choices=("softmax", "global-threshold", "uniform"))
+    parser.add_argument("--out", default="examples/results")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import structprune_graph as sp
+    from structprune_graph import data, models
+    from structprune_graph.solver import SolverConfig
+
+    model, tokenizer = models.load_model(None), models.load_tokenizer(None)
+    spec = data.WindowSpec(32, 512, 0)  # the CLI's --calib-samples, --seqlen, --seed
+    windows = data.calibration_windows(data.tokenize(tokenizer, data.load_text("pydoc", "calibration")), spec)
+    batches = [{"input_ids": windows[i: i + 1]} for i in range(len(windows))]  # (1, 512) each
+    t = time.perf_counter()
+    prior_windows = data.self_generated(model, tokenizer, data.WindowSpec(16, 512, 0))  # --refit-prior auto
+    sampling = time.perf_counter() - t
+    prior = [{"input_ids": prior_windows[i: i + 1]} for i in range(len(prior_windows))]
+    rows = []
+    before = forward_seconds(model, batches)
+    for allocation in args.allocations:
+        t = time.perf_counter()
+        result = sp.prune(model, batches, args.sparsity, solver=SolverConfig(allocation=allocation), refit_prior=prior)
+        pruning = time.perf_counter() - t
+        after = forward_seconds(model, batches)
+        rows.append({"allocation": allocation, "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
+                     "forward_after_s": round(after, 1), "ratio_range": [round(pruning / max(before, after), 2),
+                                                                         round(pruning / min(before, after), 2)],
+                     "tau": _finite(result.report.solver["tau"]), "stages": result.report.solver["stages"]})
+        print(json.dumps(rows[-1]), flush=True)
+        before = after
+    out = Path(args.out)
+    (out / "prune_time.json").write_text(json.dumps({"args": vars(args), "sampling_s": round(sampling, 1),
+                                                     "rows": rows}, indent=1))
+    lines = [f"Pruning SmolLM2 at {args.sparsity:.0%} (the CLI's main job) against one forward pass of its 32 x 512 "
+             "calibration tokens, timed just before and just after it in the same process:", "",
+             "| allocation | pruning (s) | forward before (s) | forward after (s) | pruning / forward |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['allocation']} | {r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | {r['forward_after_s']:.1f} | "
+              f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x |" for r in rows]
+    (out / "prune_time.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
