@@ -535,7 +535,7 @@ def _every_rank_has(positions: Sequence[int], collective: Collective, setting: s
 
 
 def tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], config: SolverConfig,
-              resident: Resident = in_memory, collective: Collective = LOCAL) -> Callable[[Mapping[str, int]], float]:
+             resident: Resident = in_memory, collective: Collective = LOCAL) -> Callable[[Mapping[str, int]], float]:
     """counts -> the loss the allocator ranks taus by.
 
     ``masked``: the calibration loss on ``tau_batches`` batches of the model with the first units of each

@@ -82,6 +82,19 @@ def test_streamed_rounded_widths_and_refit_tau_search_equal_the_in_memory_ones(c
     assert len(widths) == 1 and widths.pop() % 8 == 0
 
 
+def test_streamed_global_threshold_equals_the_in_memory_one_without_a_tau_search(checkpoint, tmp_path):
+    """--allocation global-threshold with --stream: no tau trial reads the checkpoint, same plan and weights."""
+    folder, batches, model = checkpoint
+    config = SolverConfig(allocation="global-threshold")
+    reference = sp.prune(model, batches, 0.4, method="structprune", solver=config)
+    result = prune_checkpoint(folder, batches, 0.4, tmp_path / "out", solver=config)
+    assert result.report.solver["tau_losses"] == reference.report.solver["tau_losses"] == {}
+    assert result.plan.keep == reference.plan.keep
+    want, got = _weights(reference.model), _weights(sp.load(tmp_path / "out"))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
 def test_a_small_budget_gives_the_plan_and_weights_of_an_unlimited_one(checkpoint, tmp_path):
     """With ADMM on, the tightest budget that fits the blocks spills every buffer to disk: same result."""
     folder, batches, model = checkpoint
