@@ -4,8 +4,8 @@ time bound: pruning within 10x one calibration forward).
 On a shared 2-core machine the speed moves by 2-5x between minutes, so a ratio is only meaningful when both
 sides are timed in the same spell: this script times the calibration forward before and after each pruning
 and reports the pruning against both. What it prunes is the CLI's main job (``structprune prune``: SmolLM2,
-30%, 32 x 512 tokens of the pydoc calibration half, 16 windows sampled from the model as the re-fit's prior,
-the library's defaults), once per ``--allocations`` (each with its own dense sweep, as a CLI run has).
+30%, 32 x 512 tokens of the pydoc calibration half, 16 windows sampled from the model as the re-fit's prior:
+the CLI's own defaults and window builders), once per ``--allocations`` (each with its own dense sweep, as a CLI run has).
 
 Run: ``python examples/prune_time.py`` (about 20 min on 2 cores); JSON and a Markdown table to
 ``OUT/prune_time.{json,md}``.
@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,22 +47,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import structprune_graph as sp
-    from structprune_graph import data, models
-    from structprune_graph.solver import SolverConfig
+    from structprune_graph import cli, models
 
-    model, tokenizer = models.load_model(None), models.load_tokenizer(None)
-    spec = data.WindowSpec(32, 512, 0)  # the CLI's --calib-samples, --seqlen, --seed
-    windows = data.calibration_windows(data.tokenize(tokenizer, data.load_text("pydoc", "calibration")), spec)
-    batches = [{"input_ids": windows[i: i + 1]} for i in range(len(windows))]  # (1, 512) each
+    # the CLI's main job exactly: its parser's defaults, its calibration and prior windows, its SolverConfig
+    job = cli.build_parser().parse_args(["prune", "--sparsity", str(args.sparsity)])
+    model, tokenizer = models.load_model(job.model), models.load_tokenizer(job.model)
+    batches, _ = cli._calibration(job, tokenizer, model)  # 32 x (1, 512) of the pydoc calibration half
     t = time.perf_counter()
-    prior_windows = data.self_generated(model, tokenizer, data.WindowSpec(16, 512, 0))  # --refit-prior auto
+    prior = cli._prior_batches(job, tokenizer, model)  # --refit-prior auto: 16 windows sampled from the model
     sampling = time.perf_counter() - t
-    prior = [{"input_ids": prior_windows[i: i + 1]} for i in range(len(prior_windows))]
     rows = []
     before = forward_seconds(model, batches)
     for allocation in args.allocations:
         t = time.perf_counter()
-        result = sp.prune(model, batches, args.sparsity, solver=SolverConfig(allocation=allocation), refit_prior=prior)
+        solver = replace(cli._solver_config(job), allocation=allocation)
+        result = sp.prune(model, batches, args.sparsity, job.method, solver=solver, refit_prior=prior)
         pruning = time.perf_counter() - t
         after = forward_seconds(model, batches)
         rows.append({"allocation": allocation, "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
