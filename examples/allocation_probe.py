@@ -2,7 +2,7 @@
 
 The softmax allocator picks tau by the masked model's calibration loss (``SolverConfig(tau_search="masked")``:
 the first units of each group's order masked, no re-fit, on the library's 8 tau windows). Held out, the
-global threshold ties the softmax at 30% and beats it at 50% on SmolLM2 (README, "The allocators on today's
+global threshold ties the softmax at 30% and beats it at 50% on SmolLM2 (docs/generalization.md, "The allocators on today's
 defaults"). This probe scores the global threshold's counts by the same masked loss beside every tau's, at
 each ``--sparsities``, from one dense sweep with today's defaults on 32 calibration windows: if the search
 ranked it first where it wins held out, it could be one more candidate of the search.

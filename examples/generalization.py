@@ -110,6 +110,16 @@ for _alloc in ("uniform", "global-threshold"):
         ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"], allocation=_alloc)
 
 
+# the time bound (issue 12: pruning within 10x one calibration forward; examples/prune_time.py): today's
+# defaults with the statistics in float32 (checked, redone in float64 where the check fails), the prior's
+# sensitivity sweep on its first 8 windows (of 16), each tau scored on 4 calibration batches (of 8), or two of these
+_DEFAULTS = ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores"]
+for _label, _change in (("float32", dict(statistics="float32")), ("pscore8", dict(prior_score_batches=8)),
+                        ("tau4", dict(tau_batches=4)), ("float32-tau4", dict(statistics="float32", tau_batches=4))):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-{_label}"] = dict(_DEFAULTS,
+                                                                                                      **_change)
+
+
 def code_text() -> str:
     import importlib
 

@@ -6,9 +6,11 @@ sides are timed in the same spell: this script times the calibration forward bef
 and reports the pruning against both. What it prunes is the CLI's main job (``structprune prune``: SmolLM2,
 30%, 32 x 512 tokens of the pydoc calibration half, 16 windows sampled from the model as the re-fit's prior:
 the CLI's own defaults and window builders), once per ``--allocations`` (each with its own dense sweep, as a CLI run has).
+Two denominators: the forward of the 32 calibration windows, and that plus the forward of the 16 prior windows
+(all the data the pruning reads: the prior's windows are swept and fitted as the calibration's are).
 
 Run: ``python examples/prune_time.py`` (about 20 min on 2 cores); JSON and a Markdown table to
-``OUT/prune_time.{json,md}``.
+``OUT/NAME.{json,md}`` (``--name``, default ``prune_time``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="+", default=["softmax", "global-threshold"],
                         choices=("softmax", "global-threshold", "uniform"))
     parser.add_argument("--out", default="examples/results")
+    parser.add_argument("--name", default="prune_time", help="the results' file name: OUT/NAME.{json,md}")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,29 +60,37 @@ def main() -> None:
     prior = cli._prior_batches(job, tokenizer, model)  # --refit-prior auto: 16 windows sampled from the model
     sampling = time.perf_counter() - t
     rows = []
-    before = forward_seconds(model, batches)
+    before, prior_before = forward_seconds(model, batches), forward_seconds(model, prior)
     for allocation in args.allocations:
         t = time.perf_counter()
         solver = replace(cli._solver_config(job), allocation=allocation)
         result = sp.prune(model, batches, args.sparsity, job.method, solver=solver, refit_prior=prior)
         pruning = time.perf_counter() - t
-        after = forward_seconds(model, batches)
-        rows.append({"allocation": allocation, "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
+        after, prior_after = forward_seconds(model, batches), forward_seconds(model, prior)
+        every = (before + prior_before, after + prior_after)  # the calibration and the prior windows
+        rows.append({"allocation": allocation, "statistics": solver.statistics, "tau_batches": solver.tau_batches,
+                     "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
                      "forward_after_s": round(after, 1), "ratio_range": [round(pruning / max(before, after), 2),
                                                                          round(pruning / min(before, after), 2)],
+                     "prior_forward_before_s": round(prior_before, 1), "prior_forward_after_s": round(prior_after, 1),
+                     "ratio_range_with_prior": [round(pruning / max(every), 2), round(pruning / min(every), 2)],
                      "tau": _finite(result.report.solver["tau"]), "stages": result.report.solver["stages"]})
         print(json.dumps(rows[-1]), flush=True)
-        before = after
+        before, prior_before = after, prior_after
     out = Path(args.out)
-    (out / "prune_time.json").write_text(json.dumps({"args": vars(args), "sampling_s": round(sampling, 1),
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "sampling_s": round(sampling, 1),
                                                      "rows": rows}, indent=1))
     lines = [f"Pruning SmolLM2 at {args.sparsity:.0%} (the CLI's main job) against one forward pass of its 32 x 512 "
-             "calibration tokens, timed just before and just after it in the same process:", "",
-             "| allocation | pruning (s) | forward before (s) | forward after (s) | pruning / forward |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['allocation']} | {r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | {r['forward_after_s']:.1f} | "
-              f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x |" for r in rows]
-    (out / "prune_time.md").write_text("\n".join(lines) + "\n")
+             "calibration tokens (and of those and its 16 x 512 prior tokens), timed just before and just after it in the "
+             "same process:", "",
+             "| allocation | statistics | pruning (s) | forward before (s) | forward after (s) | pruning / forward | "
+             "prior forward before / after (s) | pruning / forward of calibration + prior |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['allocation']} | {r['statistics']} | {r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | "
+              f"{r['forward_after_s']:.1f} | {r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x | "
+              f"{r['prior_forward_before_s']:.1f} / {r['prior_forward_after_s']:.1f} | "
+              f"{r['ratio_range_with_prior'][0]:.1f}-{r['ratio_range_with_prior'][1]:.1f}x |" for r in rows]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

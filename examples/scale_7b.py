@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the checkpoint")
     parser.add_argument("--work-dtype", choices=("stored", "float32", "bfloat16"), default="stored",
                         help="the CLI's --dtype: the precision the streamed weights are computed in")
-    parser.add_argument("--statistics", choices=("float64", "float32"), default="float64",
+    parser.add_argument("--statistics", choices=("float64", "float32"), default="float32",
                         help="the CLI's --statistics: the precision of the solver's H and its inverse")
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--calib-samples", type=int, default=8)

@@ -29,7 +29,7 @@ from structprune_graph.units import unit_tensors
 
 from . import experts as fused
 from ._infra import Pass, PassResult
-from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, greedy_obs, is_linear, kernel_size, unfold, unfoldable
+from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, gram, greedy_obs, is_linear, kernel_size, unfold, unfoldable
 from .partition import Block, Partition
 
 
@@ -138,7 +138,7 @@ class StatsCollector:
             x = args[0].detach()
             if is_linear(layer) or unfoldable(layer):
                 flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                h = (flat.T @ flat).to(self.dtype)  # (in, in)
+                h = gram(flat).to(self.dtype)  # (in, in)
                 self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
                 if self.centred and not unfoldable(layer):  # a convolution's patch mean is not a bias (padding)
                     total = flat.double().sum(0)  # (in,)

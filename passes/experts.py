@@ -18,6 +18,8 @@ from typing import Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
+from .obs import gram
+
 SEP = "#"  # "mlp.experts.down_proj#3": expert 3 of the fused tensor
 
 
@@ -67,7 +69,7 @@ def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, to
             width = module.down_proj.shape[-1]
             for e in range(module.down_proj.shape[0]):
                 x = routed[e][1].float() if e in routed else None  # (tokens_e, I)
-                h = (x.T @ x).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
+                h = gram(x).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
                 key = f"{path}{SEP}{e}"
                 hessians[key] = hessians[key] + h if key in hessians else h
     return experts.register_forward_pre_hook(hook, with_kwargs=True)

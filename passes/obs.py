@@ -44,6 +44,33 @@ REFIT_ERROR_LOG = "float32 re-fit: estimated relative error %.3g at width %d"  #
 logger = logging.getLogger(__name__)
 
 
+# columns per tile of ``gram``: X^T X is symmetric, so only the tiles on and above the diagonal are multiplied
+# (4 tiles of 384 at SmolLM2's 1,536 MLP width: 10 products of 16, 26.5 ms against 38.9 for the one product on
+# one core, the same numbers); narrower inputs take the one product
+GRAM_TILE = 384
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X for ``x`` (tokens, d): the second moments every H of the solver sums. Wide inputs in tiles of
+    ``GRAM_TILE`` columns, the lower triangle copied from the upper (half the products of one x.T @ x)."""
+    d = x.shape[1]
+    n = d // GRAM_TILE
+    if n < 2:
+        return x.T @ x  # (d, d)
+    bounds = [round(i * d / n) for i in range(n + 1)]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)  # (d, d)
+    for i in range(n):
+        rows = slice(bounds[i], bounds[i + 1])
+        left = x[:, rows].T  # (tile, tokens)
+        for j in range(i, n):
+            cols = slice(bounds[j], bounds[j + 1])
+            tile = left @ x[:, cols]  # (tile, tile')
+            out[rows, cols] = tile
+            if j > i:
+                out[cols, rows] = tile.T
+    return out
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (input_dim(module) == 0 and getattr(module, "weight", None) is not None
                                              and module.weight.dim() == 2)

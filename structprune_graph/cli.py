@@ -22,7 +22,7 @@ DTYPES = ("stored", "float32", "bfloat16", "float16")  # --dtype: the working pr
 # --refit-prior: the re-fit's prior text by default ("auto": windows sampled from the model wherever a re-fit
 # runs on a model in memory), and how many windows of it. On SmolLM2 calibrated on Austen, 16 windows at weight
 # 0.5 scored best on the development windows, and held out cut pydoc by 9-18% and code by 13-37% at 20-50%
-# for 1-3% on Austen (README, "Prior text in the re-fit"; docs section 4f)
+# for 1-3% on Austen (docs/generalization.md, "Prior text in the re-fit"; docs section 4f)
 DEFAULT_REFIT_PRIOR = "auto"
 DEFAULT_PRIOR_SAMPLES = 16
 
@@ -494,15 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "bfloat16 or float16 to halve an fp32 checkpoint's memory on a GPU, float32 for a half-"
                             "precision checkpoint on a CPU (half-precision matrix products are up to 300x slower "
                             "on CPUs without native bf16)")
-    prune.add_argument("--statistics", default="float64", choices=("float64", "float32"),
+    prune.add_argument("--statistics", default="float32", choices=("float64", "float32"),
                        help="structprune: the precision of the solver's H, its inverse and the re-fit; float32 "
-                            "halves the solver's largest memory (0.9 GiB per H at a 7B MLP's width) with its "
-                            "error checked and float64 redone where the check fails")
+                            "(default) halves the solver's largest memory (0.9 GiB per H at a 7B MLP's width) with "
+                            "its error checked and float64 redone where the check fails; float64 reproduces the "
+                            "results recorded before 2026-12-04")
     prune.add_argument("--allocation", choices=("softmax", "global-threshold", "uniform"), default=None,
                        help="structprune: how the budget is spread over the (layer, kind) cells: 'softmax' (default) "
                             "by their error energies, tau chosen on the masked calibration loss; 'global-threshold', "
                             "one threshold on every unit's marginal error per parameter, no tau search (on SmolLM2 "
-                            "34-60 s less, equal held out at 30%%, lower at 50%%, higher at 20%%: README, 'The "
+                            "34-60 s less, equal held out at 30%%, lower at 50%%, higher at 20%%: docs/generalization.md, 'The "
                             "allocators on today's defaults'); 'uniform', the same share of every cell")
     prune.add_argument("--taylor-first", type=_share, default=None, metavar="F",
                        help="structprune: up to F of each layer's units (channels, heads) leave by lowest first-order "
@@ -517,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "'pydoc'; 'none' to fit the calibration text only; 'auto' (default): 'self' where a "
                             "re-fit runs on a model in memory (structprune or --refit; not --stream or "
                             "--distributed), else none. The OBS selection and its scores see it too "
-                            "(--refit-prior-scope); the allocation sees the calibration text only (README, 'Prior text in the re-fit')")
+                            "(--refit-prior-scope); the allocation sees the calibration text only "
+                            "(docs/generalization.md, 'Prior text in the re-fit')")
     prune.add_argument("--refit-prior-samples", type=_positive_int, default=DEFAULT_PRIOR_SAMPLES, metavar="N",
                        help=f"windows of --seqlen tokens of the prior text (default {DEFAULT_PRIOR_SAMPLES})")
     prune.add_argument("--refit-prior-weight", type=_open_share, default=None, metavar="W",
@@ -530,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--kl-rounds", type=_positive_int, default=0, metavar="N",
                        help="structprune: after the block solve, N rounds that move every block's residual exit "
                             "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "
-                            "fitted on the calibration and prior windows and chosen on held-out ones (README, "
+                            "fitted on the calibration and prior windows and chosen on held-out ones (docs/generalization.md, "
                             "'Coordination on the loss'; default 0: each round costs about 8 forward passes)")
     prune.add_argument("--kl-exits", choices=("residual", "all"), default="residual",
                        help="the layers the --kl-rounds move: each block's residual exit (default) or every linear "

@@ -63,7 +63,7 @@ class MemoryEstimate:
 def streaming_peak(folder: Union[str, Path], calibration_tokens: int, batch_tokens: Optional[int] = None,
                    dtype: Optional[torch.dtype] = None, capacity: int = 1,
                    buffer_budget: int = 256 * 2**20, kinds: Optional[Sequence[str]] = None,
-                   statistics: torch.dtype = torch.float64) -> MemoryEstimate:
+                   statistics: torch.dtype = torch.float32) -> MemoryEstimate:
     """The predicted net peak (bytes over the process's baseline) of pruning the checkpoint ``folder`` with
     ``calibration_tokens`` tokens in batches of ``batch_tokens`` (default: all in one), weights in ``dtype``
     (default: as stored), the groups of ``kinds`` selected (default: the pruning default), the solver's

@@ -155,10 +155,11 @@ def test_stream_prunes_the_checkpoint_like_the_in_memory_run(tiny_model_dir, cap
     assert len(set(index["weight_map"].values())) == 3  # two blocks and the rest
     assert main(["prune", *common, "--stream", "--method", "flap", "--out", str(tiny_model_dir / "x")]) == 2
     assert "--stream runs the structprune method only" in capsys.readouterr().err
-    assert main(["prune", *common, "--stream", "--statistics", "float32", "--out", str(tiny_model_dir / "f32")]) == 0
-    assert ppl[1] in capsys.readouterr().out  # float32 statistics: the same perplexities to the printed digit
-    report = json.loads((tiny_model_dir / "f32" / "report.json").read_text())
-    assert report["solver"]["statistics"] == "float32"
+    assert json.loads((tiny_model_dir / "stream" / "report.json").read_text())["solver"]["statistics"] == "float32"
+    assert main(["prune", *common, "--stream", "--statistics", "float64", "--out", str(tiny_model_dir / "f64")]) == 0
+    assert ppl[1] in capsys.readouterr().out  # float64 statistics: the same perplexities to the printed digit
+    report = json.loads((tiny_model_dir / "f64" / "report.json").read_text())
+    assert report["solver"]["statistics"] == "float64"
     with caplog.at_level("WARNING", logger="structprune_graph.cli"):
         assert main(["prune", *common, "--stream", "--dtype", "bfloat16", "--out", str(tiny_model_dir / "bf16")]) == 0
     assert "--dtype bfloat16 on a CPU: half-precision matrix products" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structprune_graph.passes.obs import Consumer, damped, greedy_obs, least_squares, redamped
+from structprune_graph.passes.obs import GRAM_TILE, Consumer, damped, gram, greedy_obs, least_squares, redamped
 
 
 def _problem(seed=0, tokens=256, d_in=12, d_out=5):
@@ -292,3 +292,14 @@ def test_an_unknown_curve_error_is_refused():
     x, w = _problem()
     with pytest.raises(ValueError, match="unknown error 'x'"):
         greedy_obs([Consumer("fc", w, damped(x.T @ x, 0.01), [torch.tensor([i]) for i in range(12)])], 12, 3, error="x")
+
+
+@pytest.mark.parametrize("width", [5, GRAM_TILE + 7, 2 * GRAM_TILE, 4 * GRAM_TILE + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_is_x_transpose_x_from_the_upper_tiles(width, dtype):
+    x = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=dtype)  # (tokens, width)
+    h = gram(x)
+    torch.testing.assert_close(h, x.T @ x)  # the same dot products, tiled
+    if width >= 2 * GRAM_TILE:  # tiled: the lower triangle is the upper's copy, exactly symmetric
+        assert torch.equal(h, h.T)
+    assert torch.equal(gram(x[:0]), torch.zeros(width, width, dtype=dtype))  # no tokens: no moments

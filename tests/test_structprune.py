@@ -15,7 +15,7 @@ from structprune_graph.passes.admm import AdmmPass, AdmmRequest
 from structprune_graph.passes.partition import MemoryBudgetError
 from structprune_graph.passes.solve import BlockSolvePass, BlockSolveRequest
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import AUTO_TAYLOR_FIRST, SolverConfig, prepare
+from structprune_graph.solver import AUTO_TAYLOR_FIRST, STATISTICS_DTYPES, SolverConfig, prepare
 from test_pruning import lm_batches
 
 
@@ -78,7 +78,8 @@ def test_zero_admm_rounds_is_the_sequential_local_solution(llama, default_run):
     counts = {gid: state.groups[gid].size - len(kept) for gid, kept in result.plan.keep.items()}
     local = BlockSolvePass()(BlockSolveRequest(  # the default order inside each group: a Taylor prefix, then OBS
         llama, state.partition, state.groups, state.inputs, counts, unit_scores=state.unit_scores,
-        scored_fraction=AUTO_TAYLOR_FIRST, output_weights=state.output_fisher)).state
+        scored_fraction=AUTO_TAYLOR_FIRST, output_weights=state.output_fisher,
+        statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
     unchanged = AdmmPass()(AdmmRequest(llama, state.partition, state.groups, state.inputs[:2],
                                        torch.stack([state.calibration.final_outputs[i] for i in range(2)]), local,
                                        store=_store(), rounds=0)).state
@@ -188,8 +189,8 @@ def test_float32_statistics_give_the_float64_plan_and_weights(llama):
     """SolverConfig(statistics="float32") halves the solver's matrices; on a well-conditioned model it keeps
     the same units and re-fits the same weights to float32's precision, and the pruned model runs."""
     batches = lm_batches(4)
-    want = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream"))
-    got = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream", statistics="float32"))
+    want = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream", statistics="float64"))
+    got = sp.prune(llama, batches, 0.3, solver=SolverConfig(block_energy="stream"))  # float32: the default
     assert got.plan.keep == want.plan.keep
     assert got.report.solver["statistics"] == "float32" and want.report.solver["statistics"] == "float64"
     for (name, a), b in zip(got.model.state_dict().items(), want.model.state_dict().values()):

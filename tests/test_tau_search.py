@@ -12,7 +12,8 @@ from conftest import traced
 from structprune_graph.errors import StructPruneError
 from structprune_graph.passes.calibrate import default_loss
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import SolverConfig, tau_loss, _tau_split, prepare, taylor_first
+from structprune_graph.solver import (MASKED_TAU_BATCHES, REFIT_TAU_BATCHES, SolverConfig, _tau_split, prepare,
+                                     tau_loss, taylor_first)
 from test_pruning import lm_batches
 
 
@@ -56,7 +57,23 @@ def test_removing_nothing_scores_the_dense_model(llama):
                                           (6, list(range(3)), list(range(3, 6))),
                                           (1, [0], [0])])
 def test_split_never_scores_a_fitted_batch_unless_there_is_one(n, fit, held):
-    assert _tau_split(n, SolverConfig()) == (fit, held)
+    assert _tau_split(n, SolverConfig(tau_search="refit")) == (fit, held)  # re-fitted on REFIT_TAU_BATCHES = 8
+
+
+def test_the_default_masked_search_scores_the_first_four_batches(llama):
+    """tau_batches=None: the masked search reads MASKED_TAU_BATCHES = 4 calibration batches (of 6 here), the
+    refit search re-fits on REFIT_TAU_BATCHES = 8; an explicit tau_batches is taken as given."""
+    batches = lm_batches(6, seed=1)
+    graph, state, evaluate = _setup(llama, batches, [], SolverConfig())
+    curves = state.calibration.curves
+    counts = {gid: min(len(curves[gid].order), state.groups[gid].size // 2) for gid in curves}
+    keep = {gid: [u for u in range(state.groups[gid].size) if u not in set(curves[gid].order[:n])]
+            for gid, n in counts.items()}
+    masked = sp.apply(llama, graph, keep)
+    assert MASKED_TAU_BATCHES == 4 and REFIT_TAU_BATCHES == 8
+    torch.testing.assert_close(evaluate(counts), _held_loss(masked, batches[:4]), rtol=1e-5, atol=1e-6)
+    assert abs(_held_loss(masked, batches[:4]) - _held_loss(masked, batches)) > 1e-4  # the count matters here
+    assert SolverConfig(tau_search="refit").tau_batch_count() == 8 and SolverConfig(tau_batches=6).tau_batch_count() == 6
 
 
 def test_bad_tau_settings_are_refused():
