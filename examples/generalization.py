@@ -20,7 +20,9 @@ self), structprune with the chosen ridge and with the previous default, and the 
 measured, and the table to ``OUT/NAME.md``.
 
 Phases A and B use the library's defaults; rows recorded before 2026-12-02 (evening) had the OBS curves
-(``SolverConfig(curve_error="obs")``), and those before the gradient energy the stream energy.
+(``SolverConfig(curve_error="obs")``), those before the gradient energy the stream energy, and those before
+2026-12-04 (afternoon) float64 statistics. Phase C's entries keep float64 and the masked tau search on 8 batches
+unless they name their own (``...-float32-tau4`` is today's library defaults).
 
 ``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
 95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
@@ -323,11 +325,13 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
     for s in args.sparsities:
         for name in args.allocations:
             t = time.perf_counter()
-            # the library's tau batches; an entry recorded before SolverConfig.prune_margin was capped by
-            # max_prune alone, and still is unless it names a margin
+            # an entry recorded before SolverConfig.prune_margin was capped by max_prune alone, and still is
+            # unless it names a margin; every entry was recorded with float64 statistics and the masked tau search
+            # on 8 batches (the defaults until 2026-12-04), and keeps them unless it names its own
             settings = dict(ALLOCATIONS[name])
             n_prior = settings.pop("prior_samples", 0)
-            config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, **settings})
+            config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, "statistics": "float64", "tau_batches": 8,
+                                                        **settings})
             sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
             prior = batches_of(self_windows[:n_prior]) if n_prior else None
             result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config, refit_prior=prior)

@@ -40,7 +40,7 @@ seeded permutation so that a smaller set is the start of a larger one) the whole
 otherwise, at every ``--sparsities``. The re-fit solves for a layer's weights from its inputs' second
 moments: 16 x 512 tokens are about 5 tokens per input of the widest layer (``down_proj``, 1,536 inputs), far
 fewer than SparseGPT's 128 x 2,048; too few tokens fit the calibration text and not the language.
-``--tau-batches N`` scores the masked tau search on N calibration windows instead of the library's 8.
+``--tau-batches N`` scores the masked tau search on N calibration windows instead of the library's default (4 since 2026-12-04, 8 before).
 
 ``--probe counts``: each of ``--methods``' counts per group (its allocation) with structprune's OBS order
 inside each group and the re-fit (today's ridge), its keep-set as is with the re-fit, and (``--parts order``)

@@ -68,7 +68,7 @@ def main() -> None:
         pruning = time.perf_counter() - t
         after, prior_after = forward_seconds(model, batches), forward_seconds(model, prior)
         every = (before + prior_before, after + prior_after)  # the calibration and the prior windows
-        rows.append({"allocation": allocation, "statistics": solver.statistics, "tau_batches": solver.tau_batches,
+        rows.append({"allocation": allocation, "statistics": solver.statistics, "tau_batches": solver.tau_batch_count(),
                      "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
                      "forward_after_s": round(after, 1), "ratio_range": [round(pruning / max(before, after), 2),
                                                                          round(pruning / min(before, after), 2)],
