@@ -52,3 +52,15 @@ def test_prunes_the_budget_from_a_copy(job):
     with torch.no_grad():
         logits = pruned(**batches[0]).logits  # (2, 16, vocab): the pruned copy runs
     assert logits.shape == (2, 16, 96) and torch.isfinite(logits).all()
+
+
+def test_a_pruned_copy_that_does_not_run_cleanly_is_refused():
+    """The run-before-return check: a copy whose first forward gives non-finite logits (here a NaN planted in
+    the LM head, a layer the peer never prunes) raises with the job's name instead of being returned."""
+    pytest.importorskip("torch_pruning")
+    model, batches = deep_llama_model(), token_batches(2)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"tp-magnitude-global at 30%: the pruned copy's first forward gave "
+                                           r"non-finite logits"):
+        peer.prune(model, batches, 0.3, "tp-magnitude-global")
