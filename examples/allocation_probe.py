@@ -1,7 +1,8 @@
 """Would the tau search pick the global threshold? (issue 12, item 4.)
 
 The softmax allocator picks tau by the masked model's calibration loss (``SolverConfig(tau_search="masked")``:
-the first units of each group's order masked, no re-fit, on the library's 8 tau windows). Held out, the
+the first units of each group's order masked, no re-fit, on 8 tau windows and float64 statistics, the library's
+defaults when its results were recorded). Held out, the
 global threshold ties the softmax at 30% and beats it at 50% on SmolLM2 (docs/generalization.md, "The allocators on today's
 defaults"). This probe scores the global threshold's counts by the same masked loss beside every tau's, at
 each ``--sparsities``, from one dense sweep with today's defaults on 32 calibration windows: if the search
@@ -45,8 +46,9 @@ def main() -> None:
     batches = G.batches_of(calib[args.calib])
     graph = trace(model, batches[0])
     groups = select_groups(graph)
-    softmax = solver.SolverConfig(refit_ridge=args.ridge)
-    threshold = solver.SolverConfig(refit_ridge=args.ridge, allocation="global-threshold")
+    recorded = dict(refit_ridge=args.ridge, tau_batches=8, statistics="float64")  # as examples/results holds
+    softmax = solver.SolverConfig(**recorded)
+    threshold = solver.SolverConfig(**recorded, allocation="global-threshold")
     started = time.perf_counter()
     state = solver.prepare(model, graph, groups, batches, softmax)  # the curves are the same for both
     rows = []

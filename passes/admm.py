@@ -40,7 +40,7 @@ from structprune_graph.verify import InvariantError
 
 from ._infra import Pass, PassResult
 from .blockwise_calibrate import block_module
-from .obs import as_out_in, damped, from_out_in, is_linear
+from .obs import as_out_in, damped, from_out_in, gram, is_linear
 from .partition import Block, Partition
 from .solve import BlockSolution, block_overrides, relative_error
 
@@ -253,7 +253,7 @@ def refit_exit(model: nn.Module, block: Block, groups: Mapping[str, Group], modu
                 out = run_block(module, inp, overrides)
                 x = captured.pop().reshape(-1, w.shape[1])[:, kept.to(out.device)].double()  # (tokens, kept)
                 d = (target[i].to(out.device) - (0 if move else out)).reshape(-1, w.shape[0]).double()  # (tokens, out)
-                h = x.T @ x if h is None else h + x.T @ x
+                h = gram(x) if h is None else h + gram(x)  # (kept, kept)
                 cross = x.T @ d if cross is None else cross + x.T @ d
     finally:
         handle.remove()

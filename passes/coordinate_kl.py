@@ -51,7 +51,7 @@ from ._infra import Pass, PassResult
 from .admm import ADMM_DAMPING, exits_of
 from .blockwise_calibrate import block_module
 from .calibrate import run_batch
-from .obs import as_out_in, damped, from_out_in, is_linear
+from .obs import as_out_in, damped, from_out_in, gram, is_linear
 from .partition import Partition
 from .propagate import weight_change
 from .sensitivity import head_only
@@ -285,7 +285,7 @@ class _ExitStats:
         a = self._inputs.pop()
         a = a.reshape(-1, a.shape[-1])[:, self.cols.to(a.device)].double()  # (tokens, kept in)
         g = as_out_in(self.layer, grad).double()  # (out, in)
-        self.h = a.T @ a if self.h is None else self.h + a.T @ a
+        self.h = gram(a) if self.h is None else self.h + gram(a)  # (kept in, kept in)
         self.g = g if self.g is None else self.g + g
 
     def direction(self, damping: float) -> torch.Tensor:

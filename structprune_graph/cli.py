@@ -503,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structprune: how the budget is spread over the (layer, kind) cells: 'softmax' (default) "
                             "by their error energies, tau chosen on the masked calibration loss; 'global-threshold', "
                             "one threshold on every unit's marginal error per parameter, no tau search (on SmolLM2 "
-                            "34-60 s less, equal held out at 30%%, lower at 50%%, higher at 20%%: docs/generalization.md, 'The "
-                            "allocators on today's defaults'); 'uniform', the same share of every cell")
+                            "34-60 s less, equal held out at 30%%, lower at 50%%, higher at 20%%: "
+                            "docs/generalization.md, 'The allocators on today's defaults'); 'uniform', the same "
+                            "share of every cell")
     prune.add_argument("--taylor-first", type=_share, default=None, metavar="F",
                        help="structprune: up to F of each layer's units (channels, heads) leave by lowest first-order "
                             "Taylor saliency |w * dL/dw| (a backward sweep, block by block), any more by OBS "
@@ -532,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--kl-rounds", type=_positive_int, default=0, metavar="N",
                        help="structprune: after the block solve, N rounds that move every block's residual exit "
                             "(down_proj) along the gradient of the KL to the dense model's next-token distribution, "
-                            "fitted on the calibration and prior windows and chosen on held-out ones (docs/generalization.md, "
-                            "'Coordination on the loss'; default 0: each round costs about 8 forward passes)")
+                            "fitted on the calibration and prior windows and chosen on held-out ones "
+                            "(docs/generalization.md, 'Coordination on the loss'; default 0: each round costs about 8 "
+                            "forward passes)")
     prune.add_argument("--kl-exits", choices=("residual", "all"), default="residual",
                        help="the layers the --kl-rounds move: each block's residual exit (default) or every linear "
                             "layer of every block (the units kept stay kept)")
