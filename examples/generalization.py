@@ -26,7 +26,8 @@ unless they name their own (``...-float32-tau4`` is today's library defaults).
 
 ``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
 95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
-cancels); with ``--eval-windows 32`` it says which of the 4-window figures a gap of a few percent can be
+cancels), and a table of where structprune stands in each cell (its ratio to dense, then its paired ratio to
+the lowest of the other methods of that cell); with ``--eval-windows 32`` it says which of the 4-window figures a gap of a few percent can be
 trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``. ``--compare-with
 NAME ...`` pairs this run's rows against earlier ``--paired`` runs' rows of the same sparsity and
 calibration (refused unless the dense model's window losses match exactly), so that a new setting needs
@@ -447,8 +448,47 @@ def compared_table(rows: list[dict], earlier: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_NAMES = {"magnitude": "magnitude", "wanda-sp": "Wanda-sp", "flap": "FLAP", "taylor-global": "global Taylor",
+              "tp-magnitude-local": "TP local magnitude", "tp-magnitude-global": "TP global magnitude",
+              "tp-taylor-local": "TP local Taylor", "tp-taylor-global": "TP global Taylor"}
+
+
+def standing_table(rows: list[dict]) -> str:
+    """One cell per (sparsity, calibration, domain): structprune's ppl / dense, then its paired ratio (95%
+    interval) to the method of that cell with the lowest perplexity among all the others in these rows; bold
+    where structprune is lowest beyond the windows' spread (the interval's upper end below 1)."""
+    from structprune_graph.evaluate import paired_ratio
+
+    dense = next((r for r in rows if r["method"] == "dense" and "eval_nll" in r), None)
+    measured = [r for r in rows if r["phase"] == "eval" and "eval_nll" in r]
+    ours = [r for r in measured if r["method"].startswith("structprune")]
+    if dense is None or not ours:
+        return ""
+    domains = list(dense["eval_nll"])
+    lines = ["", "Where structprune stands (ppl / dense; then its paired ratio to the lowest other method of the "
+             "cell, 95% interval over the windows; bold: lower beyond the spread):", "",
+             "| sparsity | calibration | method | " + " | ".join(domains) + " |", "|---|---|---|" + "---|" * len(domains)]
+    wins = cells = 0
+    for a in sorted(ours, key=lambda r: (r["sparsity"], CALIB_ORDER.get(r["calib"], 9), r["method"])):
+        others = [b for b in measured if not b["method"].startswith("structprune")
+                  and (b["sparsity"], b["calib"]) == (a["sparsity"], a["calib"])]
+        parts = []
+        for d in domains:
+            text = f"{a['eval'][d] / dense['eval'][d]:.2f}x"
+            if others:
+                best = min(others, key=lambda b: b["eval"][d])
+                ratio, low, high = paired_ratio(a["eval_nll"][d], best["eval_nll"][d])
+                pair = f"{ratio:.3f} [{low:.3f}, {high:.3f}]"
+                cells, wins = cells + 1, wins + (high < 1)
+                text += f"; {f'**{pair}**' if high < 1 else pair} ({PEER_NAMES.get(best['method'], best['method'])})"
+            parts.append(text)
+        lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} | " + " | ".join(parts) + " |")
+    lines += ["", f"structprune lower than every other method beyond the spread in {wins} of {cells} cells."]
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
-    return summary([rows]) + paired_table(rows)
+    return summary([rows]) + standing_table(rows) + paired_table(rows)
 
 
 if __name__ == "__main__":
