@@ -27,8 +27,8 @@ unless they name their own (``...-float32-tau4`` is today's library defaults).
 ``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
 95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
 cancels), and a table of where structprune stands in each cell (its ratio to dense, then its paired ratio to
-the lowest of the other methods of that cell); with ``--eval-windows 32`` it says which of the 4-window figures a gap of a few percent can be
-trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``. ``--compare-with
+the lowest of the other methods of that cell); with ``--eval-windows 32`` it says which of the 4-window
+figures a gap of a few percent can be trusted on. ``--dev-windows`` keeps the development windows apart from ``--eval-windows``. ``--compare-with
 NAME ...`` pairs this run's rows against earlier ``--paired`` runs' rows of the same sparsity and
 calibration (refused unless the dense model's window losses match exactly), so that a new setting needs
 no re-run of the others. Phase C's ``...-priorN`` allocations fit the first N self-generated windows in the
