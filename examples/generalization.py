@@ -21,8 +21,9 @@ measured, and the table to ``OUT/NAME.md``.
 
 Phases A and B use the library's defaults; rows recorded before 2026-12-02 (evening) had the OBS curves
 (``SolverConfig(curve_error="obs")``), those before the gradient energy the stream energy, and those before
-2026-12-04 (afternoon) float64 statistics. Phase C's entries keep float64 and the masked tau search on 8 batches
-unless they name their own (``...-float32-tau4`` is today's library defaults).
+2026-12-04 (afternoon) float64 statistics, those before 2026-12-04 (evening) float32 gradient sweeps. Phase C's
+entries keep float64, the masked tau search on 8 batches and float32 gradient sweeps unless they name their own
+(``...-float32-tau4-bf16`` is today's library defaults on a CPU with native bf16).
 
 ``--paired`` also records every evaluation window's loss, and the table gains each ratio to dense with its
 95% interval over the windows (paired: both models see the same windows, so the windows' own difficulty
@@ -121,6 +122,11 @@ for _label, _change in (("float32", dict(statistics="float32")), ("pscore8", dic
                         ("tau4", dict(tau_batches=4)), ("float32-tau4", dict(statistics="float32", tau_batches=4))):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-{_label}"] = dict(_DEFAULTS,
                                                                                                       **_change)
+# and the gradient sweeps' blocks in bf16 (SolverConfig.sensitivity_precision; "auto" picks it on a CPU with
+# AVX512-BF16, as this one has)
+ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"] = dict(
+    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4"],
+    sensitivity_precision="bfloat16")
 
 
 def code_text() -> str:
@@ -328,11 +334,12 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
             t = time.perf_counter()
             # an entry recorded before SolverConfig.prune_margin was capped by max_prune alone, and still is
             # unless it names a margin; every entry was recorded with float64 statistics and the masked tau search
-            # on 8 batches (the defaults until 2026-12-04), and keeps them unless it names its own
+            # on 8 batches (the defaults until 2026-12-04), and the gradient sweeps in float32 (until 2026-12-04,
+            # evening), and keeps them unless it names its own
             settings = dict(ALLOCATIONS[name])
             n_prior = settings.pop("prior_samples", 0)
             config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, "statistics": "float64", "tau_batches": 8,
-                                                        **settings})
+                                                        "sensitivity_precision": "float32", **settings})
             sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
             prior = batches_of(self_windows[:n_prior]) if n_prior else None
             result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config, refit_prior=prior)

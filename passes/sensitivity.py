@@ -16,7 +16,16 @@ sweep from the last block to the first re-runs each block on its stored input an
 back through the block's vector-Jacobian product. Each block is made resident twice (forward, backward).
 The model's parameters, gradients and block list are left as they were. Half-precision weights (a bf16
 checkpoint streamed as it is) are computed in float32 for the head and the VJPs: the gradient is a
-statistic, and a bf16 backward matrix product took 84 s on this CPU against 0.26 s in float32.
+statistic, and a bf16 backward matrix product took 84 s on an AVX2 CPU against 0.26 s in float32.
+
+``precision``: the blocks' VJPs (their re-run forward and their backward) run under ``torch.autocast`` in
+bfloat16 ("bfloat16"), in float32 ("float32"), or in bfloat16 where the device multiplies bf16 natively
+("auto": a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; ``native_bf16``), else float32. The forward
+sweep that stores the block inputs (the same streams the dense sweep hands on), the head (the logits'
+softmax needs float32: a logit near 20 is rounded by up to 0.06 in bf16), the gradient handed from block
+to block and every sum stay float32. On SmolLM2 (2 CPU cores with AVX512-BF16) one block's forward and
+backward took 0.62-0.66x the float32 time, each weight's gradient within 0.6-2.1% and the units' Taylor
+saliency ranked alike (rank correlation 0.9999); docs/structprune_solver.md, section 8b.
 
 With ``groups``, the same VJPs also give (``taylor``; ``SolverConfig.taylor_first``) dL/dw of the block's
 weights, and each group's units get their first-order Taylor saliency, sum over the unit's weights of
@@ -28,6 +37,7 @@ the block solve's OBS error.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, Optional, Sequence
@@ -49,6 +59,8 @@ from .obs import is_linear
 from .calibrate import CalibrationError, default_loss
 from .partition import Partition
 from .score import taylor_saliency
+
+logger = logging.getLogger(__name__)
 
 
 class NoLossError(StructPruneError):
@@ -72,6 +84,7 @@ class SensitivityRequest:
     groups: Optional[Mapping[str, Group]] = None
     taylor: bool = True  # with groups: each unit's Taylor saliency
     output_fisher: bool = False  # with groups: each linear consumer's output Fisher (BlockSensitivity.output_fisher)
+    precision: str = "float32"  # PRECISIONS: what the blocks' VJPs compute in (module docstring)
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class BlockSensitivity:
     # full layer path -> (out,) mean over tokens of (dL/dy)^2 per output channel of every linear consumer of
     # the groups (``groups`` and ``output_fisher``): the diagonal Fisher of the layer's output
     output_fisher: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    precision: str = "float32"  # what the blocks' VJPs computed in (SensitivityRequest.precision resolved)
 
 
 class _PassThrough(nn.Module):
@@ -107,6 +121,37 @@ class _PassThrough(nn.Module):
 
 
 HALF = (torch.float16, torch.bfloat16)
+PRECISIONS = ("auto", "float32", "bfloat16")  # SensitivityRequest.precision, SolverConfig.sensitivity_precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (faster than float32): a CUDA GPU with bf16, or a
+    CPU with AVX512-BF16 or AMX tiles. Elsewhere bf16 products are emulated, up to 300x slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(probe() for probe in probes if probe is not None)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype the blocks' sweeps run under ``torch.autocast`` in for ``precision`` on ``device``; None: float32."""
+    if precision not in PRECISIONS:
+        raise StructPruneError(f"block sensitivity pass: unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "bfloat16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+@contextmanager
+def _autocast(dtype: Optional[torch.dtype], device: torch.device) -> Iterator[None]:
+    """Within: torch.autocast to ``dtype`` on ``device``'s type (nothing where ``dtype`` is None)."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
 
 
 def _float32(value: Any) -> Any:
@@ -193,7 +238,7 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
     def _forward(state: SensitivityRequest, store: MutableMapping) -> None:
         blocks = state.partition.blocks
         current = list(state.inputs)
-        with torch.no_grad():
+        with torch.no_grad():  # in the model's precision: the same streams as the dense sweep hands on
             for block in tqdm(blocks, desc="sensitivity: forward", leave=False):
                 module = state.resident(block_module(state.model, block))
                 for j, inp in enumerate(current):
@@ -210,6 +255,8 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
         unit_taylor: dict[str, tuple[float, ...]] = {}
         output_fisher: dict[str, torch.Tensor] = {}
         n_batches = state.collective.sum_floats([len(state.inputs)], "count batches")[0]
+        dtype = autocast_dtype(state.precision, state.inputs[0].stream.device)
+        logger.info("block sensitivity: blocks in %s", dtype or "float32")
         for block in tqdm(blocks[::-1], desc="sensitivity: backward", leave=False):
             module = state.resident(block_module(state.model, block))
             if block.index == len(blocks) - 1:  # the head's gradient, in the format the block returns
@@ -221,17 +268,19 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                                                        store[("final", j)], as_tuple)
                     del store[("final", j)]
             unit_taylor.update(BlockSensitivityPass._block(state, store, block, module, sums, counts, n_batches,
-                                                            output_fisher))
+                                                            output_fisher, dtype))
         for j in range(len(state.inputs)):
             del store[("grad", j)]
         where = "block sensitivity"
         sums = state.collective.sum_floats(sums, where)
         counts = state.collective.sum_floats([float(c) for c in counts], where)
-        return BlockSensitivity(tuple(s / c for s, c in zip(sums, counts)), unit_taylor, output_fisher)
+        return BlockSensitivity(tuple(s / c for s, c in zip(sums, counts)), unit_taylor, output_fisher,
+                                str(dtype or torch.float32).removeprefix("torch."))
 
     @staticmethod
     def _block(state: SensitivityRequest, store: MutableMapping, block, module: nn.Module, sums: list,
-               counts: list, n_batches: float, output_fisher: dict) -> dict[str, tuple[float, ...]]:
+               counts: list, n_batches: float, output_fisher: dict,
+               dtype: Optional[torch.dtype] = None) -> dict[str, tuple[float, ...]]:
         """One block of the backward sweep: the gradient at its input from the one at its output (stored in
         place), its sums of squared output gradients, and (``groups``) its units' Taylor saliency (returned)
         and its consumers' output Fisher (into ``output_fisher``)."""
@@ -255,7 +304,7 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                         upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
                                             {k: _float32(v) for k, v in inp.kwargs.items()})
                         wrt = [x] if x.requires_grad else []
-                        with torch.enable_grad():
+                        with torch.enable_grad(), _autocast(dtype, x.device):
                             out = run_block(module, upcast)
                             grads = torch.autograd.grad(out, [*wrt, *weights.values()], grad.to(out.dtype),
                                                         allow_unused=True)

@@ -208,7 +208,7 @@ def _solver_config(args: argparse.Namespace):
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
     allocation = {} if args.allocation is None else {"allocation": args.allocation}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
-                        taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds,
+                        sensitivity_precision=args.gradient_precision, taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds,
                         **allocation)
 
 
@@ -499,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default) halves the solver's largest memory (0.9 GiB per H at a 7B MLP's width) with "
                             "its error checked and float64 redone where the check fails; float64 reproduces the "
                             "results recorded before 2026-12-04")
+    prune.add_argument("--gradient-precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="structprune: the precision of the loss-gradient sweeps (block energies, Taylor and "
+                            "Fisher scores); 'auto' (default) bfloat16 where the device multiplies it natively "
+                            "(CUDA with bf16, a CPU with AVX512-BF16 or AMX), else float32")
     prune.add_argument("--allocation", choices=("softmax", "global-threshold", "uniform"), default=None,
                        help="structprune: how the budget is spread over the (layer, kind) cells: 'softmax' (default) "
                             "by their error energies, tau chosen on the masked calibration loss; 'global-threshold', "

@@ -164,6 +164,9 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
 def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[SolverState] = None) -> dict:
     return {"config": config.label(), "block_energy": solved.block_energy, "statistics": config.statistics,
             "taylor_first": solved.taylor_first, "obs_weighting": solved.obs_weighting,
+            # what the loss-gradient sweeps' blocks computed in (SolverConfig.sensitivity_precision resolved; None:
+            # no sweep, or not known here)
+            "gradient_precision": state.gradient_precision if state is not None else None,
             "refit_target": config.refit_target, "refit_ridge": config.refit_ridge,
             "refit_ridge_scale": config.refit_ridge_scale,
             # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)
@@ -280,7 +283,8 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
             updates = dict(solved.new_biases)  # SolverConfig.refit_bias: each consumer's output mean kept
             solving = time.perf_counter() - prepared - solved.coordination_seconds
-            details = {**solver_details(solver, solved, None if reuse is not None else state), "stage_seconds": {
+            details = {**solver_details(solver, solved, None if reuse is not None else state),
+                       "gradient_precision": state.gradient_precision, "stage_seconds": {
                 "dense sweep": round(prepared - started, 2), "allocate and solve": round(solving, 2),
                 "coordinate": round(solved.coordination_seconds, 2)}}
             if collective.active:

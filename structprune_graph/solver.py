@@ -32,7 +32,7 @@ from structprune_graph.passes.obs import CURVE_ERRORS, DEFAULT_DAMPING, STATISTI
 from structprune_graph.passes.partition import Partition, PartitionPass, PartitionRequest, find_block_list
 from structprune_graph.passes.coordinate_kl import DEFAULT_KL_STEP, KL_EXITS, KlCoordinationPass, KlCoordinationRequest
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
-from structprune_graph.passes.sensitivity import (BlockSensitivity, BlockSensitivityPass, NoLossError,
+from structprune_graph.passes.sensitivity import (PRECISIONS, BlockSensitivity, BlockSensitivityPass, NoLossError,
                                                   SensitivityRequest)
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
@@ -155,6 +155,14 @@ class SolverConfig:
     # windows of Austen, the CLI's prior) it gave float64's taus, development scores and held-out perplexities at
     # 20 / 30 / 50% (docs section 8); "float64" reproduces the results recorded before
     statistics: str = "float32"
+    # what the block-by-block backward sweeps (the block energy's f_b, the Taylor scores, the Fisher weights;
+    # calibration and prior) compute the blocks' VJPs in (their re-run forward and backward; passes/sensitivity.py
+    # PRECISIONS): "auto" bfloat16 where the device multiplies it natively (CUDA with bf16, a CPU with AVX512-BF16
+    # or AMX), else float32. The stored streams, the head's softmax and every sum stay float32. bf16 since
+    # 2026-12-04 (evening), for the time bound: on the development runs (SmolLM2, 32 windows of Austen, the CLI's
+    # prior) 1.391 / 1.705 / 2.824 at 20 / 30 / 50% against float32's 1.392 / 1.711 / 2.809, the same taus, and
+    # the main job's pruning 352 s against 429 s in one spell (docs section 8b)
+    sensitivity_precision: str = "auto"
     # ADMM rounds; 0 (sequential solution) by default: on SmolLM2, 2 rounds on 16 batches fit those batches
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
@@ -199,6 +207,9 @@ class SolverConfig:
                                    f"{tuple(STATISTICS_DTYPES)}")
         if self.refit_bias not in REFIT_BIASES:
             raise StructPruneError(f"SolverConfig: unknown refit_bias {self.refit_bias!r}; choose one of {REFIT_BIASES}")
+        if self.sensitivity_precision not in PRECISIONS:
+            raise StructPruneError(f"SolverConfig: unknown sensitivity_precision {self.sensitivity_precision!r}; "
+                                   f"choose one of {PRECISIONS}")
         if self.refit_ridge_scale not in REFIT_RIDGE_SCALES:
             raise StructPruneError(f"SolverConfig: unknown refit_ridge_scale {self.refit_ridge_scale!r}; choose one "
                                    f"of {REFIT_RIDGE_SCALES}")
@@ -245,7 +256,7 @@ class SolverConfig:
         return {"damping": self.damping, "max_prune": self.max_prune, "block_energy": self.block_energy,
                 "curve_error": self.curve_error, "centred": self.refit_bias == "centred",
                 "memory_budget": self.memory_budget, "statistics": self.statistics, "taylor": self.taylor_first != 0.0,
-                "obs_weighting": self.obs_weighting}
+                "obs_weighting": self.obs_weighting, "sensitivity_precision": self.sensitivity_precision}
 
     def label(self) -> str:
         return (f"{self.allocation}, rounds={self.rounds}"
@@ -273,6 +284,7 @@ class SolverState:
     # the OBS selection's weight of each output channel; empty: unweighted
     output_fisher: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     obs_weighting: str = "none"  # SolverConfig.obs_weighting as resolved ("auto": the model's)
+    gradient_precision: Optional[str] = None  # what the sensitivity sweep's VJPs computed in; None: no sweep
     # prior_scope="scores": (the prior windows' fingerprint, their own sensitivity sweep), kept so that another
     # sparsity solved with reuse= on the same prior skips the sweep (``prune`` hands it on); None: not swept
     prior_sweep: Optional[tuple[str, BlockSensitivity]] = field(default=None, compare=False, repr=False)
@@ -350,6 +362,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
     energy = "stream" if energy == "auto" and streams is None else energy
     unit_scores: Mapping[str, tuple[float, ...]] = {}
     output_fisher: Mapping[str, torch.Tensor] = {}
+    precision = None
     if fisher and not chained:
         raise StructPruneError("obs_weighting='fisher' weights each layer's output by the loss gradient swept "
                                "block by block, and this model is solved as one block; use obs_weighting='none'")
@@ -365,8 +378,9 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                 sensitivity = BlockSensitivityPass()(SensitivityRequest(
                     model, partition, inputs, batches, resident, collective, streams=streams,
                     groups={gid: by_id[gid] for gid in placed} if taylor or fisher else None,
-                    taylor=taylor, output_fisher=fisher)).state
+                    taylor=taylor, output_fisher=fisher, precision=config.sensitivity_precision)).state
                 unit_scores, output_fisher = sensitivity.unit_taylor, sensitivity.output_fisher
+                precision = sensitivity.precision
                 if energy in ("gradient", "auto"):
                     calib, energy = _gradient_scaled(calib, partition, sensitivity), "gradient"
             except NoLossError as err:
@@ -391,7 +405,7 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
                            else "no linear or convolution layer reads its channels")
                      for gid in placed if gid not in calib.curves})
     return SolverState(partition, by_id, tuple(inputs), calib, excluded, energy, config.sweep_settings(),
-                       clock.seconds, unit_scores, output_fisher, weighting if output_fisher else "none")
+                       clock.seconds, unit_scores, output_fisher, weighting if output_fisher else "none", precision)
 
 
 def _chained(partition: Partition) -> bool:
@@ -572,7 +586,8 @@ def tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], confi
     score = trial_loss(model, state.partition, state.groups, [batches[i] for i in held], collective)
     inputs = [state.inputs[i] for i in fit]
     if state.unit_scores or state.output_fisher:  # the order's statistics from the fitted batches alone
-        state = _order_statistics(model, state, [batches[i] for i in fit], inputs, resident, collective)
+        state = _order_statistics(model, state, [batches[i] for i in fit], inputs, resident, collective,
+                                  config.sensitivity_precision)
 
     def evaluate(counts: Mapping[str, int]) -> float:
         store = ActivationStore(budget_bytes=config.buffer_budget)  # the trial's re-fitted weights
@@ -593,14 +608,14 @@ def tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], confi
 
 
 def _order_statistics(model: nn.Module, state: SolverState, batches: Sequence[Any], inputs: Sequence[BlockInput],
-                      resident: Resident, collective: Collective) -> SolverState:
+                      resident: Resident, collective: Collective, precision: str) -> SolverState:
     """``state`` with the Taylor scores and output Fisher (those it has) measured on ``batches`` only: a tau
     trial fitted on them then never sees its held-out batches, and equals the model a run on them returns."""
     groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
     if _chained(state.partition):
         swept = BlockSensitivityPass()(SensitivityRequest(
             model, state.partition, inputs, batches, resident, collective, groups=groups,
-            taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
+            taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher), precision=precision)).state
         return replace(state, unit_scores=swept.unit_taylor, output_fisher=swept.output_fisher)
     return replace(state, unit_scores=_whole_model_taylor(model, None, tuple(groups.values()), batches))
 
@@ -615,14 +630,15 @@ def _prior_scored(model: nn.Module, state: SolverState, prior: Sequence[Any], pr
     if not ((state.unit_scores or state.output_fisher) and _chained(state.partition)):
         return state
     n = len(prior) if config.prior_score_batches is None else config.prior_score_batches
-    key = _fingerprint(prior[:n], (bool(state.unit_scores), bool(state.output_fisher)))
+    key = _fingerprint(prior[:n], (bool(state.unit_scores), bool(state.output_fisher), config.sensitivity_precision))
     if state.prior_sweep is not None and state.prior_sweep[0] == key:  # another sparsity, the same prior: swept
         swept = state.prior_sweep[1]
     else:
         groups = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
         swept = BlockSensitivityPass()(SensitivityRequest(  # the prior is never sharded (check_prior): local sums
             model, state.partition, prior_inputs[:n], prior[:n], resident, buffer_budget=config.buffer_budget,
-            groups=groups, taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher))).state
+            groups=groups, taylor=bool(state.unit_scores), output_fisher=bool(state.output_fisher),
+            precision=config.sensitivity_precision)).state
     w = config.refit_prior_weight
     scores = {gid: tuple((1.0 - w) * c + w * p for c, p in zip(own, swept.unit_taylor[gid]))
               for gid, own in state.unit_scores.items()}

@@ -94,7 +94,8 @@ def test_gradient_block_energy_scales_each_blocks_curves_and_leaves_the_model_al
     plain = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream"))
     scaled = prepare(model, graph, groups, batches, SolverConfig(block_energy="gradient"))
     assert plain.block_energy == "stream" and scaled.block_energy == "gradient"
-    f = BlockSensitivityPass()(SensitivityRequest(model, plain.partition, plain.inputs, batches)).state.per_block
+    f = BlockSensitivityPass()(SensitivityRequest(  # the solver's own precision ("auto": bf16 on a bf16 CPU)
+        model, plain.partition, plain.inputs, batches, precision=SolverConfig().sensitivity_precision)).state.per_block
     for block, energy, fb in zip(plain.partition.blocks, plain.calibration.input_energy, f):
         for gid in block.group_ids:
             a, b = plain.calibration.curves[gid], scaled.calibration.curves[gid]
@@ -174,3 +175,53 @@ def test_half_precision_weights_get_their_sensitivity_in_float32_and_are_left_in
     assert seen and set(seen) == {(torch.float32, torch.float32)}
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     torch.testing.assert_close(torch.tensor(found), _direct(rounded, batches), rtol=0.05, atol=0)
+
+
+def test_bf16_sensitivity_runs_the_vjps_in_bf16_within_a_percent_and_auto_follows_the_device(monkeypatch):
+    """precision="bfloat16": the blocks' re-run forward and backward compute in bf16 (the head in float32),
+    and the block energies, Taylor scores and Fisher weights stay within 1% of float32's on a tiny Llama;
+    "auto" is bf16 exactly where the device multiplies it natively, float32 elsewhere."""
+    import structprune_graph.passes.sensitivity as sensitivity
+
+    model = traced("llama")[1]
+    batches = lm_batches(3)
+    graph = sp.trace(model, batches[0])
+    groups = select_groups(graph)
+    state = prepare(model, graph, groups, batches, SolverConfig(block_energy="stream", taylor_first=0.0,
+                                                                obs_weighting="none"))
+    placed = {gid: state.groups[gid] for b in state.partition.blocks for gid in b.group_ids}
+
+    def sweep(precision):
+        seen = []
+
+        def record(module, args, out):
+            if torch.is_grad_enabled():
+                seen.append((type(module).__name__, out.dtype))
+
+        hooks = [m.register_forward_hook(record) for m in (model.lm_head, model.model.layers[-1].mlp.down_proj)]
+        try:
+            found = BlockSensitivityPass()(SensitivityRequest(model, state.partition, state.inputs, batches,
+                                                              groups=placed, output_fisher=True,
+                                                              precision=precision)).state
+        finally:
+            for h in hooks:
+                h.remove()
+        return found, set(seen)
+
+    exact, seen32 = sweep("float32")
+    half, seen16 = sweep("bfloat16")
+    assert (exact.precision, half.precision) == ("float32", "bfloat16")
+    assert seen32 == {("Linear", torch.float32)}
+    assert seen16 == {("Linear", torch.float32), ("Linear", torch.bfloat16)}  # the head float32, the block bf16
+    torch.testing.assert_close(torch.tensor(half.per_block), torch.tensor(exact.per_block), rtol=1e-2, atol=0)
+    for gid, scores in exact.unit_taylor.items():
+        assert (torch.tensor(half.unit_taylor[gid]) - torch.tensor(scores)).norm() < 1e-2 * torch.tensor(scores).norm()
+    for path, fisher in exact.output_fisher.items():
+        assert (half.output_fisher[path] - fisher).norm() < 1e-2 * fisher.norm()
+    for native, want in ((False, exact), (True, half)):
+        monkeypatch.setattr(sensitivity, "native_bf16", lambda device, native=native: native)
+        got = sweep("auto")[0]  # the same computation, bit for bit
+        assert (got.per_block, got.unit_taylor) == (want.per_block, want.unit_taylor)
+        assert all(torch.equal(got.output_fisher[path], f) for path, f in want.output_fisher.items())
+    with pytest.raises(sp.StructPruneError, match="sensitivity_precision 'fp8'.*choose one of"):
+        SolverConfig(sensitivity_precision="fp8")

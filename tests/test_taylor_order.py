@@ -37,8 +37,8 @@ def test_block_by_block_taylor_scores_equal_the_whole_models(budget):
     graph = sp.trace(model, batches[0])
     groups = select_groups(graph)
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    state = prepare(model, graph, groups, batches,
-                    SolverConfig(taylor_first=1.0, **({} if budget is None else {"buffer_budget": budget})))
+    state = prepare(model, graph, groups, batches, SolverConfig(
+        taylor_first=1.0, sensitivity_precision="float32", **({} if budget is None else {"buffer_budget": budget})))
     want = _taylor_global(model, graph, groups, batches)
     placed = {gid for b in state.partition.blocks for gid in b.group_ids}
     assert len(state.partition.blocks) > 1 and set(state.unit_scores) == placed
@@ -149,7 +149,7 @@ def test_block_by_block_output_fisher_equals_the_whole_models_backward_pass(tayl
         for p in model.parameters():
             p.requires_grad_(False)
         state = prepare(model, graph, select_groups(graph), batches,
-                        SolverConfig(obs_weighting="fisher", taylor_first=taylor_first))
+                        SolverConfig(obs_weighting="fisher", taylor_first=taylor_first, sensitivity_precision="float32"))
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
