@@ -71,9 +71,10 @@ def _prune(args: argparse.Namespace) -> int:
     from .pruning import prune
     from .storage import check_output_dir, loads_with
 
-    out = Path(args.out or f"pruned-{Path(str(args.model or 'smollm2')).name}-{args.method}-{args.sparsity:g}")
+    outs = _output_dirs(args)
     inputs = [p for p in (args.model, args.calib, args.eval, args.refit_prior) if p and Path(p).exists()]
-    check_output_dir(out, args.overwrite, inputs)  # refuse before any model is loaded
+    for out in outs:
+        check_output_dir(out, args.overwrite, inputs)  # refuse before any model is loaded
     _check_texts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +96,7 @@ def _prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rank = _init_distributed(args)
     if args.stream:
-        return _prune_streamed(args, out, t0, rank)
+        return _prune_streamed(args, outs[0], t0, rank)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     batches, eval_windows = _calibration(args, tokenizer, model)
     sampled = time.perf_counter()
@@ -106,34 +107,61 @@ def _prune(args: argparse.Namespace) -> int:
               f"{args.calib or 'pydoc'}; evaluation: {len(eval_windows)} x {args.eval_seqlen} tokens of {args.eval or 'pydoc'}"
               + (f"; re-fit prior: {sum(len(b['input_ids']) for b in prior)} x {args.seqlen} tokens of "
                  f"{_prior_source(args)}" if prior else ""))
-    result = prune(model, batches, args.sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
-                   uniform=args.uniform, distributed=args.distributed, kinds=args.kinds, reconstruct=args.refit,
-                   refit_prior=prior)
-    if rank:  # every rank holds the result; rank 0 evaluates and writes it
-        return 0
-    t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
-    ppl_before = perplexity(model, eval_windows)
-    ppl_after = perplexity(result.model, eval_windows)
-    eval_s = time.perf_counter() - t_eval
-    report = result.report.with_metrics(
-        ppl_before=ppl_before, ppl_after=ppl_after, eval_data=str(args.eval or "pydoc (evaluation half)"),
-        eval_windows=len(eval_windows), eval_seqlen=args.eval_seqlen, 
-        calib_tokens=sum(int(b['input_ids'].numel()) for b in batches),
-        refit_prior=(f"{sum(int(b['input_ids'].numel()) for b in prior)} tokens of {_prior_source(args)}"
-                     if prior else "none"), refit_prior_seconds=prior_seconds,
-        flops_seqlen=128, flops_per_token_before=flops_per_token(model, 128),
-        flops_per_token_after=flops_per_token(result.model, 128), eval_seconds=round(eval_s, 1),
-        total_seconds=round(time.perf_counter() - t0, 1))
-    result = dataclasses.replace(result, report=report)
-    result.save(out, overwrite=args.overwrite, tokenizer=tokenizer, source=source_file(args.model))
-    r = result.report
-    print(f"{args.method}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable parameters; "
-          f"params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
-          f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total {report.metrics['total_seconds']} s")
-    print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {loads_with(out)}")
-    if args.onnx:
-        _export_and_report(result.model, out, Path(args.onnx))
+    ppl_before = None
+    first = None  # several --sparsity values: the later ones reuse the first's trace and dense sweep
+    for sparsity, out in zip(args.sparsity, outs):
+        result = prune(model, batches, sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
+                       uniform=args.uniform, distributed=args.distributed, kinds=args.kinds, reconstruct=args.refit,
+                       refit_prior=prior, reuse=first)
+        first = first or result
+        if rank:  # every rank holds the result; rank 0 evaluates and writes it
+            continue
+        t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
+        ppl_before = perplexity(model, eval_windows) if ppl_before is None else ppl_before
+        ppl_after = perplexity(result.model, eval_windows)
+        eval_s = time.perf_counter() - t_eval
+        report = result.report.with_metrics(
+            ppl_before=ppl_before, ppl_after=ppl_after, eval_data=str(args.eval or "pydoc (evaluation half)"),
+            eval_windows=len(eval_windows), eval_seqlen=args.eval_seqlen,
+            calib_tokens=sum(int(b['input_ids'].numel()) for b in batches),
+            refit_prior=(f"{sum(int(b['input_ids'].numel()) for b in prior)} tokens of {_prior_source(args)}"
+                         if prior else "none"), refit_prior_seconds=prior_seconds,
+            flops_seqlen=128, flops_per_token_before=flops_per_token(model, 128),
+            flops_per_token_after=flops_per_token(result.model, 128), eval_seconds=round(eval_s, 1),
+            total_seconds=round(time.perf_counter() - t0, 1))  # since the start: the earlier sparsities included
+        result = dataclasses.replace(result, report=report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.save(out, overwrite=args.overwrite, tokenizer=tokenizer, source=source_file(args.model))
+        r = result.report
+        print(f"{args.method} at {sparsity:g}: removed {r.sparsity_achieved:.1%} of {r.prunable_params:,} prunable "
+              f"parameters; params {r.params_before:,} -> {r.params_after:,}; ppl {ppl_before:.2f} -> {ppl_after:.2f}; "
+              f"pruning {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB; total "
+              f"{report.metrics['total_seconds']} s")
+        print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {loads_with(out)}")
+        if args.onnx:
+            _export_and_report(result.model, out, Path(args.onnx))
     return 0
+
+
+def _output_dirs(args: argparse.Namespace) -> list[Path]:
+    """One output folder per --sparsity value: --out itself for one value (default
+    ./pruned-MODEL-METHOD-SPARSITY), --out/sparsity-S for several (default ./pruned-MODEL-METHOD-S each).
+    Several values are refused where one run cannot share its work between them (--stream, --distributed) and
+    with --onnx (one file); a value given twice is refused."""
+    values = list(args.sparsity)
+    if len(set(values)) != len(values):
+        raise StructPruneError(f"--sparsity {' '.join(f'{v:g}' for v in values)} repeats a value; give each once")
+    name = Path(str(args.model or "smollm2")).name
+    if len(values) == 1:
+        return [Path(args.out or f"pruned-{name}-{args.method}-{values[0]:g}")]
+    for flag, given in (("--stream", args.stream), ("--distributed", args.distributed), ("--onnx", args.onnx)):
+        if given:
+            raise StructPruneError(f"several --sparsity values are solved in one process sharing the dense sweep, "
+                                   f"which {flag} does not: give one --sparsity with {flag}"
+                                   + (" (or export each folder: structprune export DIR --onnx FILE)"
+                                      if flag == "--onnx" else ""))
+    return [Path(args.out) / f"sparsity-{v:g}" if args.out else Path(f"pruned-{name}-{args.method}-{v:g}")
+            for v in values]
 
 
 def _init_distributed(args: argparse.Namespace) -> int:
@@ -283,7 +311,7 @@ def _prune_streamed(args: argparse.Namespace, out: Path, t0: float, rank: int) -
             "--dtype %s on a CPU: half-precision matrix products can be two orders of magnitude slower than "
             "float32 without native support; --dtype float32 is the CPU path (the output keeps the checkpoint's "
             "precision)", args.dtype)
-    result = prune_checkpoint(folder, batches, args.sparsity, out, solver=_solver_config(args), device=args.device,
+    result = prune_checkpoint(folder, batches, args.sparsity[0], out, solver=_solver_config(args), device=args.device,
                               overwrite=args.overwrite, tokenizer=tokenizer, round_to=args.round_to,
                               uniform=args.uniform, distributed=args.distributed, dtype=dtype, kinds=args.kinds)
     if rank:  # rank 0 wrote the folder and evaluates it
@@ -453,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a language model and report its perplexity before and after")
     prune.add_argument("model", nargs="?", default=None, help="as for inspect (default: the embedded SmolLM2-135M)")
-    prune.add_argument("--sparsity", type=_fraction, default=0.3, help="fraction of prunable parameters to remove")
+    prune.add_argument("--sparsity", type=_fraction, nargs="+", default=[0.3],
+                       help="fraction of prunable parameters to remove; several (e.g. 0.2 0.3 0.5) share one "
+                            "calibration, trace and dense sweep and write one folder each (--out DIR: "
+                            "DIR/sparsity-S)")
     prune.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
     prune.add_argument("--calib", default=None, help="calibration text: .txt file, folder, 'pydoc' (default), "
                        "'self' (sampled from the model), 'wikitext2' or 'c4'; several joined by '+' are mixed "

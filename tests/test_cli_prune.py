@@ -357,3 +357,33 @@ def test_allocation_and_gradient_precision_reach_the_solver_and_allocation_is_re
     with pytest.raises(SystemExit):
         main(common + ["--out", str(never), "--allocation", "greedy"])
     assert "invalid choice: 'greedy'" in capsys.readouterr().err
+
+
+def test_several_sparsities_share_one_sweep_and_each_equals_its_own_run(tiny_model_dir, capsys):
+    """--sparsity 0.2 0.4: one folder per value under --out (sparsity-S), the second solved on the first's
+    dense sweep (no dense-sweep stage of its own), and each the model a run of that sparsity alone writes."""
+    base = _prune_args(tiny_model_dir, samples=6, seqlen=16, windows=1, extra=("--refit-prior", "none"))
+    at = base.index("--sparsity")
+    several = base[:at] + ["--sparsity", "0.2", "0.4"] + base[at + 2:]
+    out = tiny_model_dir / "several"
+    assert main(several + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "structprune at 0.2:" in printed and "structprune at 0.4:" in printed
+    reports = {s: json.loads((out / f"sparsity-{s}" / "report.json").read_text()) for s in ("0.2", "0.4")}
+    assert reports["0.2"]["sparsity_target"] == 0.2 and reports["0.4"]["sparsity_target"] == 0.4
+    assert "dense_sweep" in reports["0.2"]["solver"]["stages"]
+    assert "dense_sweep" not in reports["0.4"]["solver"]["stages"]  # reused: solved on the first one's sweep
+    alone = tiny_model_dir / "alone-0.4"
+    assert main(base + ["--out", str(alone)]) == 0
+    assert (json.loads((alone / "plan.json").read_text())["groups"]
+            == json.loads((out / "sparsity-0.4" / "plan.json").read_text())["groups"])
+    ours, theirs = sp.load(out / "sparsity-0.4"), sp.load(alone)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    never = tiny_model_dir / "never-several"
+    capsys.readouterr()
+    assert main(base[:at] + ["--sparsity", "0.2", "0.2"] + base[at + 2:] + ["--out", str(never)]) == 2
+    assert "--sparsity 0.2 0.2 repeats a value; give each once" in capsys.readouterr().err
+    assert main(several + ["--out", str(never), "--onnx", str(tiny_model_dir / "x.onnx")]) == 2
+    assert "which --onnx does not: give one --sparsity with --onnx (or export each folder" in capsys.readouterr().err
+    assert not never.exists()
