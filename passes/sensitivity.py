@@ -15,8 +15,9 @@ blocks stood in for by pass-throughs that read no weights, giving dL/dh at the l
 sweep from the last block to the first re-runs each block on its stored input and carries the gradient
 back through the block's vector-Jacobian product. Each block is made resident twice (forward, backward).
 The model's parameters, gradients and block list are left as they were. Half-precision weights (a bf16
-checkpoint streamed as it is) are computed in float32 for the head and the VJPs: the gradient is a
-statistic, and a bf16 backward matrix product took 84 s on an AVX2 CPU against 0.26 s in float32.
+checkpoint streamed as it is) are computed in float32 for the head and the VJPs (the VJPs' products as
+``precision`` says, below): the gradient is a statistic, and a bf16 backward matrix product took 84 s on an
+AVX2 CPU against 0.26 s in float32.
 
 ``precision``: the blocks' VJPs (their re-run forward and their backward) run under ``torch.autocast`` in
 bfloat16 ("bfloat16"), in float32 ("float32"), or in bfloat16 where the device multiplies bf16 natively

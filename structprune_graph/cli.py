@@ -113,7 +113,8 @@ def _prune(args: argparse.Namespace) -> int:
         result = prune(model, batches, sparsity, args.method, solver=_solver_config(args), round_to=args.round_to,
                        uniform=args.uniform, distributed=args.distributed, kinds=args.kinds, reconstruct=args.refit,
                        refit_prior=prior, reuse=first)
-        first = first or result
+        # what reuse= reads (trace, dense sweep, calibration), without the first model and its re-fitted weights
+        first = first or dataclasses.replace(result, model=None, solution=None)
         if rank:  # every rank holds the result; rank 0 evaluates and writes it
             continue
         t_eval = time.perf_counter()  # after pruning: the model is unchanged, and other ranks never wait on it
@@ -140,6 +141,7 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"wrote {out}/ (model.safetensors, plan.json, report.md, kept.png); it loads with {loads_with(out)}")
         if args.onnx:
             _export_and_report(result.model, out, Path(args.onnx))
+        del result  # written: the next sparsity's solve does not hold it
     return 0
 
 
