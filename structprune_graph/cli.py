@@ -152,7 +152,7 @@ def _output_dirs(args: argparse.Namespace) -> list[Path]:
     with --onnx (one file); a value given twice is refused."""
     values = list(args.sparsity)
     if len(set(values)) != len(values):
-        raise StructPruneError(f"--sparsity {' '.join(f'{v:g}' for v in values)} repeats a value; give each once")
+        raise StructPruneError(f"--sparsity {','.join(f'{v:g}' for v in values)} repeats a value; give each once")
     name = Path(str(args.model or "smollm2")).name
     if len(values) == 1:
         return [Path(args.out or f"pruned-{name}-{args.method}-{values[0]:g}")]
@@ -375,6 +375,12 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _fractions(text: str) -> list[float]:
+    """--sparsity: one fraction or several separated by commas (one argument, so that a MODEL given after it
+    is never read as a sparsity)."""
+    return [_fraction(part.strip()) for part in text.split(",")]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -483,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a language model and report its perplexity before and after")
     prune.add_argument("model", nargs="?", default=None, help="as for inspect (default: the embedded SmolLM2-135M)")
-    prune.add_argument("--sparsity", type=_fraction, nargs="+", default=[0.3],
-                       help="fraction of prunable parameters to remove; several (e.g. 0.2 0.3 0.5) share one "
-                            "calibration, trace and dense sweep and write one folder each (--out DIR: "
+    prune.add_argument("--sparsity", type=_fractions, default=[0.3],
+                       help="fraction of prunable parameters to remove; several, comma-separated (e.g. 0.2,0.3,0.5), "
+                            "share one calibration, trace and dense sweep and write one folder each (--out DIR: "
                             "DIR/sparsity-S)")
     prune.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
     prune.add_argument("--calib", default=None, help="calibration text: .txt file, folder, 'pydoc' (default), "

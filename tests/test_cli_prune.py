@@ -360,11 +360,11 @@ def test_allocation_and_gradient_precision_reach_the_solver_and_allocation_is_re
 
 
 def test_several_sparsities_share_one_sweep_and_each_equals_its_own_run(tiny_model_dir, capsys):
-    """--sparsity 0.2 0.4: one folder per value under --out (sparsity-S), the second solved on the first's
+    """--sparsity 0.2,0.4: one folder per value under --out (sparsity-S), the second solved on the first's
     dense sweep (no dense-sweep stage of its own), and each the model a run of that sparsity alone writes."""
     base = _prune_args(tiny_model_dir, samples=6, seqlen=16, windows=1, extra=("--refit-prior", "none"))
     at = base.index("--sparsity")
-    several = base[:at] + ["--sparsity", "0.2", "0.4"] + base[at + 2:]
+    several = base[:at] + ["--sparsity", "0.2,0.4"] + base[at + 2:]
     out = tiny_model_dir / "several"
     assert main(several + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -382,8 +382,14 @@ def test_several_sparsities_share_one_sweep_and_each_equals_its_own_run(tiny_mod
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     never = tiny_model_dir / "never-several"
     capsys.readouterr()
-    assert main(base[:at] + ["--sparsity", "0.2", "0.2"] + base[at + 2:] + ["--out", str(never)]) == 2
-    assert "--sparsity 0.2 0.2 repeats a value; give each once" in capsys.readouterr().err
+    assert main(base[:at] + ["--sparsity", "0.2,0.2"] + base[at + 2:] + ["--out", str(never)]) == 2
+    assert "--sparsity 0.2,0.2 repeats a value; give each once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a MODEL after --sparsity is the model, and a bad value is named
+        main(["prune", "--sparsity", "0.2,1.5", str(tiny_model_dir / "model")])
+    assert "1.5: a sparsity is a fraction in [0, 1)" in capsys.readouterr().err
+    from structprune_graph.cli import build_parser
+    parsed = build_parser().parse_args(["prune", "--sparsity", "0.3", "some/model"])
+    assert (parsed.sparsity, parsed.model) == ([0.3], "some/model")
     assert main(several + ["--out", str(never), "--onnx", str(tiny_model_dir / "x.onnx")]) == 2
     assert "which --onnx does not: give one --sparsity with --onnx (or export each folder" in capsys.readouterr().err
     assert not never.exists()
