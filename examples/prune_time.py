@@ -56,7 +56,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import structprune_graph as sp
     from structprune_graph import cli, models
-    from structprune_graph.passes.sensitivity import autocast_dtype
 
     # the CLI's main job exactly: its parser's defaults, its calibration and prior windows, its SolverConfig
     job = cli.build_parser().parse_args(["prune", "--sparsity", str(args.sparsity)])
@@ -74,9 +73,8 @@ def main() -> None:
         pruning = time.perf_counter() - t
         after, prior_after = forward_seconds(model, batches), forward_seconds(model, prior)
         every = (before + prior_before, after + prior_after)  # the calibration and the prior windows
-        resolved = autocast_dtype(precision, torch.device("cpu")) or torch.float32
         rows.append({"allocation": allocation, "statistics": solver.statistics, "tau_batches": solver.tau_batch_count(),
-                     "gradient_precision": f"{precision} ({str(resolved).removeprefix('torch.')})",
+                     "gradient_precision": f"{precision} ({result.report.solver['gradient_precision']})",
                      "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
                      "forward_after_s": round(after, 1), "ratio_range": [round(pruning / max(before, after), 2),
                                                                          round(pruning / min(before, after), 2)],
@@ -99,8 +97,9 @@ def main() -> None:
              "pruning / forward | prior forward before / after (s) | pruning / forward of calibration + prior | "
              "sensitivity (s) | prior's sweep (s) | held-out pydoc perplexity (--evaluate) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['allocation']} | {r['statistics']} | {r.get('gradient_precision', 'float32')} | {r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | "
-              f"{r['forward_after_s']:.1f} | {r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x | "
+    lines += [f"| {r['allocation']} | {r['statistics']} | {r.get('gradient_precision', 'float32')} | "
+              f"{r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | {r['forward_after_s']:.1f} | "
+              f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x | "
               f"{r['prior_forward_before_s']:.1f} / {r['prior_forward_after_s']:.1f} | "
               f"{r['ratio_range_with_prior'][0]:.1f}-{r['ratio_range_with_prior'][1]:.1f}x | "
               f"{r['stages'].get('sensitivity', 0):.1f} | {r['stages'].get('prior_scores', 0):.1f} | "

@@ -145,16 +145,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-@contextmanager
-def _autocast(dtype: Optional[torch.dtype], device: torch.device) -> Iterator[None]:
-    """Within: torch.autocast to ``dtype`` on ``device``'s type (nothing where ``dtype`` is None)."""
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
-
-
 def _float32(value: Any) -> Any:
     return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
 
@@ -305,7 +295,8 @@ class BlockSensitivityPass(Pass[SensitivityRequest, BlockSensitivity]):
                         upcast = BlockInput((x, *(_float32(a) for a in inp.args[1:])),
                                             {k: _float32(v) for k, v in inp.kwargs.items()})
                         wrt = [x] if x.requires_grad else []
-                        with torch.enable_grad(), _autocast(dtype, x.device):
+                        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype or torch.bfloat16,
+                                                                 enabled=dtype is not None):
                             out = run_block(module, upcast)
                             grads = torch.autograd.grad(out, [*wrt, *weights.values()], grad.to(out.dtype),
                                                         allow_unused=True)

@@ -238,8 +238,8 @@ def _solver_config(args: argparse.Namespace):
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
     allocation = {} if args.allocation is None else {"allocation": args.allocation}
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
-                        sensitivity_precision=args.gradient_precision, taylor_first=args.taylor_first, obs_weighting=args.obs_weighting or "auto", **weight, **rounds,
-                        **allocation)
+                        sensitivity_precision=args.gradient_precision, taylor_first=args.taylor_first,
+                        obs_weighting=args.obs_weighting or "auto", **weight, **rounds, **allocation)
 
 
 def _prior_source(args: argparse.Namespace) -> Optional[str]:

@@ -161,18 +161,20 @@ def make_report(method: str, sparsity: float, removed: int, groups: Sequence[Gro
         group_kinds={g.id: g.kind for g in groups}, solver=dict(solver))
 
 
-def solver_details(config: SolverConfig, solved: SolverResult, state: Optional[SolverState] = None) -> dict:
+def solver_details(config: SolverConfig, solved: SolverResult, state: SolverState, sweep_stages: bool = True) -> dict:
+    """The report's solver section; ``sweep_stages``: the dense sweep's stage seconds too (False where this call
+    reused another's sweep)."""
     return {"config": config.label(), "block_energy": solved.block_energy, "statistics": config.statistics,
             "taylor_first": solved.taylor_first, "obs_weighting": solved.obs_weighting,
             # what the loss-gradient sweeps' blocks computed in (SolverConfig.sensitivity_precision resolved; None:
-            # no sweep, or not known here)
-            "gradient_precision": state.gradient_precision if state is not None else None,
+            # no sweep)
+            "gradient_precision": state.gradient_precision,
             "refit_target": config.refit_target, "refit_ridge": config.refit_ridge,
             "refit_ridge_scale": config.refit_ridge_scale,
             # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)
             "prune_margin": config.prune_margin, "max_prune": config.max_prune,
             # wall seconds per stage of the solver (the dense sweep's only where this call ran it)
-            "stages": {**(state.stage_seconds if state is not None else {}), **solved.stage_seconds},
+            "stages": {**(state.stage_seconds if sweep_stages else {}), **solved.stage_seconds},
             "tau": solved.tau, "tau_losses": dict(solved.tau_losses),
             "block_errors": list(solved.block_errors), "admm_output_errors": list(solved.admm_errors),
             "admm_best_round": solved.admm_best_round, "excluded": dict(solved.excluded),
@@ -283,8 +285,7 @@ def prune(model: nn.Module, calibration: Iterable[Any], sparsity: float, method:
             keep, weights, removed = solved.keep, solved.new_weights, solved.removed_params
             updates = dict(solved.new_biases)  # SolverConfig.refit_bias: each consumer's output mean kept
             solving = time.perf_counter() - prepared - solved.coordination_seconds
-            details = {**solver_details(solver, solved, None if reuse is not None else state),
-                       "gradient_precision": state.gradient_precision, "stage_seconds": {
+            details = {**solver_details(solver, solved, state, sweep_stages=reuse is None), "stage_seconds": {
                 "dense sweep": round(prepared - started, 2), "allocate and solve": round(solving, 2),
                 "coordinate": round(solved.coordination_seconds, 2)}}
             if collective.active:
