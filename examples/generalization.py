@@ -127,6 +127,11 @@ for _label, _change in (("float32", dict(statistics="float32")), ("pscore8", dic
 ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"] = dict(
     ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4"],
     sensitivity_precision="bfloat16")
+# those defaults with N KL rounds (their backward sweep in bf16 too, SolverConfig.sensitivity_precision)
+for _r in (3, 5, 6, 8):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-kl{_r}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"],
+        rounds=_r, coordination="kl")
 
 
 def code_text() -> str:

@@ -23,7 +23,14 @@ z the dense last-block output, p the pruned one, head = final norm + LM head. Ea
         it is zero on removed rows and columns, so the units removed stay removed;
   (iv)  every block at once: W_b + a D_b, with a scaled so that the exits' weights change by ``step``
         (relative, all exits together) times 1, 1/4 and 1/16; the one with the lowest fitting KL is taken if
-        it lowers it, and the next round starts from twice its scale. None lowering it ends the rounds.
+        it lowers it, and the next round starts from twice its scale. None lowering it ends the rounds. Each
+        trial's forward stores its block inputs (the leader's kept, the others dropped), so the trial taken is
+        the next round's forward (i): one forward of the fitting windows per round saved.
+
+The backward sweep's blocks may run under ``torch.autocast`` (``precision``, e.g. bf16 where the device
+multiplies it natively, as the sensitivity pass's sweeps): the gradients and H are statistics of a step
+whose length the trials choose in float32, and the head, the gradient carried between blocks and every sum
+stay float32.
 
 After every round the KL is measured on held-out windows that no step saw; the round with the lowest
 held-out KL is returned, round 0 (the block solve's weights) included, so the pass never returns weights
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +70,6 @@ DEFAULT_KL_STEP = 0.01  # relative change of all exits' weights at the first tri
 KL_EXITS = ("residual", "all")  # which linear layers of a block the rounds move
 TRIALS = (1.0, 0.25, 0.0625)  # multiples of the scale tried along each round's direction
 
-
 class NoLogitsError(StructPruneError):
     """The model's output has no ``logits``: there is no next-token distribution to coordinate on."""
 
@@ -84,6 +90,8 @@ class KlCoordinationRequest:
     damping: float = ADMM_DAMPING
     exits: str = "residual"  # one of KL_EXITS
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)
+    precision: Optional[torch.dtype] = None  # autocast dtype of the backward sweep's blocks (None: float32)
+    statistics_dtype: torch.dtype = torch.float64  # of the exits' H and G (the direction is solved in float64)
 
 
 @dataclass(frozen=True)
@@ -113,42 +121,52 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
     def call(self, state: KlCoordinationRequest) -> PassResult[KlCoordinationResult]:
         keep, weights = state.solution.keep, dict(state.solution.new_weights)
         as_tuple = self._as_tuple(state)
-        dense_fit = self._finals(state, state.fit_inputs, keep, None)  # z: (batch, tokens, hidden) per window
-        dense_held = self._finals(state, state.held_inputs, keep, None)
+        fit = (state.fit_batches, self._finals(state, state.fit_inputs, keep, None))  # z: (batch, tokens, hidden)
+        held = (state.held_batches, self._finals(state, state.held_inputs, keep, None))
         exits = self._exits(state, keep, weights)  # block index -> layer paths (``weights`` gains new exits)
         # round 0's fitting KL comes from round 1's forward (``_directions``), unless no round runs
-        fit_kl = [] if exits and state.rounds else [
-            self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, weights, as_tuple)]
-        held_kl = [self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights, as_tuple)]
+        fit_kl = [] if exits and state.rounds else [self._kl(state, state.fit_inputs, fit, keep, weights, as_tuple)]
+        held_kl = [self._kl(state, state.held_inputs, held, keep, weights, as_tuple)]
         changes: list[tuple[float, ...]] = []
         scales: list[float] = []
         best = (held_kl[0], 0, dict(state.solution.new_weights))
         scale = state.step
+        finals, tag = None, 0  # the current weights' last-block outputs, their block inputs stored under ``tag``
         for k in tqdm(range(1, state.rounds + 1), desc="kl coordination", leave=False) if exits else ():
-            directions, start = self._directions(state, keep, weights, exits, dense_fit, as_tuple)  # name -> D_b
+            if finals is None:  # (i)
+                finals = self._finals(state, state.fit_inputs, keep, weights, store_tag=tag)
+            directions, start = self._directions(state, keep, weights, exits, fit, finals, tag, as_tuple)
             if k == 1:
                 fit_kl.append(start)
             norm = sum(float(d.pow(2).sum()) for d in directions.values()) ** 0.5
             size = sum(float(weights[n].double().pow(2).sum()) for n in directions) ** 0.5
-            trials = []
-            for m in TRIALS:  # (iv) one step for every block at once, the best of three lengths
+            lead = None  # (iv) the best trial so far: (KL, multiple, weights, finals, tag); only its inputs stay stored
+            for i, m in enumerate(TRIALS):
                 moved = _moved(weights, directions, scale * m * size / max(norm, 1e-30))
-                trials.append((self._kl(state, state.fit_inputs, state.fit_batches, dense_fit, keep, moved,
-                                        as_tuple), m, moved))
-            kl, m, moved = min(trials, key=lambda t: t[0])
+                trial_tag = tag + 1 + i
+                stored = self._finals(state, state.fit_inputs, keep, moved, store_tag=trial_tag)
+                trial = (self._fit_kl(state, fit, stored, as_tuple), m, moved, stored, trial_tag)
+                if lead is not None and trial[0] >= lead[0]:  # ties keep the longer step, tried first
+                    self._drop(state, trial_tag)
+                    continue
+                if lead is not None:
+                    self._drop(state, lead[4])
+                lead = trial
+            kl, m, moved, stored, trial_tag = lead
             if kl >= fit_kl[-1]:
+                self._drop(state, trial_tag)
                 logger.info("kl coordination round %d: no step lowers the fitting KL (%.4g); stopped", k, fit_kl[-1])
                 break
             changes.append(tuple(weight_change(weights, moved, b.path) for b in state.partition.blocks))
             scales.append(scale * m)
-            weights = moved
+            weights, finals, tag = moved, stored, trial_tag
             fit_kl.append(kl)
-            held_kl.append(self._kl(state, state.held_inputs, state.held_batches, dense_held, keep, weights,
-                                    as_tuple))
+            held_kl.append(self._kl(state, state.held_inputs, held, keep, weights, as_tuple))
             logger.info("kl coordination round %d: step %.3g, KL %.4g (held-out %.4g)", k, scale * m, kl, held_kl[-1])
             if held_kl[-1] < best[0]:
                 best = (held_kl[-1], k, dict(weights))
             scale = 2 * scale * m
+        self._drop(state, tag)  # the last round's taken trial
         solution = BlockSolution(keep, best[2], state.solution.block_errors)
         return PassResult(KlCoordinationResult(solution, tuple(fit_kl), tuple(held_kl), best[1], len(exits),
                                                tuple(changes), tuple(scales)), modified=best[1] > 0)
@@ -163,19 +181,26 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
 
     @staticmethod
     def _finals(state: KlCoordinationRequest, inputs: Sequence[BlockInput], keep, weights,
-                store_inputs: bool = False) -> list[torch.Tensor]:
-        """The last block's output per window: dense (``weights`` None) or pruned; ``store_inputs`` keeps each
-        block's input stream in the store as ("x", block, window)."""
+                store_tag: Optional[int] = None) -> list[torch.Tensor]:
+        """The last block's output per window: dense (``weights`` None) or pruned; with ``store_tag``, each
+        block's input stream kept in the store as ("x", tag, block, window)."""
         stream = [inp.stream for inp in inputs]
         for block in state.partition.blocks:
             module = state.resident(block_module(state.model, block))
             overrides = None if weights is None else block_overrides(state.model, block, state.groups, keep, weights)
             with torch.no_grad():
                 for j, inp in enumerate(inputs):
-                    if store_inputs:
-                        state.store.put(("x", block.index, j), stream[j])
+                    if store_tag is not None:
+                        state.store.put(("x", store_tag, block.index, j), stream[j])
                     stream[j] = run_block(module, inp.with_stream(stream[j]), overrides)
         return stream
+
+    @staticmethod
+    def _drop(state: KlCoordinationRequest, tag: int) -> None:
+        """Frees the block inputs a forward stored under ``tag``."""
+        for block in state.partition.blocks:
+            for j in range(len(state.fit_inputs)):
+                state.store.drop(("x", tag, block.index, j))
 
     @staticmethod
     def _logits(state: KlCoordinationRequest, batch: Any, final: torch.Tensor, as_tuple: bool) -> torch.Tensor:
@@ -186,9 +211,15 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                                 "or 'propagate', or rounds=0")
         return logits.float()  # (batch, tokens, vocab)
 
-    def _kl(self, state: KlCoordinationRequest, inputs: Sequence[BlockInput], batches: Sequence[Any],
-            dense: Sequence[torch.Tensor], keep, weights, as_tuple: bool) -> float:
-        finals = self._finals(state, inputs, keep, weights)
+    def _kl(self, state: KlCoordinationRequest, inputs: Sequence[BlockInput],
+            windows: tuple[Sequence[Any], Sequence[torch.Tensor]], keep, weights, as_tuple: bool) -> float:
+        """Mean KL to the dense model over ``inputs``; ``windows``: their batches and dense last-block outputs."""
+        return self._fit_kl(state, windows, self._finals(state, inputs, keep, weights), as_tuple)
+
+    def _fit_kl(self, state: KlCoordinationRequest, windows: tuple[Sequence[Any], Sequence[torch.Tensor]],
+                finals: Sequence[torch.Tensor], as_tuple: bool) -> float:
+        """Mean KL to the dense model of the last-block outputs ``finals``."""
+        batches, dense = windows
         with torch.no_grad():
             return sum(float(_kl(self._logits(state, b, d, as_tuple), self._logits(state, b, p, as_tuple)))
                        for b, d, p in zip(batches, dense, finals)) / len(finals)
@@ -218,13 +249,15 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
         return exits
 
     def _directions(self, state: KlCoordinationRequest, keep, weights, exits: Mapping[int, tuple[str, ...]],
-                    dense: Sequence[torch.Tensor], as_tuple: bool) -> tuple[dict[str, torch.Tensor], float]:
-        """(i)-(iii): every exit's preconditioned descent direction D (in the weight's own layout), zero on
-        removed rows and columns, and the fitting KL at the current weights (from the same forward)."""
+                    windows: tuple[Sequence[Any], Sequence[torch.Tensor]], finals: Sequence[torch.Tensor], tag: int,
+                    as_tuple: bool) -> tuple[dict[str, torch.Tensor], float]:
+        """(ii)-(iii): every exit's preconditioned descent direction D (in the weight's own layout), zero on
+        removed rows and columns, and the fitting KL at the current weights, whose last-block outputs are
+        ``finals`` (their block inputs stored under ``tag``, which this sweep frees)."""
+        batches, dense = windows
         n = len(state.fit_inputs)
-        finals = self._finals(state, state.fit_inputs, keep, weights, store_inputs=True)
         grads, total = [], 0.0
-        for j, (batch, z, p) in enumerate(zip(state.fit_batches, dense, finals)):  # (ii) dL/dp per window
+        for j, (batch, z, p) in enumerate(zip(batches, dense, finals)):  # (ii) dL/dp per window
             with torch.no_grad():
                 target = F.log_softmax(self._logits(state, batch, z, as_tuple), dim=-1)
             h = p.detach().float().clone().requires_grad_(True)
@@ -236,28 +269,31 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
             total += float(kl.detach())
             grads.append(g.to(p.dtype))
         directions = {}
+        device = state.fit_inputs[0].stream.device
         for block in tqdm(state.partition.blocks[::-1], desc="kl coordination: backward", leave=False):
             module = state.resident(block_module(state.model, block))
             overrides = block_overrides(state.model, block, state.groups, keep, weights)
             prefix = block.path + "." if block.path else ""
             paths = exits.get(block.index, ())
-            stats = {path: _ExitStats(module.get_submodule(path), weights[f"{prefix}{path}.weight"]) for path in paths}
+            stats = {path: _ExitStats(module.get_submodule(path), weights[f"{prefix}{path}.weight"],
+                                      state.statistics_dtype) for path in paths}
             handles = [s.layer.register_forward_pre_hook(s.capture) for s in stats.values()]
             # the exits' weights as leaves of every window's graph: autograd gives each window's dL/dW
             leaves = {f"{path}.weight": overrides[f"{path}.weight"].detach().requires_grad_(True) for path in paths}
             try:
                 for j, inp in enumerate(state.fit_inputs):
-                    x = state.store.get(("x", block.index, j))
-                    state.store.drop(("x", block.index, j))
+                    x = state.store.get(("x", tag, block.index, j))
+                    state.store.drop(("x", tag, block.index, j))
                     x = x.to(inp.stream.device).detach().requires_grad_(block.index > 0)
-                    with torch.enable_grad():
+                    with torch.enable_grad(), torch.autocast(device.type, dtype=state.precision or torch.bfloat16,
+                                                             enabled=state.precision is not None):
                         out = run_block(module, inp.with_stream(x), {**overrides, **leaves})
                         wrt = ([x] if block.index > 0 else []) + list(leaves.values())
-                        got = torch.autograd.grad(out, wrt, grads[j].to(out.device)) if wrt else ()
+                        got = torch.autograd.grad(out, wrt, grads[j].to(out.device, out.dtype)) if wrt else ()
                     for s, g in zip(stats.values(), got[1:] if block.index > 0 else got):
                         s.add(g)
                     if block.index > 0:
-                        grads[j] = got[0].detach()
+                        grads[j] = got[0].detach().float()
             finally:
                 for handle in handles:
                     handle.remove()
@@ -269,8 +305,8 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
 class _ExitStats:
     """One exit's H = sum_t a_t a_t^T over its kept inputs and G = dL/dW, accumulated window by window."""
 
-    def __init__(self, layer: nn.Module, weight: torch.Tensor) -> None:
-        self.layer, self.weight = layer, weight
+    def __init__(self, layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
+        self.layer, self.weight, self.dtype = layer, weight, dtype
         w = as_out_in(layer, weight)  # (out, in)
         self.rows = (w != 0).any(1).nonzero().flatten()  # removed rows and columns are exactly zero
         self.cols = (w != 0).any(0).nonzero().flatten()
@@ -283,16 +319,18 @@ class _ExitStats:
 
     def add(self, grad: torch.Tensor) -> None:
         a = self._inputs.pop()
-        a = a.reshape(-1, a.shape[-1])[:, self.cols.to(a.device)].double()  # (tokens, kept in)
-        g = as_out_in(self.layer, grad).double()  # (out, in)
+        a = a.reshape(-1, a.shape[-1])[:, self.cols.to(a.device)].to(self.dtype)  # (tokens, kept in)
+        g = as_out_in(self.layer, grad).to(self.dtype)  # (out, in)
         self.h = gram(a) if self.h is None else self.h + gram(a)  # (kept in, kept in)
         self.g = g if self.g is None else self.g + g
 
     def direction(self, damping: float) -> torch.Tensor:
+        """D = -G_K (H_K + d mean(diag H_K) I)^-1 in the weight's layout (zero on removed rows and columns),
+        solved in float64."""
         w = as_out_in(self.layer, self.weight)
         rows, cols = self.rows.to(self.g.device), self.cols.to(self.g.device)
-        g = self.g[rows][:, cols]  # (kept out, kept in)
-        step = torch.cholesky_solve(g.T, torch.linalg.cholesky(damped(self.h, damping)))  # (kept in, kept out)
+        g = self.g[rows][:, cols].double()  # (kept out, kept in)
+        step = torch.cholesky_solve(g.T, torch.linalg.cholesky(damped(self.h.double(), damping)))  # (kept in, kept out)
         d = torch.zeros(w.shape, dtype=torch.float64, device=step.device)  # (out, in)
         d[rows.unsqueeze(1), cols] = -step.T
         return from_out_in(self.layer, d, self.weight.double())  # the weight's own layout

@@ -33,7 +33,7 @@ from structprune_graph.passes.partition import Partition, PartitionPass, Partiti
 from structprune_graph.passes.coordinate_kl import DEFAULT_KL_STEP, KL_EXITS, KlCoordinationPass, KlCoordinationRequest
 from structprune_graph.passes.propagate import DEFAULT_STEP, PropagatePass, PropagateRequest
 from structprune_graph.passes.sensitivity import (PRECISIONS, BlockSensitivity, BlockSensitivityPass, NoLossError,
-                                                  SensitivityRequest)
+                                                  SensitivityRequest, autocast_dtype)
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 from structprune_graph.passes.round_widths import RoundRequest, RoundWidthsPass, WidthRule
 from structprune_graph.passes.solve import (DEFAULT_REFIT_RIDGE, REFIT_BIASES, REFIT_RIDGE_SCALES, REFIT_TARGETS,
@@ -812,7 +812,9 @@ def _kl_request(model: nn.Module, state: SolverState, batches: Sequence[Any], pr
         model, state.partition, state.groups,
         [state.inputs[i] for i in fit_idx] + list(prior_inputs[:cut]), [batches[i] for i in fit_idx] + list(prior[:cut]),
         [state.inputs[i] for i in held_idx] + list(prior_inputs[cut:]), [batches[i] for i in held_idx] + list(prior[cut:]),
-        solution, store, config.rounds, config.kl_step, config.admm_damping, config.kl_exits, resident)
+        solution, store, config.rounds, config.kl_step, config.admm_damping, config.kl_exits, resident,
+        precision=autocast_dtype(config.sensitivity_precision, state.inputs[0].stream.device),
+        statistics_dtype=STATISTICS_DTYPES[config.statistics])
 
 
 def _shapes(model: nn.Module, groups: Sequence[Group]) -> dict[str, tuple[int, ...]]:

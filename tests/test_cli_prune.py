@@ -392,4 +392,7 @@ def test_several_sparsities_share_one_sweep_and_each_equals_its_own_run(tiny_mod
     assert (parsed.sparsity, parsed.model) == ([0.3], "some/model")
     assert main(several + ["--out", str(never), "--onnx", str(tiny_model_dir / "x.onnx")]) == 2
     assert "which --onnx does not: give one --sparsity with --onnx (or export each folder" in capsys.readouterr().err
+    for flag in ("--stream", "--distributed"):  # refused before any weights load or process group starts
+        assert main(several + ["--out", str(never), flag]) == 2
+        assert f"which {flag} does not: give one --sparsity with {flag}" in capsys.readouterr().err
     assert not never.exists()
