@@ -70,6 +70,7 @@ DEFAULT_KL_STEP = 0.01  # relative change of all exits' weights at the first tri
 KL_EXITS = ("residual", "all")  # which linear layers of a block the rounds move
 TRIALS = (1.0, 0.25, 0.0625)  # multiples of the scale tried along each round's direction
 
+
 class NoLogitsError(StructPruneError):
     """The model's output has no ``logits``: there is no next-token distribution to coordinate on."""
 
@@ -145,7 +146,7 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                 moved = _moved(weights, directions, scale * m * size / max(norm, 1e-30))
                 trial_tag = tag + 1 + i
                 stored = self._finals(state, state.fit_inputs, keep, moved, store_tag=trial_tag)
-                trial = (self._fit_kl(state, fit, stored, as_tuple), m, moved, stored, trial_tag)
+                trial = (self._kl_of(state, fit, stored, as_tuple), m, moved, stored, trial_tag)
                 if lead is not None and trial[0] >= lead[0]:  # ties keep the longer step, tried first
                     self._drop(state, trial_tag)
                     continue
@@ -214,9 +215,9 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
     def _kl(self, state: KlCoordinationRequest, inputs: Sequence[BlockInput],
             windows: tuple[Sequence[Any], Sequence[torch.Tensor]], keep, weights, as_tuple: bool) -> float:
         """Mean KL to the dense model over ``inputs``; ``windows``: their batches and dense last-block outputs."""
-        return self._fit_kl(state, windows, self._finals(state, inputs, keep, weights), as_tuple)
+        return self._kl_of(state, windows, self._finals(state, inputs, keep, weights), as_tuple)
 
-    def _fit_kl(self, state: KlCoordinationRequest, windows: tuple[Sequence[Any], Sequence[torch.Tensor]],
+    def _kl_of(self, state: KlCoordinationRequest, windows: tuple[Sequence[Any], Sequence[torch.Tensor]],
                 finals: Sequence[torch.Tensor], as_tuple: bool) -> float:
         """Mean KL to the dense model of the last-block outputs ``finals``."""
         batches, dense = windows
@@ -269,7 +270,6 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
             total += float(kl.detach())
             grads.append(g.to(p.dtype))
         directions = {}
-        device = state.fit_inputs[0].stream.device
         for block in tqdm(state.partition.blocks[::-1], desc="kl coordination: backward", leave=False):
             module = state.resident(block_module(state.model, block))
             overrides = block_overrides(state.model, block, state.groups, keep, weights)
@@ -285,7 +285,7 @@ class KlCoordinationPass(Pass[KlCoordinationRequest, KlCoordinationResult]):
                     x = state.store.get(("x", tag, block.index, j))
                     state.store.drop(("x", tag, block.index, j))
                     x = x.to(inp.stream.device).detach().requires_grad_(block.index > 0)
-                    with torch.enable_grad(), torch.autocast(device.type, dtype=state.precision or torch.bfloat16,
+                    with torch.enable_grad(), torch.autocast(x.device.type, dtype=state.precision or torch.bfloat16,
                                                              enabled=state.precision is not None):
                         out = run_block(module, inp.with_stream(x), {**overrides, **leaves})
                         wrt = ([x] if block.index > 0 else []) + list(leaves.values())

@@ -148,4 +148,3 @@ def test_kl_of_identical_logits_is_zero():
     torch.testing.assert_close(_kl(logits, logits + 3.0), torch.tensor(0.0), atol=1e-6, rtol=0)  # shift-invariant
     p, q = F.softmax(logits, -1), F.softmax(logits.flip(-1), -1)
     torch.testing.assert_close(_kl(logits, logits.flip(-1)), (p * (p.log() - q.log())).sum(-1).mean())
-
