@@ -127,6 +127,10 @@ for _label, _change in (("float32", dict(statistics="float32")), ("pscore8", dic
 ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"] = dict(
     ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4"],
     sensitivity_precision="bfloat16")
+# and the block solve's forwards in bf16 too (SolverConfig.solve_precision)
+ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"] = dict(
+    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"],
+    solve_precision="bfloat16")
 # those defaults with N KL rounds (their backward sweep in bf16 too, SolverConfig.sensitivity_precision)
 for _r in (3, 5, 6, 8):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-kl{_r}"] = dict(
@@ -340,11 +344,13 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
             # an entry recorded before SolverConfig.prune_margin was capped by max_prune alone, and still is
             # unless it names a margin; every entry was recorded with float64 statistics and the masked tau search
             # on 8 batches (the defaults until 2026-12-04), and the gradient sweeps in float32 (until 2026-12-04,
-            # evening), and keeps them unless it names its own
+            # evening), and the block solve's forwards in float32 (until 2026-12-05), and keeps them unless it names
+            # its own
             settings = dict(ALLOCATIONS[name])
             n_prior = settings.pop("prior_samples", 0)
             config = SolverConfig(refit_ridge=ridge, **{"prune_margin": None, "statistics": "float64", "tau_batches": 8,
-                                                        "sensitivity_precision": "float32", **settings})
+                                                        "sensitivity_precision": "float32",
+                                                        "solve_precision": "float32", **settings})
             sweep = tuple(sorted(config.sweep_settings().items()))  # runs with the same sweep settings share one
             prior = batches_of(self_windows[:n_prior]) if n_prior else None
             result = sp.prune(model, batches, s, reuse=sweeps.get(sweep), solver=config, refit_prior=prior)

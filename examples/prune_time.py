@@ -46,6 +46,8 @@ def main() -> None:
                         choices=("softmax", "global-threshold", "uniform"))
     parser.add_argument("--gradient-precisions", nargs="+", default=["auto"], choices=("auto", "float32", "bfloat16"),
                         help="SolverConfig.sensitivity_precision of each run (every allocation with each)")
+    parser.add_argument("--solve-precisions", nargs="+", default=[None], choices=("auto", "float32", "bfloat16"),
+                        help="SolverConfig.solve_precision of each run (default: the CLI's)")
     parser.add_argument("--evaluate", action="store_true",
                         help="also the perplexity of each pruned model on the CLI's held-out pydoc windows (about 100 s "
                              "each, after its timing)")
@@ -66,15 +68,18 @@ def main() -> None:
     sampling = time.perf_counter() - t
     rows = []
     before, prior_before = forward_seconds(model, batches), forward_seconds(model, prior)
-    for allocation, precision in ((a, p) for a in args.allocations for p in args.gradient_precisions):
+    for allocation, precision, solving in ((a, p, s) for a in args.allocations for p in args.gradient_precisions
+                                           for s in args.solve_precisions):
         t = time.perf_counter()
         solver = replace(cli._solver_config(job), allocation=allocation, sensitivity_precision=precision)
+        solver = replace(solver, solve_precision=solving) if solving is not None else solver
         result = sp.prune(model, batches, args.sparsity, job.method, solver=solver, refit_prior=prior)
         pruning = time.perf_counter() - t
         after, prior_after = forward_seconds(model, batches), forward_seconds(model, prior)
         every = (before + prior_before, after + prior_after)  # the calibration and the prior windows
         rows.append({"allocation": allocation, "statistics": solver.statistics, "tau_batches": solver.tau_batch_count(),
                      "gradient_precision": f"{precision} ({result.report.solver['gradient_precision']})",
+                     "solve_precision": f"{solver.solve_precision} ({result.report.solver['solve_precision']})",
                      "pruning_s": round(pruning, 1), "forward_before_s": round(before, 1),
                      "forward_after_s": round(after, 1), "ratio_range": [round(pruning / max(before, after), 2),
                                                                          round(pruning / min(before, after), 2)],
@@ -93,16 +98,18 @@ def main() -> None:
     lines = [f"Pruning SmolLM2 at {args.sparsity:.0%} (the CLI's main job) against one forward pass of its 32 x 512 "
              "calibration tokens (and of those and its 16 x 512 prior tokens), timed just before and just after it in the "
              "same process:", "",
-             "| allocation | statistics | gradient sweeps | pruning (s) | forward before (s) | forward after (s) | "
+             "| allocation | statistics | gradient sweeps | block solve's forwards | pruning (s) | forward before (s) | forward after (s) | "
              "pruning / forward | prior forward before / after (s) | pruning / forward of calibration + prior | "
-             "sensitivity (s) | prior's sweep (s) | held-out pydoc perplexity (--evaluate) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sensitivity (s) | prior's sweep (s) | block solve (s) | held-out pydoc perplexity (--evaluate) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['allocation']} | {r['statistics']} | {r.get('gradient_precision', 'float32')} | "
+              f"{r.get('solve_precision', 'float32')} | "
               f"{r['pruning_s']:.1f} | {r['forward_before_s']:.1f} | {r['forward_after_s']:.1f} | "
               f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x | "
               f"{r['prior_forward_before_s']:.1f} / {r['prior_forward_after_s']:.1f} | "
               f"{r['ratio_range_with_prior'][0]:.1f}-{r['ratio_range_with_prior'][1]:.1f}x | "
               f"{r['stages'].get('sensitivity', 0):.1f} | {r['stages'].get('prior_scores', 0):.1f} | "
+              f"{r['stages'].get('block_solve', 0):.1f} | "
               f"{r.get('perplexity', '-')} |" for r in rows]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 

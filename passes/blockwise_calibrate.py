@@ -196,7 +196,10 @@ class ModelTargetCollector:
 
     def _hook(self, path: str):
         def hook(layer: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+            with torch.autocast(args[0].device.type, enabled=False):  # float32 products in a bf16 forward
+                record(layer, args[0].detach())
+
+        def record(layer: nn.Module, x: torch.Tensor) -> None:
             flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
             if self._recording:
                 self._outputs.setdefault(path, []).append(flat @ as_out_in(layer, layer.weight, torch.float32).T)

@@ -53,7 +53,13 @@ GRAM_TILE = 384
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X for ``x`` (tokens, d): the second moments every H of the solver sums. Wide inputs in tiles of
     ``GRAM_TILE`` columns: of n x n tiles only the n (n + 1) / 2 on and above the diagonal are multiplied, the
-    rest copied from them (10 of 16 at n = 4; half as n grows)."""
+    rest copied from them (10 of 16 at n = 4; half as n grows). Always in ``x``'s dtype, even inside a
+    ``torch.autocast`` region (a block's forward in bf16: a gram in bf16 would round every sum of H)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _gram(x)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[1]
     n = d // GRAM_TILE
     if n < 2:

@@ -100,6 +100,11 @@ class BlockSolveRequest:
     # both then see one second moment; unit_scores and output_weights are used as given (the solver blends the
     # prior's into them first with prior_scope="scores")
     prior_in_selection: bool = False
+    # autocast dtype of the block's forwards (the dense runs that H is summed over and the pruned runs that give
+    # the next block's input; calibration and prior), e.g. bf16 (SolverConfig.solve_precision); None: the
+    # model's own. H is summed in ``statistics_dtype`` from the layers' inputs (obs.gram runs outside autocast)
+    # and the residual stream between blocks keeps its dtype
+    precision: Optional[torch.dtype] = None
 
 
 @dataclass(frozen=True)
@@ -200,8 +205,21 @@ def _row_weighted(consumers: Sequence[Consumer], output_weights: Optional[Mappin
     return weighted
 
 
+def _run(module: nn.Module, inp: BlockInput, precision: Optional[torch.dtype],
+         overrides: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+    """``run_block`` under ``torch.autocast`` in ``precision`` (None: as the model is), its output in the
+    input stream's dtype: the branches compute in bf16, the residual stream between blocks stays float32."""
+    first = _first_tensor(inp)
+    if precision is None or first is None:
+        return run_block(module, inp, overrides)
+    with torch.autocast(first.device.type, dtype=precision):
+        out = run_block(module, inp, overrides)
+    return out.to(first.dtype) if first.is_floating_point() and out.is_floating_point() else out
+
+
 def _prior_statistics(module: nn.Module, paths: Sequence[str], priors: Sequence[BlockInput], stats: StatsCollector,
-                      dtype: torch.dtype, ratio: float) -> dict[str, tuple[torch.Tensor, float]]:
+                      dtype: torch.dtype, ratio: float, precision: Optional[torch.dtype] = None
+                      ) -> dict[str, tuple[torch.Tensor, float]]:
     """Consumer path -> (H of the prior batches on the pruned trajectory, ``ratio``: their tokens relative to
     the calibration's), from a run of the dense block that the calibration's collector does not count."""
     with stats.paused():
@@ -209,17 +227,22 @@ def _prior_statistics(module: nn.Module, paths: Sequence[str], priors: Sequence[
         try:
             with torch.no_grad():
                 for inp in priors:
-                    run_block(module, inp)
+                    _run(module, inp, precision)
         finally:
             collector.close()
     return {path: (h, ratio) for path, h in collector.hessians.items()}
 
 
+def _first_tensor(inp: BlockInput) -> Optional[torch.Tensor]:
+    """The residual stream (a model solved as one block: its first tensor argument, e.g. input_ids)."""
+    return next((a for a in inp.args if isinstance(a, torch.Tensor)),
+                next((v for v in inp.kwargs.values() if isinstance(v, torch.Tensor)), None))
+
+
 def _tokens(inp: BlockInput) -> int:
     """Positions of one block input: batch x tokens of the residual stream (a model solved as one block:
     the batch's leading dimension)."""
-    first = next((a for a in inp.args if isinstance(a, torch.Tensor)),
-                 next((v for v in inp.kwargs.values() if isinstance(v, torch.Tensor)), None))
+    first = _first_tensor(inp)
     if first is None:
         return 1
     return int(first.shape[:-1].numel()) if first.dim() >= 2 else int(first.shape[0])
@@ -258,13 +281,15 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:
-                prior = _prior_statistics(module, paths, priors, stats, state.statistics_dtype, ratio) if priors else None
+                prior = (_prior_statistics(module, paths, priors, stats, state.statistics_dtype, ratio, state.precision)
+                         if priors else None)
                 with torch.no_grad():
                     for i, inp in enumerate(inputs):
                         if targets is not None:  # X~ W^T of this batch, then the run below adds X^T X~ W^T
                             with stats.paused(), targets.dense():
-                                trajectory[i] = _next_input(trajectory[i], run_block(module, trajectory[i]), block)
-                        out = run_block(module, inp)
+                                trajectory[i] = _next_input(trajectory[i], _run(module, trajectory[i], state.precision),
+                                                            block)
+                        out = _run(module, inp, state.precision)
                         if i in measured:
                             dense.append(out)
             finally:
@@ -284,9 +309,9 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
             self._solve_block(state, block, module, stats, keep, new_weights, new_biases)
             overrides = block_overrides(state.model, block, state.groups, keep, new_weights, new_biases)
             with torch.no_grad():
-                pruned = [run_block(module, inp, overrides) for inp in inputs]
+                pruned = [_run(module, inp, state.precision, overrides) for inp in inputs]
                 if block is not last:  # the next block's prior inputs
-                    priors = [_next_input(inp, run_block(module, inp, overrides), block) for inp in priors]
+                    priors = [_next_input(inp, _run(module, inp, state.precision, overrides), block) for inp in priors]
             errors.append(relative_error([pruned[i] for i in sorted(measured)], dense, state.collective))
             del dense
             if state.store is not None and state.keep_boundaries:

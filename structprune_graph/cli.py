@@ -236,10 +236,11 @@ def _solver_config(args: argparse.Namespace):
     if args.refit_prior_scope is not None:
         weight["prior_scope"] = args.refit_prior_scope
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
-    allocation = {} if args.allocation is None else {"allocation": args.allocation}
+    given = {name: value for name, value in (("allocation", args.allocation), ("solve_precision", args.solve_precision))
+             if value is not None}  # else SolverConfig's own
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
                         sensitivity_precision=args.gradient_precision, taylor_first=args.taylor_first,
-                        obs_weighting=args.obs_weighting or "auto", **weight, **rounds, **allocation)
+                        obs_weighting=args.obs_weighting or "auto", **weight, **rounds, **given)
 
 
 def _prior_source(args: argparse.Namespace) -> Optional[str]:
@@ -542,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structprune: the precision of the loss-gradient sweeps (block energies, Taylor and "
                             "Fisher scores); 'auto' (default) bfloat16 where the device multiplies it natively "
                             "(CUDA with bf16, a CPU with AVX512-BF16 or AMX), else float32")
+    prune.add_argument("--solve-precision", default=None, choices=("auto", "float32", "bfloat16"),
+                       help="structprune: the precision of the block solve's forwards (the dense block whose inputs "
+                            "H sums, the pruned block whose output is the next block's input); H, its inverse and "
+                            "the re-fit stay in --statistics; 'auto' bfloat16 where the device multiplies it "
+                            "natively, else float32; default: SolverConfig.solve_precision's")
     prune.add_argument("--allocation", choices=("softmax", "global-threshold", "uniform"), default=None,
                        help="structprune: how the budget is spread over the (layer, kind) cells: 'softmax' (default) "
                             "by their error energies, tau chosen on the masked calibration loss; 'global-threshold', "

@@ -30,7 +30,7 @@ from .errors import StructPruneError
 from .evaluate import count_params, track_peak_memory
 from .graph import OPT_IN_KINDS, DependencyGraph, Group, trace
 from .plan import Plan
-from .solver import SolverConfig, SolverResult, SolverState, check_prior, prepare, solve
+from .solver import SolverConfig, SolverResult, SolverState, check_prior, prepare, solve, solve_dtype
 from .solver import reconstruct as refit
 from .verify import nonfinite_weights
 
@@ -169,6 +169,9 @@ def solver_details(config: SolverConfig, solved: SolverResult, state: SolverStat
             # what the loss-gradient sweeps' blocks computed in (SolverConfig.sensitivity_precision resolved; None:
             # no sweep)
             "gradient_precision": state.gradient_precision,
+            # what the block solve's forwards computed in (SolverConfig.solve_precision resolved)
+            "solve_precision": str(solve_dtype(config, state.partition, state.inputs) or torch.float32
+                                   ).removeprefix("torch."),
             "refit_target": config.refit_target, "refit_ridge": config.refit_ridge,
             "refit_ridge_scale": config.refit_ridge_scale,
             # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)

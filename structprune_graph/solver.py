@@ -163,6 +163,13 @@ class SolverConfig:
     # prior) 1.391 / 1.705 / 2.824 at 20 / 30 / 50% against float32's 1.392 / 1.711 / 2.809, the same taus, and
     # the main job's pruning 352 s against 429 s in one spell (docs section 8b)
     sensitivity_precision: str = "auto"
+    # what the block solve's forwards run in (the dense block on the pruned trajectory, whose inputs H sums, and the
+    # pruned block, whose output is the next block's input; calibration and prior windows; PRECISIONS, resolved as
+    # sensitivity_precision): the branches under torch.autocast, H summed in ``statistics`` from their inputs, the
+    # residual stream between blocks kept float32. "auto" since 2026-12-05, for the time bound: on the development
+    # runs (SmolLM2, 32 windows of Austen, the CLI's prior) 1.389 / 1.701 / 2.809 at 20 / 30 / 50% against
+    # float32's 1.391 / 1.705 / 2.824, the same taus (docs section 8c)
+    solve_precision: str = "auto"
     # ADMM rounds; 0 (sequential solution) by default: on SmolLM2, 2 rounds on 16 batches fit those batches
     # better but lose perplexity on held-out text (README ablation); DEFAULT_ROUNDS when switched on
     rounds: int = 0
@@ -210,6 +217,9 @@ class SolverConfig:
         if self.sensitivity_precision not in PRECISIONS:
             raise StructPruneError(f"SolverConfig: unknown sensitivity_precision {self.sensitivity_precision!r}; "
                                    f"choose one of {PRECISIONS}")
+        if self.solve_precision not in PRECISIONS:
+            raise StructPruneError(f"SolverConfig: unknown solve_precision {self.solve_precision!r}; choose one of "
+                                   f"{PRECISIONS}")
         if self.refit_ridge_scale not in REFIT_RIDGE_SCALES:
             raise StructPruneError(f"SolverConfig: unknown refit_ridge_scale {self.refit_ridge_scale!r}; choose one "
                                    f"of {REFIT_RIDGE_SCALES}")
@@ -469,7 +479,8 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group
                                               refit_target=config.refit_target,
                                               statistics_dtype=STATISTICS_DTYPES[config.statistics],
                                               prior_inputs=_first_inputs(model, partition.list_path, prior) if prior
-                                              else (), prior_weight=config.refit_prior_weight)).state.new_weights
+                                              else (), prior_weight=config.refit_prior_weight,
+                                              precision=solve_dtype(config, partition, inputs))).state.new_weights
 
 
 def _blocks(model: nn.Module, graph: DependencyGraph, groups: tuple[Group, ...], batches: Sequence[Any],
@@ -599,7 +610,8 @@ def tau_loss(model: nn.Module, state: SolverState, batches: Sequence[Any], confi
                 statistics_dtype=STATISTICS_DTYPES[config.statistics],
                 unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
                 output_weights=state.output_fisher or None,
-                refit_target=config.refit_target)).state  # no refit_bias here (SolverConfig)
+                refit_target=config.refit_target,
+                precision=solve_dtype(config, state.partition, state.inputs))).state  # no refit_bias here
             removed = {gid: sorted(set(range(state.groups[gid].size)) - set(kept)) for gid, kept in solution.keep.items()}
             return score(removed, store)
         finally:
@@ -760,7 +772,8 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
             unit_scores=state.unit_scores or None, scored_fraction=taylor_first(config, state),
             output_weights=state.output_fisher or None, refit_target=config.refit_target,
             prior_inputs=prior_inputs, prior_weight=config.refit_prior_weight,
-            prior_in_selection=config.prior_scope != "refit")).state
+            prior_in_selection=config.prior_scope != "refit",
+            precision=solve_dtype(config, state.partition, state.inputs))).state
         sequential = solution.new_weights
         clock.mark("block_solve")
         admm_errors, best, coordination = (), 0, ((), ())
@@ -798,6 +811,18 @@ def solve(model: nn.Module, state: SolverState, batches: Sequence[Any], sparsity
                         best, *coordination, removed, alloc.target_params, dict(state.excluded), state.block_energy,
                         clock.seconds, sequential, rounds_seconds, dict(solution.new_biases),
                         taylor_first(config, state), state.obs_weighting, state.prior_sweep)
+
+
+def solve_dtype(config: SolverConfig, partition: Partition, inputs: Sequence[BlockInput]) -> Optional[torch.dtype]:
+    """The autocast dtype of the block solve's forwards: ``solve_precision`` resolved on the calibration's device
+    for a chain of blocks with a float32 residual stream. None (the model's own precision) for a model solved as
+    one block (its output is the model's, not a stream the next block reads), a half-precision model (half
+    already), and under ADMM rounds (their warm start is the block outputs the solve stores, which the rounds'
+    own float32 forwards must reproduce)."""
+    if not _chained(partition) or (config.rounds and config.coordination == "admm"):
+        return None
+    stream = inputs[0].stream
+    return autocast_dtype(config.solve_precision, stream.device) if stream.dtype == torch.float32 else None
 
 
 def _kl_request(model: nn.Module, state: SolverState, batches: Sequence[Any], prior: Sequence[Any],

@@ -338,7 +338,7 @@ def test_kl_rounds_reach_the_solver_and_are_refused_where_nothing_coordinates(ti
     assert not never.exists()
 
 
-def test_allocation_and_gradient_precision_reach_the_solver_and_allocation_is_refused_with_another_method(tiny_model_dir, capsys):
+def test_allocation_and_precisions_reach_the_solver_and_allocation_is_refused_with_another_method(tiny_model_dir, capsys):
     common = _prune_args(tiny_model_dir, samples=6, seqlen=16, windows=1, extra=("--refit-prior", "none"))
     out = tiny_model_dir / "threshold"
     assert main(common + ["--out", str(out), "--allocation", "global-threshold"]) == 0
@@ -346,9 +346,11 @@ def test_allocation_and_gradient_precision_reach_the_solver_and_allocation_is_re
     assert solver["config"].startswith("global-threshold,") and solver["tau_losses"] == {}  # no tau search
     from structprune_graph.passes.sensitivity import native_bf16  # --gradient-precision auto, resolved
     assert solver["gradient_precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert solver["solve_precision"] == solver["gradient_precision"]  # --solve-precision's default: auto too
     pinned = tiny_model_dir / "gradient-float32"
-    assert main(common + ["--out", str(pinned), "--gradient-precision", "float32"]) == 0
-    assert json.loads((pinned / "report.json").read_text())["solver"]["gradient_precision"] == "float32"
+    assert main(common + ["--out", str(pinned), "--gradient-precision", "float32", "--solve-precision", "bfloat16"]) == 0
+    solver = json.loads((pinned / "report.json").read_text())["solver"]
+    assert (solver["gradient_precision"], solver["solve_precision"]) == ("float32", "bfloat16")
     capsys.readouterr()
     never = tiny_model_dir / "never-threshold"
     assert main(common + ["--out", str(never), "--method", "wanda-sp", "--allocation", "uniform"]) == 2

@@ -5,6 +5,8 @@ and the result is deterministic."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,12 @@ def deep_llama():
 
 
 def _run(model, rounds, prior=None, reuse=None, **settings):
-    # the tau scored on 8 batches and the gradient sweeps in float32 (the defaults before 2026-12-04): the
-    # allocation these checks were written on (with bf16 sweeps the keep-set differs, and the 1e-4 step's round 1
-    # came out 2e-6 relative above round 0 on the held-out windows, so round 0 was returned)
+    # the tau scored on 8 batches, the gradient sweeps and the block solve's forwards in float32 (the defaults before
+    # 2026-12-04 and 2026-12-05): the allocation and the starting weights these checks were written on (with bf16
+    # sweeps the keep-set differs, and the 1e-4 step's round 1 came out 2e-6 relative above round 0 on the held-out
+    # windows, so round 0 was returned)
     config = SolverConfig(rounds=rounds, coordination="kl", admm_batches=6, tau_holdout=3, tau_batches=8,
-                          sensitivity_precision="float32", **settings)
+                          sensitivity_precision="float32", solve_precision="float32", **settings)
     return sp.prune(model, token_batches(), 0.4, solver=config, refit_prior=prior, reuse=reuse)
 
 
@@ -86,7 +89,8 @@ def test_the_direction_is_the_preconditioned_gradient_of_the_kl(deep_llama, sequ
     down_proj and nothing else; ``"all"`` moves every linear layer of every block, the same units kept. With
     the backward sweep's blocks in bf16 (the rounds' precision only: the allocation's sweeps stay float32)
     the direction is still one of descent."""
-    monkeypatch.setattr(solver_module, "autocast_dtype", lambda name, device: precision)
+    request = solver_module._kl_request  # the rounds' precision alone (the block solve's stays float32)
+    monkeypatch.setattr(solver_module, "_kl_request", lambda *args: replace(request(*args), precision=precision))
     one = _run(deep_llama, 1, reuse=sequential, kl_step=1e-4, kl_exits=exits)
     assert one.report.solver["admm_best_round"] == 1, one.report.solver["admm_output_errors"]
     moving = LINEARS if exits == "all" else ("mlp.down_proj",)

@@ -13,6 +13,8 @@ from structprune_graph.solver import SolverConfig
 from test_pruning import lm_batches
 
 MLP_ONLY = ["mlp_channel"]
+# the block solve's forwards in float32: the identities are checked against the model's own float32 activations
+EXACT = {"solve_precision": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,8 @@ def test_the_refit_keeps_each_consumers_output_mean(llama, how):
     batches = lm_batches(4)
     x = _down_proj_inputs(llama, batches)  # block 0 sees the dense input
     dense_mean = x.mean(0) @ llama.model.layers[0].mlp.down_proj.weight.detach().double().T  # (hidden,)
-    with_bias = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias=how))
-    without = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias="none"))
+    with_bias = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias=how, **EXACT))
+    without = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias="none", **EXACT))
     gid = next(g for g in with_bias.plan.keep if "layers.0." in g)
     means = {}
     for name, r in (("bias", with_bias), ("none", without)):
@@ -91,7 +93,7 @@ def test_ridge_to_infinity_is_flaps_bias_compensation(llama, how):
     units' mean output, FLAP's compensation (on the OBS keep-set of the centred statistics with "centred")."""
     batches = lm_batches(4)
     x = _down_proj_inputs(llama, batches)
-    r = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias=how, refit_ridge=1e12))
+    r = sp.prune(llama, batches, 0.4, kinds=MLP_ONLY, solver=SolverConfig(refit_bias=how, refit_ridge=1e12, **EXACT))
     gid = next(g for g in r.plan.keep if "layers.0." in g)
     kept = torch.tensor(r.plan.keep[gid])
     removed = torch.tensor(sorted(set(range(x.shape[1])) - set(r.plan.keep[gid])))

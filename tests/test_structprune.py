@@ -15,7 +15,7 @@ from structprune_graph.passes.admm import AdmmPass, AdmmRequest
 from structprune_graph.passes.partition import MemoryBudgetError
 from structprune_graph.passes.solve import BlockSolvePass, BlockSolveRequest
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import AUTO_TAYLOR_FIRST, STATISTICS_DTYPES, SolverConfig, prepare
+from structprune_graph.solver import AUTO_TAYLOR_FIRST, STATISTICS_DTYPES, SolverConfig, prepare, solve_dtype
 from test_pruning import lm_batches
 
 
@@ -79,7 +79,8 @@ def test_zero_admm_rounds_is_the_sequential_local_solution(llama, default_run):
     local = BlockSolvePass()(BlockSolveRequest(  # the default order inside each group: a Taylor prefix, then OBS
         llama, state.partition, state.groups, state.inputs, counts, unit_scores=state.unit_scores,
         scored_fraction=AUTO_TAYLOR_FIRST, output_weights=state.output_fisher,
-        statistics_dtype=STATISTICS_DTYPES[config.statistics])).state
+        statistics_dtype=STATISTICS_DTYPES[config.statistics],
+        precision=solve_dtype(config, state.partition, state.inputs))).state
     unchanged = AdmmPass()(AdmmRequest(llama, state.partition, state.groups, state.inputs[:2],
                                        torch.stack([state.calibration.final_outputs[i] for i in range(2)]), local,
                                        store=_store(), rounds=0)).state

@@ -18,7 +18,7 @@ from structprune_graph.passes import ApplyPass, RewriteRequest
 from structprune_graph.passes.calibrate import CalibratePass, CalibrationRequest
 from structprune_graph.passes.score import ScorePass, ScoreRequest
 from structprune_graph.pruning import select_groups
-from structprune_graph.solver import SolverConfig, prepare, reconstruct
+from structprune_graph.solver import SolverConfig, prepare, reconstruct, solve_dtype
 from test_pruning import lm_batches
 from test_sensitivity import _saved_llama
 
@@ -175,7 +175,8 @@ def test_equal_output_weights_are_the_obs_order_and_the_fisher_order_differs():
 
     def solved(weights):
         return BlockSolvePass()(BlockSolveRequest(model, st.partition, st.groups, st.inputs, counts,
-                                                  output_weights=weights)).state
+                                                  output_weights=weights,
+                                                  precision=solve_dtype(PLAIN_OBS, st.partition, st.inputs))).state
     plain, flat = solved(None), solved({n: torch.full_like(d, 3.0) for n, d in fisher.items()})
     assert flat.keep == plain.keep
     assert plain.keep == {gid: tuple(obs.plan.keep.get(gid, range(st.groups[gid].size))) for gid in plain.keep}
