@@ -98,8 +98,9 @@ def main() -> None:
     lines = [f"Pruning SmolLM2 at {args.sparsity:.0%} (the CLI's main job) against one forward pass of its 32 x 512 "
              "calibration tokens (and of those and its 16 x 512 prior tokens), timed just before and just after it in the "
              "same process:", "",
-             "| allocation | statistics | gradient sweeps | block solve's forwards | pruning (s) | forward before (s) | forward after (s) | "
-             "pruning / forward | prior forward before / after (s) | pruning / forward of calibration + prior | "
+             "| allocation | statistics | gradient sweeps | block solve's forwards | pruning (s) | "
+             "forward before (s) | forward after (s) | pruning / forward | prior forward before / after (s) | "
+             "pruning / forward of calibration + prior | "
              "sensitivity (s) | prior's sweep (s) | block solve (s) | held-out pydoc perplexity (--evaluate) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['allocation']} | {r['statistics']} | {r.get('gradient_precision', 'float32')} | "

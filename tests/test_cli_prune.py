@@ -348,7 +348,8 @@ def test_allocation_and_precisions_reach_the_solver_and_allocation_is_refused_wi
     assert solver["gradient_precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     assert solver["solve_precision"] == solver["gradient_precision"]  # --solve-precision's default: auto too
     pinned = tiny_model_dir / "gradient-float32"
-    assert main(common + ["--out", str(pinned), "--gradient-precision", "float32", "--solve-precision", "bfloat16"]) == 0
+    pinned_args = ["--out", str(pinned), "--gradient-precision", "float32", "--solve-precision", "bfloat16"]
+    assert main(common + pinned_args) == 0
     solver = json.loads((pinned / "report.json").read_text())["solver"]
     assert (solver["gradient_precision"], solver["solve_precision"]) == ("float32", "bfloat16")
     capsys.readouterr()

@@ -84,7 +84,8 @@ def test_solve_precision_reaches_the_report_and_auto_follows_the_device(monkeypa
     assert all(p.dtype == torch.float32 for p in half.model.parameters())
     for native, want in ((False, "float32"), (True, "bfloat16")):
         monkeypatch.setattr(sensitivity, "native_bf16", lambda device, native=native: native)
-        got = sp.prune(model, batches, 0.3, solver=SolverConfig(solve_precision="auto", sensitivity_precision="float32"))
+        auto = SolverConfig(solve_precision="auto", sensitivity_precision="float32")
+        got = sp.prune(model, batches, 0.3, solver=auto)
         assert got.report.solver["solve_precision"] == want
     with pytest.raises(sp.StructPruneError, match="unknown solve_precision 'fp8'.*choose one of"):
         SolverConfig(solve_precision="fp8")
