@@ -9,6 +9,9 @@ Domains (SmolLM2-135M-Instruct, no BOS, windows of 1,024 tokens for evaluation):
 - code: Python standard-library source (a fixed list of modules that ship with Python): evaluation only,
   never used to choose anything.
 - self: windows sampled from the model itself (top-p 0.95, from BOS); calibration only.
+- pride-rest (``--sources pride-rest``, a bound, never a choice): calibration windows from the rest of *Pride and
+  Prejudice*, after the tokens the Austen evaluation reads: the same book as the held-out text, other passages,
+  so its rows say what the closest calibration text a user could have gives.
 
 Phase A (development): structprune at ``--dev-sparsity`` for every calibration policy of
 ``--dev-sources`` (what a user with one text, Austen, could run: the text alone, ``self`` alone, or the
@@ -52,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared Torch-Pruning peer
 import torch_pruning_peer as peer  # noqa: E402
 
+EVAL_AUSTEN_TOKENS = 40961  # the Austen evaluation's tokens: the start of *Pride and Prejudice*
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
 CODE_MODULES = ("argparse", "dataclasses", "typing", "enum", "functools", "pathlib", "subprocess", "logging",
                 "collections", "json.decoder", "email.message", "http.client")
@@ -131,6 +135,20 @@ ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores
 ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"] = dict(
     ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"],
     solve_precision="bfloat16")
+# token rows capped in every H at C x the batch's median row energy (SolverConfig.token_cap)
+for _cap in (10, 100):
+    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16-cap{_cap}"] = dict(
+        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
+        token_cap=float(_cap))
+# no prior text: the calibration text alone in the selection, the scores and the re-fit
+ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior0-scores-float32-tau4-bf16-solvebf16"] = dict(
+    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
+    prior_samples=0)
+# and half the prior windows: with --seqlen 1024 --calib-samples 16, the calibration and prior tokens of the
+# defaults' 32 + 16 windows of 512 in windows as long as the evaluation's
+ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior8-scores-float32-tau4-bf16-solvebf16"] = dict(
+    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
+    prior_samples=8)
 # those defaults with N KL rounds (their backward sweep in bf16 too, SolverConfig.sensitivity_precision)
 for _r in (3, 5, 6, 8):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-kl{_r}"] = dict(
@@ -163,6 +181,9 @@ def setup(args):
     p_cal, p_dev = split_tokens(pydoc)
     spec = data.WindowSpec(args.calib_samples, args.seqlen, 0)
     calib = {"austen": data.calibration_windows(a_cal, spec), "pydoc": data.calibration_windows(p_cal, spec)}
+    if "pride-rest" in args.sources:  # a bound: the held-out book's other passages (module docstring)
+        pride = data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())
+        calib["pride-rest"] = data.calibration_windows(pride[EVAL_AUSTEN_TOKENS:], spec)
     if getattr(args, "self_calibration", True):  # sampling the model takes minutes per 16 windows: skippable
         self_path = Path(args.out) / f"self_calibration_{args.calib_samples}x{args.seqlen}.pt"
         if self_path.is_file():
@@ -178,7 +199,7 @@ def setup(args):
     dev_windows = getattr(args, "dev_windows", None) or args.eval_windows
     dev = {"austen": data.evaluation_windows(a_dev, 1024, dev_windows),
            "pydoc": data.evaluation_windows(p_dev, 1024, dev_windows)}
-    evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:40961],
+    evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:EVAL_AUSTEN_TOKENS],
                                                1024, args.eval_windows),
              "pydoc": data.evaluation_windows(data.tokenize(tok, data.load_text("pydoc", "evaluation")), 1024,
                                               args.eval_windows),
@@ -366,7 +387,7 @@ def allocation_rows(model, batches, source, ridge, args, dev, evals, dense_dev, 
                   "seconds": seconds})
 
 
-CALIB_ORDER = {"austen": 0, "austen+self": 1, "self": 2, "pydoc": 3, "mix": 4}
+CALIB_ORDER = {"austen": 0, "austen+self": 1, "self": 2, "pydoc": 3, "mix": 4, "pride-rest": 5}
 
 
 def summary(runs: list[list[dict]]) -> str:
@@ -460,10 +481,21 @@ def compared_table(rows: list[dict], earlier: list[dict]) -> str:
             if (a["sparsity"], a["calib"]) == (b["sparsity"], b["calib"]):
                 cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(a["eval_nll"][d], b["eval_nll"][d]))
                          for d in domains]
-                theirs_name = f"{b['method']} ({b['run']})" if "run" in b else b["method"]
-                lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {a['method']} / {theirs_name} | "
+                theirs_name = f"{_short(b['method'])} ({b['run']})" if "run" in b else _short(b["method"])
+                lines.append(f"| {a['sparsity']:.0%} | {a['calib']} | {_short(a['method'])} / {theirs_name} | "
                              + " | ".join(cells) + " |")
+    if any(_short(r["method"]) != r["method"] for r in ours + others):
+        lines += ["", f"(structprune's entries without their common prefix: \"...\" stands for \"{_ENTRY_PREFIX}\")"]
     return "\n".join(lines) + "\n"
+
+
+# the prefix every recent allocation entry shares, shortened in the paired table (its lines ran to 300+
+# characters with two full entry names)
+_ENTRY_PREFIX = "softmax-gradient-removal-taylor0.25-fisher-margin0.2-"
+
+
+def _short(method: str) -> str:
+    return method.replace(_ENTRY_PREFIX, "...")
 
 
 PEER_NAMES = {"magnitude": "magnitude", "wanda-sp": "Wanda-sp", "flap": "FLAP", "taylor-global": "global Taylor",

@@ -29,7 +29,8 @@ from structprune_graph.units import unit_tensors
 
 from . import experts as fused
 from ._infra import Pass, PassResult
-from .obs import DEFAULT_DAMPING, Consumer, as_out_in, damped, gram, greedy_obs, is_linear, kernel_size, unfold, unfoldable
+from .obs import (DEFAULT_DAMPING, Consumer, as_out_in, damped, gram, greedy_obs, is_linear, kernel_size, token_capped,
+                  unfold, unfoldable)
 from .partition import Block, Partition
 
 
@@ -57,6 +58,7 @@ class BlockCalibrationRequest:
     statistics_dtype: torch.dtype = torch.float64  # of H, H^-1 and the OBS work (passes/obs.py)
     curve_error: str = "obs"  # what the curves count (obs.CURVE_ERRORS): with the re-fit, without, or between
     centred: bool = False  # linear consumers' H centred: errors after the best bias (refit_bias="centred")
+    token_cap: Optional[float] = None  # each token's row of X at most this x the median row's energy (obs.token_capped)
     resident: Callable[[nn.Module], nn.Module] = field(default=resident, compare=False)  # streamed weights
     collective: Collective = field(default=LOCAL, compare=False)  # ranks sharing the batches (distributed.py)
     # where the sweep leaves every block's input stream, key (block, batch), and the last block's output, key
@@ -97,12 +99,17 @@ def consumers_of(block: Block, module: nn.Module, group: Group) -> list[tuple[st
 class StatsCollector:
     """Forward pre-hooks accumulating H = X^T X (linear layers, in ``dtype``: the solver's working precision)
     or per-channel sum x^2 (others). ``centred``: linear layers also sum x, and ``centre`` turns H into the
-    centred H - n mu mu^T (the statistics of a fit with a free bias) and keeps mu."""
+    centred H - n mu mu^T (the statistics of a fit with a free bias) and keeps mu. ``token_cap``: every H sums
+    token rows capped at that many times the batch's median row energy (``obs.token_capped``); not with
+    ``centred`` (a capped mean would need capped sums and counts too)."""
 
     def __init__(self, module: nn.Module, paths: Sequence[str], dtype: torch.dtype = torch.float64,
-                 centred: bool = False) -> None:
+                 centred: bool = False, token_cap: Optional[float] = None) -> None:
+        if centred and token_cap is not None:
+            raise StructPruneError("StatsCollector: token_cap with centred statistics is not supported; use one")
         self.dtype = dtype
         self.centred = centred
+        self.token_cap = token_cap
         self.hessians: dict[str, torch.Tensor] = {}
         self.energies: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}  # linear layer -> (in,) sum of x over the tokens (centred only)
@@ -120,7 +127,7 @@ class StatsCollector:
         for p in self._paths:
             if fused.is_fused_path(self._module, p):  # H per expert, under "path#e"
                 self._handles.append(fused.hook_experts(self._module.get_submodule(p.rpartition(".")[0]), p,
-                                                        self.hessians, self.dtype))
+                                                        self.hessians, self.dtype, self.token_cap))
             else:
                 self._handles.append(self._module.get_submodule(p).register_forward_pre_hook(self._hook(p)))
 
@@ -138,7 +145,7 @@ class StatsCollector:
             x = args[0].detach()
             if is_linear(layer) or unfoldable(layer):
                 flat = unfold(layer, x).float() if unfoldable(layer) else x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                h = gram(flat).to(self.dtype)  # (in, in)
+                h = gram(token_capped(flat, self.token_cap)).to(self.dtype)  # (in, in)
                 self.hessians[path] = self.hessians[path] + h if path in self.hessians else h
                 if self.centred and not unfoldable(layer):  # a convolution's patch mean is not a bias (padding)
                     total = flat.double().sum(0)  # (in,)
@@ -308,7 +315,7 @@ class BlockCalibratePass(Pass[BlockCalibrationRequest, BlockCalibration]):
         for block in tqdm(blocks, desc="calibrate blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths, state.statistics_dtype, state.centred)
+            stats = StatsCollector(module, paths, state.statistics_dtype, state.centred, state.token_cap)
             outputs = []
             try:
                 with torch.no_grad():

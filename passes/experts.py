@@ -18,7 +18,7 @@ from typing import Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
-from .obs import gram
+from .obs import gram, token_capped
 
 SEP = "#"  # "mlp.experts.down_proj#3": expert 3 of the fused tensor
 
@@ -60,16 +60,17 @@ def routed_inputs(experts: nn.Module, args: tuple, kwargs: Mapping) -> dict[int,
 
 
 def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, torch.Tensor],
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, token_cap: Optional[float] = None):
     """A forward pre-hook adding each expert's H = X_e^T X_e to ``hessians[path#e]``; an expert no token
-    reached adds zeros, so that every rank of a distributed run holds the same keys."""
+    reached adds zeros, so that every rank of a distributed run holds the same keys. ``token_cap``: the rows
+    of X_e capped as ``obs.token_capped`` does, against the median of that expert's tokens."""
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
             routed = routed_inputs(module, args, kwargs)
             width = module.down_proj.shape[-1]
             for e in range(module.down_proj.shape[0]):
                 x = routed[e][1].float() if e in routed else None  # (tokens_e, I)
-                h = gram(x).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
+                h = gram(token_capped(x, token_cap)).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
                 key = f"{path}{SEP}{e}"
                 hessians[key] = hessians[key] + h if key in hessians else h
     return experts.register_forward_pre_hook(hook, with_kwargs=True)

@@ -105,6 +105,9 @@ class BlockSolveRequest:
     # model's own. H is summed in ``statistics_dtype`` from the layers' inputs (obs.gram runs outside autocast)
     # and the residual stream between blocks keeps its dtype
     precision: Optional[torch.dtype] = None
+    # each token's row of a layer's input at most this x the batch's median row energy in every H (calibration
+    # and prior; obs.token_capped, SolverConfig.token_cap); None: raw rows
+    token_cap: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def _prior_statistics(module: nn.Module, paths: Sequence[str], priors: Sequence[
     """Consumer path -> (H of the prior batches on the pruned trajectory, ``ratio``: their tokens relative to
     the calibration's), from a run of the dense block that the calibration's collector does not count."""
     with stats.paused():
-        collector = StatsCollector(module, paths, dtype)
+        collector = StatsCollector(module, paths, dtype, token_cap=stats.token_cap)
         try:
             with torch.no_grad():
                 for inp in priors:
@@ -277,7 +280,7 @@ class BlockSolvePass(Pass[BlockSolveRequest, BlockSolution]):
         for block in tqdm(state.partition.blocks, desc="solve blocks", leave=False):
             module = state.resident(block_module(state.model, block))
             paths = [p for gid in block.group_ids for p, _ in consumers_of(block, module, state.groups[gid])]
-            stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none")
+            stats = StatsCollector(module, paths, state.statistics_dtype, state.refit_bias != "none", state.token_cap)
             targets = ModelTargetCollector(module, paths, state.statistics_dtype) if trajectory is not None else None
             dense = []  # kept for the first batches only: the block error
             try:

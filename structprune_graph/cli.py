@@ -236,7 +236,8 @@ def _solver_config(args: argparse.Namespace):
     if args.refit_prior_scope is not None:
         weight["prior_scope"] = args.refit_prior_scope
     rounds = {"rounds": args.kl_rounds, "coordination": "kl", "kl_exits": args.kl_exits} if args.kl_rounds else {}
-    given = {name: value for name, value in (("allocation", args.allocation), ("solve_precision", args.solve_precision))
+    given = {name: value for name, value in (("allocation", args.allocation), ("solve_precision", args.solve_precision),
+                                             ("token_cap", args.token_cap))
              if value is not None}  # else SolverConfig's own
     return SolverConfig(memory_budget=args.memory_budget, statistics=args.statistics,
                         sensitivity_precision=args.gradient_precision, taylor_first=args.taylor_first,
@@ -548,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "H sums, the pruned block whose output is the next block's input); H, its inverse and "
                             "the re-fit stay in --statistics; 'auto' bfloat16 where the device multiplies it "
                             "natively, else float32; default: SolverConfig.solve_precision's")
+    prune.add_argument("--token-cap", type=float, default=None, metavar="C",
+                       help="structprune: each token counts in the solver's second moments H with at most C times "
+                            "the median token's energy (the attention sink's first tokens otherwise dominate some "
+                            "layers' H); off by default (docs/structprune_solver.md, section 4i)")
     prune.add_argument("--allocation", choices=("softmax", "global-threshold", "uniform"), default=None,
                        help="structprune: how the budget is spread over the (layer, kind) cells: 'softmax' (default) "
                             "by their error energies, tau chosen on the masked calibration loss; 'global-threshold', "

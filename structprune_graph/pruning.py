@@ -173,7 +173,7 @@ def solver_details(config: SolverConfig, solved: SolverResult, state: SolverStat
             "solve_precision": str(solve_dtype(config, state.partition, state.inputs) or torch.float32
                                    ).removeprefix("torch."),
             "refit_target": config.refit_target, "refit_ridge": config.refit_ridge,
-            "refit_ridge_scale": config.refit_ridge_scale,
+            "refit_ridge_scale": config.refit_ridge_scale, "token_cap": config.token_cap,
             # the allocator's cap per group: min(sparsity + prune_margin, max_prune) (None: max_prune alone)
             "prune_margin": config.prune_margin, "max_prune": config.max_prune,
             # wall seconds per stage of the solver (the dense sweep's only where this call ran it)

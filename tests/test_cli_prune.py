@@ -348,10 +348,13 @@ def test_allocation_and_precisions_reach_the_solver_and_allocation_is_refused_wi
     assert solver["gradient_precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     assert solver["solve_precision"] == solver["gradient_precision"]  # --solve-precision's default: auto too
     pinned = tiny_model_dir / "gradient-float32"
-    pinned_args = ["--out", str(pinned), "--gradient-precision", "float32", "--solve-precision", "bfloat16"]
+    assert solver["token_cap"] is None  # --token-cap's default: SolverConfig's, off
+    pinned_args = ["--out", str(pinned), "--gradient-precision", "float32", "--solve-precision", "bfloat16",
+                   "--token-cap", "10"]
     assert main(common + pinned_args) == 0
     solver = json.loads((pinned / "report.json").read_text())["solver"]
-    assert (solver["gradient_precision"], solver["solve_precision"]) == ("float32", "bfloat16")
+    assert (solver["gradient_precision"], solver["solve_precision"], solver["token_cap"]) == ("float32", "bfloat16",
+                                                                                             10.0)
     capsys.readouterr()
     never = tiny_model_dir / "never-threshold"
     assert main(common + ["--out", str(never), "--method", "wanda-sp", "--allocation", "uniform"]) == 2
