@@ -136,10 +136,9 @@ ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores
     ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16"],
     solve_precision="bfloat16")
 # token rows capped in every H at C x the batch's median row energy (SolverConfig.token_cap)
+_SOLVE_BF16 = "softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"
 for _cap in (10, 100):
-    ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16-cap{_cap}"] = dict(
-        ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
-        token_cap=float(_cap))
+    ALLOCATIONS[f"{_SOLVE_BF16}-cap{_cap}"] = dict(ALLOCATIONS[_SOLVE_BF16], token_cap=float(_cap))
 # no prior text: the calibration text alone in the selection, the scores and the re-fit
 ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior0-scores-float32-tau4-bf16-solvebf16"] = dict(
     ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
@@ -181,8 +180,8 @@ def setup(args):
     p_cal, p_dev = split_tokens(pydoc)
     spec = data.WindowSpec(args.calib_samples, args.seqlen, 0)
     calib = {"austen": data.calibration_windows(a_cal, spec), "pydoc": data.calibration_windows(p_cal, spec)}
+    pride = data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())
     if "pride-rest" in args.sources:  # a bound: the held-out book's other passages (module docstring)
-        pride = data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())
         calib["pride-rest"] = data.calibration_windows(pride[EVAL_AUSTEN_TOKENS:], spec)
     if getattr(args, "self_calibration", True):  # sampling the model takes minutes per 16 windows: skippable
         self_path = Path(args.out) / f"self_calibration_{args.calib_samples}x{args.seqlen}.pt"
@@ -199,8 +198,7 @@ def setup(args):
     dev_windows = getattr(args, "dev_windows", None) or args.eval_windows
     dev = {"austen": data.evaluation_windows(a_dev, 1024, dev_windows),
            "pydoc": data.evaluation_windows(p_dev, 1024, dev_windows)}
-    evals = {"austen": data.evaluation_windows(data.tokenize(tok, (AUSTEN / "prideprejudice.txt").read_text())[:EVAL_AUSTEN_TOKENS],
-                                               1024, args.eval_windows),
+    evals = {"austen": data.evaluation_windows(pride[:EVAL_AUSTEN_TOKENS], 1024, args.eval_windows),
              "pydoc": data.evaluation_windows(data.tokenize(tok, data.load_text("pydoc", "evaluation")), 1024,
                                               args.eval_windows),
              "code": data.evaluation_windows(data.tokenize(tok, code_text()), 1024, args.eval_windows)}

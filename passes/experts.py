@@ -70,7 +70,8 @@ def hook_experts(experts: nn.Module, path: str, hessians: MutableMapping[str, to
             width = module.down_proj.shape[-1]
             for e in range(module.down_proj.shape[0]):
                 x = routed[e][1].float() if e in routed else None  # (tokens_e, I)
-                h = gram(token_capped(x, token_cap)).to(dtype) if x is not None else torch.zeros(width, width, dtype=dtype)
+                h = (gram(token_capped(x, token_cap)).to(dtype) if x is not None
+                     else torch.zeros(width, width, dtype=dtype))
                 key = f"{path}{SEP}{e}"
                 hessians[key] = hessians[key] + h if key in hessians else h
     return experts.register_forward_pre_hook(hook, with_kwargs=True)

@@ -396,8 +396,8 @@ def prepare(model: nn.Module, graph: DependencyGraph, groups: Sequence[Group], b
             model, partition, by_id, inputs, {gid: _max_remove(by_id[gid], config.max_prune) for gid in placed},
             config.damping, keep_final=tuple(sorted(set(fit) | set(held))), block_energy=energy,
             statistics_dtype=STATISTICS_DTYPES[config.statistics], curve_error=config.curve_error,
-            centred=config.refit_bias == "centred", token_cap=config.token_cap, resident=resident, collective=collective,
-            streams_out=streams)).state
+            centred=config.refit_bias == "centred", token_cap=config.token_cap, resident=resident,
+            collective=collective, streams_out=streams)).state
         clock.mark("dense_sweep")
         if streams is not None:
             try:
