@@ -64,11 +64,14 @@ def token_capped(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     row's; ``cap`` None: ``x`` itself. A transformer's attention-sink tokens carry massive activations: in
     SmolLM2 the first token of a window holds 99.8% of the energy of block 11's ``down_proj`` input and 77% of
     block 28's, so an H summed over raw rows fits a few tokens (``SolverConfig.token_cap``). Scaling a row
-    scales its weight in every sum of H; those tokens still count, as ``cap`` ordinary ones."""
-    if cap is None:
+    scales its weight in every sum of H; those tokens still count, as ``cap`` ordinary ones. Where the median
+    row is zero (most rows empty, e.g. sparse patches) there is no scale to cap against: ``x`` itself."""
+    if cap is None or x.shape[0] == 0:
         return x
     e = (x.double() ** 2).sum(1)  # (tokens,)
     limit = cap * e.median()
+    if not limit > 0:
+        return x
     scale = torch.where(e > limit, (limit / e).sqrt(), torch.ones_like(e)).to(x.dtype)  # (tokens,)
     return x * scale[:, None]  # (tokens, d)
 

@@ -35,6 +35,9 @@ def test_only_rows_above_the_cap_are_scaled_and_to_the_cap_exactly():
     torch.testing.assert_close(capped[0] / capped[0].norm(), x[0] / x[0].norm())  # the direction is kept
     share = float((capped[0] ** 2).sum() / (capped ** 2).sum())
     assert float(energy[0] / energy.sum()) > 0.99 and share < 10.0 / (len(x) - 1)
+    mostly_empty = torch.zeros_like(x)
+    mostly_empty[:3] = x[:3]  # the median row is zero: nothing to cap against, the rows are kept as they are
+    assert token_capped(mostly_empty, 10.0) is mostly_empty
 
 
 def test_the_hook_sums_the_gram_of_the_capped_rows():
