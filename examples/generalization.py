@@ -140,14 +140,10 @@ _SOLVE_BF16 = "softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scor
 for _cap in (10, 100):
     ALLOCATIONS[f"{_SOLVE_BF16}-cap{_cap}"] = dict(ALLOCATIONS[_SOLVE_BF16], token_cap=float(_cap))
 # no prior text: the calibration text alone in the selection, the scores and the re-fit
-ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior0-scores-float32-tau4-bf16-solvebf16"] = dict(
-    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
-    prior_samples=0)
+ALLOCATIONS[_SOLVE_BF16.replace("prior16", "prior0")] = dict(ALLOCATIONS[_SOLVE_BF16], prior_samples=0)
 # and half the prior windows: with --seqlen 1024 --calib-samples 16, the calibration and prior tokens of the
 # defaults' 32 + 16 windows of 512 in windows as long as the evaluation's
-ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior8-scores-float32-tau4-bf16-solvebf16"] = dict(
-    ALLOCATIONS["softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-solvebf16"],
-    prior_samples=8)
+ALLOCATIONS[_SOLVE_BF16.replace("prior16", "prior8")] = dict(ALLOCATIONS[_SOLVE_BF16], prior_samples=8)
 # those defaults with N KL rounds (their backward sweep in bf16 too, SolverConfig.sensitivity_precision)
 for _r in (3, 5, 6, 8):
     ALLOCATIONS[f"softmax-gradient-removal-taylor0.25-fisher-margin0.2-prior16-scores-float32-tau4-bf16-kl{_r}"] = dict(

@@ -213,6 +213,10 @@ def _check_texts(args: argparse.Namespace) -> None:
     if args.allocation is not None and args.method != "structprune":
         raise StructPruneError(f"--allocation spreads structprune's budget; --method {args.method} allocates its own: "
                                f"drop --allocation or use --method structprune")
+    if args.token_cap is not None and args.method != "structprune" and not args.refit:
+        raise StructPruneError(f"--token-cap caps the tokens of the solver's second moments; --method {args.method} "
+                               f"without --refit computes none: drop --token-cap, add --refit or use --method "
+                               f"structprune")
     if args.kl_exits != "residual" and not args.kl_rounds:
         raise StructPruneError(f"--kl-exits {args.kl_exits} chooses the layers the KL rounds move; add --kl-rounds N")
     if args.kl_rounds and (args.stream or args.distributed):

@@ -360,6 +360,10 @@ def test_allocation_and_precisions_reach_the_solver_and_allocation_is_refused_wi
     assert main(common + ["--out", str(never), "--method", "wanda-sp", "--allocation", "uniform"]) == 2
     assert "--allocation spreads structprune's budget; --method wanda-sp allocates its own" in capsys.readouterr().err
     assert not never.exists()
+    assert main(common + ["--out", str(never), "--method", "flap", "--token-cap", "10"]) == 2
+    assert "--token-cap caps the tokens of the solver's second moments; --method flap without --refit" in (
+        capsys.readouterr().err)
+    assert not never.exists()
     with pytest.raises(SystemExit):
         main(common + ["--out", str(never), "--allocation", "greedy"])
     assert "invalid choice: 'greedy'" in capsys.readouterr().err
